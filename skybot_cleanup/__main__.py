@@ -1,0 +1,3 @@
+from skybot_cleanup.cli import main
+
+main()

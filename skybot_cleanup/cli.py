@@ -1,0 +1,158 @@
+"""The `skybot-cleanup` command line: thin verbs over skybot_cleanup.cleanup.
+
+Heavy imports (SQLAlchemy, psycopg) happen inside the verbs, so `--help` and
+`--version` stay fast for a command that cron starts every few minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from skybot_cleanup import __version__
+from skybot_cleanup.errors import EXIT_CONFIG, ConfigError, worst_exit_code
+from skybot_cleanup.tasks import TASKS, Task
+
+app = typer.Typer(
+    name="skybot-cleanup",
+    help="Scheduled, transactional housekeeping for the SkyBot Inbox database.",
+    no_args_is_help=True,
+    add_completion=False,
+    # Tracebacks with locals would print the settings, database URL included.
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+)
+
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Count what would be deleted; change nothing.")]
+JsonOutput = Annotated[bool, typer.Option("--json", help="Print one JSON object per task on stdout.")]
+DatabaseUrl = Annotated[
+    Optional[str],
+    typer.Option("--database-url", metavar="URL", show_default=False,
+                 help="Overrides SKYBOT_CLEANUP_DATABASE_URL and DATABASE_URL."),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"skybot-cleanup {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    """Each cleanup verb is one idempotent run; exit codes: 0 ok, 1 failure,
+    2 usage or configuration error, 75 skipped (another run holds the lock)."""
+
+
+def _fail(message: str, exit_code: int = EXIT_CONFIG) -> typer.Exit:
+    typer.echo(f"skybot-cleanup: error: {message}", err=True)
+    return typer.Exit(exit_code)
+
+
+def _load(**overrides):
+    from skybot_cleanup.logs import configure_logging
+    from skybot_cleanup.settings import load_settings
+
+    try:
+        settings = load_settings(**overrides)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    configure_logging(settings.log_format, settings.log_level)
+    return settings
+
+
+def _report(result, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(result.as_dict()))
+    elif result.status == "ok":
+        verb = "would delete" if result.dry_run else "deleted"
+        typer.echo(f"{result.task}: {verb} {result.rows} rows (cutoff {result.cutoff}, {result.duration_ms} ms)")
+    if result.status != "ok":
+        typer.echo(f"skybot-cleanup: {result.task} {result.status}: {result.error}", err=True)
+
+
+def run_tasks(tasks: tuple[Task, ...], *, dry_run: bool, as_json: bool, database_url: str | None) -> int:
+    from skybot_cleanup.cleanup import database_target, run_task
+
+    settings = _load(database_url=database_url)
+    try:
+        database_target(settings)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    results = []
+    for task in tasks:
+        result = run_task(settings, task, dry_run=dry_run)
+        _report(result, as_json)
+        results.append(result)
+        if result.status == "interrupted":
+            break
+    return worst_exit_code(result.exit_code for result in results)
+
+
+def _task_command(task: Task):
+    def command(dry_run: DryRun = False, as_json: JsonOutput = False, database_url: DatabaseUrl = None) -> None:
+        raise typer.Exit(run_tasks((task,), dry_run=dry_run, as_json=as_json, database_url=database_url))
+
+    command.__doc__ = f"{task.summary}\n\nDeletes {task.rule}."
+    return command
+
+
+for _task in TASKS:
+    app.command(_task.name)(_task_command(_task))
+
+
+@app.command("all")
+def all_tasks(dry_run: DryRun = False, as_json: JsonOutput = False, database_url: DatabaseUrl = None) -> None:
+    """Run every cleanup task in turn, each in its own transaction."""
+    raise typer.Exit(run_tasks(TASKS, dry_run=dry_run, as_json=as_json, database_url=database_url))
+
+
+@app.command()
+def demo(
+    path: Annotated[Path, typer.Option("--path", help="SQLite file to (re)create.")] = Path("skybot-demo.db"),
+    as_json: JsonOutput = False,
+) -> None:
+    """Seed the app's tables in a SQLite file and run every task on it: no server needed."""
+    from skybot_cleanup.cleanup import run_task, utc_now
+    from skybot_cleanup.demo import create_demo_database, ids_by_table
+
+    now = utc_now()
+    try:
+        url = create_demo_database(path, now)
+    except Exception as exc:  # an unwritable path, mostly
+        raise _fail(f"cannot create the demo database at {path}: {exc}", 1) from None
+    settings = _load(database_url=url, log_level="warning")
+    if not as_json:
+        counts = ", ".join(f"{len(ids)} {table}" for table, ids in ids_by_table(url).items())
+        typer.echo(f"Demo database {path} seeded with {counts} rows.\n")
+    exit_codes = []
+    for task in TASKS:
+        before = ids_by_table(url)
+        result = run_task(settings, task, now=now)
+        after = ids_by_table(url)
+        removed = sorted(set().union(*(before[t] - after[t] for t in before)))
+        exit_codes.append(result.exit_code)
+        if as_json:
+            typer.echo(json.dumps({**result.as_dict(), "removed": removed}))
+            continue
+        typer.echo(f"{task.name}: deleted {result.rows} ({task.rule})")
+        for row_id in removed:
+            typer.echo(f"    - {row_id}")
+        if result.status != "ok":
+            typer.echo(f"    {result.status}: {result.error}")
+    if not as_json:
+        remaining = "\n".join(f"    {table}: {', '.join(sorted(ids))}" for table, ids in ids_by_table(url).items())
+        typer.echo(f"\nStill there (live, or revoked within the audit window):\n{remaining}")
+        typer.echo(f"\nTry it yourself: skybot-cleanup refresh-tokens --dry-run --database-url {url}")
+    raise typer.Exit(worst_exit_code(exit_codes))
+
+
+def main() -> None:
+    app()

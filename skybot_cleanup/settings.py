@@ -1,0 +1,104 @@
+"""The one module that reads configuration: environment, .env file and CLI overrides."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, create_model
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from skybot_cleanup.errors import ConfigError
+from skybot_cleanup.tasks import TABLES
+
+ENV_PREFIX = "SKYBOT_CLEANUP_"
+# Quoted identifiers could hold anything, but Prisma names (and their @@map
+# renames) never need more than this, and a strict pattern keeps typos obvious.
+IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$"
+
+
+class BaseCleanupSettings(BaseSettings):
+    # extra="ignore": the app's own .env holds dozens of variables that are not ours.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    database_url: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices(f"{ENV_PREFIX}DATABASE_URL", "DATABASE_URL", "database_url"),
+        description="Database to clean: postgres://, postgresql:// (Prisma query parameters allowed) "
+        "or sqlite:///path. Falls back to the app's DATABASE_URL.",
+    )
+    schema_name: str | None = Field(
+        default=None,
+        pattern=IDENTIFIER_PATTERN,
+        validation_alias=AliasChoices(f"{ENV_PREFIX}SCHEMA", "schema_name"),
+        description="Schema holding the app's tables; overrides the URL's ?schema=. "
+        "Default: the URL's schema, else the connection's search_path.",
+    )
+    revoked_retention_days: int = Field(
+        default=90, ge=1, strict=False,
+        description="How long revoked refresh tokens are kept for audit before revoked-tokens deletes them.",
+    )
+    lock_timeout_ms: int = Field(
+        default=5000, ge=0,
+        description="lock_timeout of each transaction: how long a statement waits for a row or table lock (0: forever).",
+    )
+    statement_timeout_ms: int = Field(
+        default=600_000, ge=0,
+        description="statement_timeout of each transaction (0: no limit).",
+    )
+    connect_timeout_s: int = Field(default=10, ge=1, description="Seconds to wait for a connection.")
+    application_name: str = Field(
+        default="skybot-cleanup",
+        max_length=40,
+        description="application_name shown in pg_stat_activity (the task name is appended).",
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto",
+        description="Log format on stderr: auto is JSON unless stderr is a terminal.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Lowest level logged."
+    )
+
+
+def _identifier_fields() -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for table in TABLES.values():
+        fields[f"{table.key}_table"] = (
+            str,
+            Field(default=table.default_name, pattern=IDENTIFIER_PATTERN,
+                  description=f'Name of the app\'s "{table.default_name}" table.'),
+        )
+        for column, (default, _type) in table.columns.items():
+            fields[f"{table.key}_{column}_column"] = (
+                str,
+                Field(default=default, pattern=IDENTIFIER_PATTERN,
+                      description=f'Name of "{table.default_name}"."{default}".'),
+            )
+    return fields
+
+
+# Table and column names come from the registry, so a new table there is a new setting here.
+Settings = create_model("Settings", __base__=BaseCleanupSettings, **_identifier_fields())
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable that sets a field, as messages and the README name it."""
+    field = BaseCleanupSettings.model_fields.get(field_name)
+    if field is not None and isinstance(field.validation_alias, AliasChoices):
+        return str(field.validation_alias.choices[0])
+    return f"{ENV_PREFIX}{field_name.upper()}"
+
+
+def load_settings(**overrides: Any) -> BaseCleanupSettings:
+    """Read settings; only options the user actually passed override the environment."""
+    given = {name: value for name, value in overrides.items() if value is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        # include_input=False: the rejected value may be a password-bearing URL.
+        error = exc.errors(include_url=False, include_input=False)[0]
+        field = str(error["loc"][0]) if error["loc"] else "settings"
+        field = "database_url" if field in ("DATABASE_URL", f"{ENV_PREFIX}DATABASE_URL") else field
+        raise ConfigError(f"invalid setting {env_name(field)}: {error['msg']}") from None
