@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -29,6 +31,17 @@ app = typer.Typer(
 
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Count what would be deleted; change nothing.")]
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print one JSON object per task on stdout.")]
+BatchSize = Annotated[Optional[int], typer.Option(
+    "--batch-size", min=1, metavar="N", show_default=False,
+    help="Delete in committed batches of at most N rows (default: one transaction).")]
+MaxRows = Annotated[Optional[int], typer.Option(
+    "--max-rows", min=1, metavar="N", show_default=False,
+    help="Stop after N rows; the result says how many due rows remain.")]
+MaxRuntime = Annotated[Optional[float], typer.Option(
+    "--max-runtime", min=0.001, metavar="SECONDS", show_default=False,
+    help="Stop between batches once the run has lasted this long.")]
+SleepMs = Annotated[Optional[int], typer.Option(
+    "--sleep-ms", min=0, metavar="MS", show_default=False, help="Pause between batches.")]
 DatabaseUrl = Annotated[
     Optional[str],
     typer.Option("--database-url", metavar="URL", show_default=False,
@@ -73,22 +86,27 @@ def _report(result, as_json: bool) -> None:
         typer.echo(json.dumps(result.as_dict()))
     elif result.status == "ok":
         verb = "would delete" if result.dry_run else "deleted"
-        typer.echo(f"{result.task}: {verb} {result.rows} rows (cutoff {result.cutoff}, {result.duration_ms} ms)")
+        batches = "" if result.batches is None else f" in {result.batches} batches, {result.remaining} due rows remain"
+        stopped = f" (stopped by {result.stopped_by})" if result.stopped_by else ""
+        typer.echo(f"{result.task}: {verb} {result.rows} rows{batches}{stopped} "
+                   f"(cutoff {result.cutoff}, {result.duration_ms} ms)")
     if result.status != "ok":
         typer.echo(f"skybot-cleanup: {result.task} {result.status}: {result.error}", err=True)
 
 
-def run_tasks(tasks: tuple[Task, ...], *, dry_run: bool, as_json: bool, database_url: str | None) -> int:
+def run_tasks(tasks: tuple[Task, ...], *, dry_run: bool, as_json: bool, **overrides) -> int:
     from skybot_cleanup.cleanup import database_target, run_task
 
-    settings = _load(database_url=database_url)
+    settings = _load(**overrides)
     try:
         database_target(settings)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
+    install_signal_handlers()
     results = []
     for task in tasks:
-        result = run_task(settings, task, dry_run=dry_run)
+        with progress_bar(task.name, enabled=settings.batch_size is not None and not dry_run) as on_progress:
+            result = run_task(settings, task, dry_run=dry_run, on_progress=on_progress)
         _report(result, as_json)
         results.append(result)
         if result.status == "interrupted":
@@ -96,9 +114,50 @@ def run_tasks(tasks: tuple[Task, ...], *, dry_run: bool, as_json: bool, database
     return worst_exit_code(result.exit_code for result in results)
 
 
+def install_signal_handlers() -> None:
+    """SIGTERM (Render, systemd, Kubernetes) and SIGINT end the run cleanly.
+
+    Raising Interrupted mid-statement makes psycopg cancel the query, so the open
+    transaction rolls back; batches already committed stay committed.
+    """
+    import signal
+
+    from skybot_cleanup.errors import Interrupted
+
+    def interrupt(signum, _frame):
+        raise Interrupted(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, interrupt)
+
+
+@contextmanager
+def progress_bar(label: str, *, enabled: bool):
+    """A progress bar on a terminal for batched runs; nothing otherwise (logs carry progress)."""
+    if not (enabled and sys.stderr.isatty()):
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]} rows/s"), TimeRemainingColumn(), transient=True) as bar:
+        bar_task = bar.add_task(label, total=None, rate="-")
+        started = time.monotonic()
+
+        def update(rows: int, total: int | None) -> None:
+            elapsed = time.monotonic() - started
+            bar.update(bar_task, completed=rows, total=total, rate=f"{rows / elapsed:,.0f}" if elapsed else "-")
+
+        yield update
+
+
 def _task_command(task: Task):
-    def command(dry_run: DryRun = False, as_json: JsonOutput = False, database_url: DatabaseUrl = None) -> None:
-        raise typer.Exit(run_tasks((task,), dry_run=dry_run, as_json=as_json, database_url=database_url))
+    def command(dry_run: DryRun = False, as_json: JsonOutput = False, database_url: DatabaseUrl = None,
+                batch_size: BatchSize = None, max_rows: MaxRows = None, max_runtime: MaxRuntime = None,
+                sleep_ms: SleepMs = None) -> None:
+        raise typer.Exit(run_tasks((task,), dry_run=dry_run, as_json=as_json, database_url=database_url,
+                                   batch_size=batch_size, max_rows=max_rows, max_runtime_s=max_runtime,
+                                   sleep_ms=sleep_ms))
 
     command.__doc__ = f"{task.summary}\n\nDeletes {task.rule}."
     return command
@@ -109,9 +168,13 @@ for _task in TASKS:
 
 
 @app.command("all")
-def all_tasks(dry_run: DryRun = False, as_json: JsonOutput = False, database_url: DatabaseUrl = None) -> None:
-    """Run every cleanup task in turn, each in its own transaction."""
-    raise typer.Exit(run_tasks(TASKS, dry_run=dry_run, as_json=as_json, database_url=database_url))
+def all_tasks(dry_run: DryRun = False, as_json: JsonOutput = False, database_url: DatabaseUrl = None,
+              batch_size: BatchSize = None, max_rows: MaxRows = None, max_runtime: MaxRuntime = None,
+              sleep_ms: SleepMs = None) -> None:
+    """Run every cleanup task in turn, each in its own transaction (or batches)."""
+    raise typer.Exit(run_tasks(TASKS, dry_run=dry_run, as_json=as_json, database_url=database_url,
+                               batch_size=batch_size, max_rows=max_rows, max_runtime_s=max_runtime,
+                               sleep_ms=sleep_ms))
 
 
 @app.command()

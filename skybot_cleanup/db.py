@@ -125,16 +125,36 @@ def lock_key(task_name: str) -> str:
     return f"skybot-cleanup:{task_name}"
 
 
+def set_local_timeouts(conn: Connection, settings: BaseCleanupSettings, label: str) -> None:
+    """Transaction-local settings (set_config(..., true)): nothing leaks into a pooled connection."""
+    if conn.dialect.name != "postgresql":
+        return
+    conn.execute(
+        sa.text("SELECT set_config('application_name', :app, true),"
+                " set_config('lock_timeout', :lock_timeout, true),"
+                " set_config('statement_timeout', :statement_timeout, true)"),
+        {"app": f"{settings.application_name}:{label}"[:63],
+         "lock_timeout": str(settings.lock_timeout_ms),
+         "statement_timeout": str(settings.statement_timeout_ms)},
+    )
+
+
 @contextmanager
 def transaction(engine: Engine, settings: BaseCleanupSettings, *, label: str,
-                lock: str | None = None, read_only: bool = False) -> Iterator[Connection]:
+                lock: str | None = None, read_only: bool = False, hold: bool = False) -> Iterator[Connection]:
     """A transaction with our timeouts set locally, optionally holding a run lock.
 
     The lock is transaction-scoped (pg_try_advisory_xact_lock): it dies with the
     transaction or the connection, whatever happens to this process, and works
-    through PgBouncer in transaction mode, where session locks leak.
+    through PgBouncer in transaction mode, where session locks leak. `hold` marks
+    a transaction that only holds the lock while other connections work.
     """
     with engine.connect() as conn:
+        if hold and engine.dialect.name == "sqlite":
+            # SQLite's only lock is the database write lock: holding it for the
+            # run would block the batches themselves. Each batch serialises alone.
+            yield conn
+            return
         if read_only:
             conn = conn.execution_options(read_only=True)
         try:
@@ -142,14 +162,12 @@ def transaction(engine: Engine, settings: BaseCleanupSettings, *, label: str,
                 if engine.dialect.name == "postgresql":
                     if read_only:
                         conn.exec_driver_sql("SET TRANSACTION READ ONLY")
-                    conn.execute(
-                        sa.text("SELECT set_config('application_name', :app, true),"
-                                " set_config('lock_timeout', :lock_timeout, true),"
-                                " set_config('statement_timeout', :statement_timeout, true)"),
-                        {"app": f"{settings.application_name}:{label}"[:63],
-                         "lock_timeout": str(settings.lock_timeout_ms),
-                         "statement_timeout": str(settings.statement_timeout_ms)},
-                    )
+                    set_local_timeouts(conn, settings, label)
+                    if hold:
+                        # Idle between batches by design; a server-wide idle timeout
+                        # must not end it (and it holds no snapshot, so no vacuum harm).
+                        conn.exec_driver_sql(
+                            "SELECT set_config('idle_in_transaction_session_timeout', '0', true)")
                     if lock and not conn.scalar(
                         sa.text("SELECT pg_try_advisory_xact_lock(hashtextextended(:key, 0))"),
                         {"key": lock_key(lock)},
@@ -162,6 +180,43 @@ def transaction(engine: Engine, settings: BaseCleanupSettings, *, label: str,
             if engine.dialect.name == "sqlite" and "database is locked" in str(exc.orig):
                 raise LockHeld(f"the SQLite database is locked by another writer; {label} skipped") from None
             raise
+
+
+def confirm_lock(holder: Connection) -> None:
+    """Raise (a transient connection error) if the lock-holding connection is gone."""
+    if holder.dialect.name == "postgresql":
+        holder.exec_driver_sql("SELECT 1")
+
+
+def delete_batch(conn: Connection, table: sa.Table, due, walk: sa.Column, low_water, limit: int):
+    """Delete up to `limit` due rows, lowest `walk` first; return (count, highest walk value).
+
+    PostgreSQL: the rows are picked by the walk column's index from the low-water
+    mark on (never re-reading what earlier batches deleted), locked with SKIP
+    LOCKED (rows the app holds are left for a later run), deleted by ctid (a TID
+    scan, the cheapest way back to a row), and only the count and the highest
+    value come back to Python. `due` is checked again on delete.
+    """
+    picked = sa.select(sa.literal_column("ctid")).select_from(table).where(due)
+    if low_water is not None:
+        picked = picked.where(walk >= low_water)
+    picked = picked.order_by(walk).limit(limit)
+    if conn.dialect.name == "postgresql":
+        picked = picked.with_for_update(skip_locked=True)
+        deleted = (
+            sa.delete(table)
+            .where(sa.literal_column("ctid") == sa.func.any(sa.func.array(picked.scalar_subquery())))
+            .where(due)
+            .returning(walk.label("walked"))
+            .cte("deleted")
+        )
+        count, highest = conn.execute(sa.select(sa.func.count(), sa.func.max(deleted.c.walked))).one()
+        return count, highest
+    # SQLite (demo and tests): rowid plays ctid's part; it has no row locks to skip.
+    picked = picked.with_only_columns(sa.literal_column("rowid"))
+    walked = conn.execute(sa.delete(table).where(sa.literal_column("rowid").in_(picked.scalar_subquery()))
+                          .returning(walk)).scalars().all()
+    return len(walked), max(walked, default=None)
 
 
 def bind_table(conn: Connection, settings: BaseCleanupSettings, schema: str | None,

@@ -75,6 +75,25 @@ def classify(exc: BaseException, secrets: tuple[str, ...] = ()) -> Failure:
     return Failure("failed", EXIT_FAILURE, error_class, message)
 
 
+# Worth retrying: serialization failure, deadlock, lock timeout, server shutting
+# down or restarting, a terminated backend, too many connections, and class 08
+# (connection exceptions). A statement timeout (57014) is not: it would recur.
+_TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    original = getattr(exc, "orig", None) or exc
+    if type(original).__module__.split(".")[0] != "psycopg":
+        return False
+    sqlstate = getattr(original, "sqlstate", None)
+    if sqlstate:
+        return sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08")
+    # No SQLSTATE: the connection itself failed (refused, reset, closed by the server).
+    import psycopg
+
+    return isinstance(original, psycopg.OperationalError)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]

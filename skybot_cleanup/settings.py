@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, create_model
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, create_model, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from skybot_cleanup.errors import ConfigError
@@ -14,6 +14,7 @@ ENV_PREFIX = "SKYBOT_CLEANUP_"
 # Quoted identifiers could hold anything, but Prisma names (and their @@map
 # renames) never need more than this, and a strict pattern keeps typos obvious.
 IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$"
+DEFAULT_BATCH_SIZE = 10_000
 
 
 class BaseCleanupSettings(BaseSettings):
@@ -53,6 +54,29 @@ class BaseCleanupSettings(BaseSettings):
         max_length=40,
         description="application_name shown in pg_stat_activity (the task name is appended).",
     )
+    batch_size: int | None = Field(
+        default=None, ge=1,
+        description="Delete in committed batches of at most this many rows (default: one transaction).",
+    )
+    max_rows: int | None = Field(
+        default=None, ge=1,
+        description=f"Stop a run after this many rows (implies batches of {DEFAULT_BATCH_SIZE} unless set).",
+    )
+    max_runtime_s: float | None = Field(
+        default=None, gt=0,
+        description="Stop a batched run between batches once it has run this long (implies batches).",
+    )
+    sleep_ms: int = Field(default=0, ge=0, description="Pause between batches, to spare a busy database.")
+    max_retries: int = Field(
+        default=3, ge=0,
+        validation_alias=AliasChoices(f"{ENV_PREFIX}MAX_RETRIES", "JOB_MAX_RETRIES", "max_retries"),
+        description="Retries of a transient database error (falls back to the app's JOB_MAX_RETRIES).",
+    )
+    retry_delay_ms: int = Field(
+        default=5000, ge=0,
+        validation_alias=AliasChoices(f"{ENV_PREFIX}RETRY_DELAY_MS", "JOB_RETRY_DELAY", "retry_delay_ms"),
+        description="First retry delay, doubled each retry (falls back to the app's JOB_RETRY_DELAY).",
+    )
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto",
         description="Log format on stderr: auto is JSON unless stderr is a terminal.",
@@ -60,6 +84,13 @@ class BaseCleanupSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Lowest level logged."
     )
+
+    @model_validator(mode="after")
+    def _caps_imply_batches(self):
+        # A cap can only stop a run between batches.
+        if self.batch_size is None and (self.max_rows is not None or self.max_runtime_s is not None):
+            self.batch_size = DEFAULT_BATCH_SIZE
+        return self
 
 
 def _identifier_fields() -> dict[str, Any]:

@@ -97,13 +97,16 @@ def test_unknown_subcommand_is_a_usage_error():
 def test_unreachable_database_exits_1_without_password_or_traceback():
     # Port 1 on loopback: refused at once.
     url = f"postgres://skybot:{PASSWORD}@127.0.0.1:1/app"
-    completed = run_cli("refresh-tokens", env={"DATABASE_URL": url})
+    completed = run_cli("refresh-tokens", env={"DATABASE_URL": url, "SKYBOT_CLEANUP_RETRY_DELAY_MS": "10"})
     assert completed.returncode == 1
     assert completed.stdout == ""
     lines = completed.stderr.splitlines()
     assert lines[-1].startswith("skybot-cleanup: refresh-tokens failed: connection failed: ")
     assert "Connection refused" in lines[-1]
-    assert [event["event"] for event in log_events(completed.stderr)] == ["run_failed", "run_finished"]
+    events = log_events(completed.stderr)
+    # Connection refused is transient: retried (3 times by default), then reported.
+    assert [event["event"] for event in events] == ["retrying"] * 3 + ["run_failed", "run_finished"]
+    assert {event["error_class"] for event in events[:3]} == {"OperationalError"}
     assert PASSWORD not in completed.stderr
     assert "Traceback" not in completed.stderr
 

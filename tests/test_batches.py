@@ -1,0 +1,285 @@
+"""Batched runs, caps, retries and signals, against a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from conftest import CONSOLE_SCRIPT, run_cli
+from skybot_cleanup.cleanup import utc_now
+from skybot_cleanup.demo import refresh_token_row
+
+HOUR = timedelta(hours=1)
+APP_NAME = "skybot-cleanup:refresh-tokens"
+
+
+def seed_due_and_live(backend, due: int, live: int = 5) -> tuple[set[str], set[str]]:
+    now = utc_now()
+    due_rows = [refresh_token_row(f"due_{i:04d}", now - HOUR - i * timedelta(seconds=1)) for i in range(due)]
+    live_rows = [refresh_token_row(f"live_{i:04d}", now + HOUR) for i in range(live)]
+    backend.insert("RefreshToken", due_rows + live_rows)
+    return {r["id"] for r in due_rows}, {r["id"] for r in live_rows}
+
+
+def env_for(backend, **settings: str) -> dict[str, str]:
+    env = {"DATABASE_URL": backend.url, "SKYBOT_CLEANUP_RETRY_DELAY_MS": "50"}
+    env.update({f"SKYBOT_CLEANUP_{name.upper()}": str(value) for name, value in settings.items()})
+    return env
+
+
+def start_cli(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([str(CONSOLE_SCRIPT), *args], env={"PATH": "/usr/bin:/bin", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def events(stderr: str) -> list[dict]:
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
+def wait_until(condition, timeout: float = 20, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def remaining_ids(backend) -> set[str]:
+    return backend.ids("RefreshToken")
+
+
+def test_batched_run_reports_batches_and_remaining(postgres):
+    due, live = seed_due_and_live(postgres, due=25)
+    completed = run_cli("refresh-tokens", "--batch-size", "10", "--json", env=env_for(postgres))
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout)
+    assert (result["rows"], result["batches"], result["remaining"]) == (25, 3, 0)
+    assert remaining_ids(postgres) == live
+
+
+def test_max_rows_stops_and_the_next_run_continues(postgres):
+    due, live = seed_due_and_live(postgres, due=25)
+    first = run_cli("refresh-tokens", "--batch-size", "4", "--max-rows", "10", "--json", env=env_for(postgres))
+    result = json.loads(first.stdout)
+    assert (first.returncode, result["rows"], result["remaining"], result["stopped_by"]) == (0, 10, 15, "max_rows")
+    # Oldest first: the ten that expired longest ago are gone.
+    oldest_ten = set(sorted(due)[-10:])
+    assert remaining_ids(postgres) == (due - oldest_ten) | live
+    second = run_cli("refresh-tokens", "--max-rows", "100", "--json", env=env_for(postgres))
+    assert (json.loads(second.stdout)["rows"], json.loads(second.stdout)["remaining"]) == (15, 0)
+    assert remaining_ids(postgres) == live
+
+
+def test_max_runtime_stops_between_batches(postgres):
+    due, live = seed_due_and_live(postgres, due=20)
+    completed = run_cli("refresh-tokens", "--batch-size", "1", "--sleep-ms", "100", "--max-runtime", "0.5",
+                        "--json", env=env_for(postgres))
+    result = json.loads(completed.stdout)
+    assert (completed.returncode, result["stopped_by"]) == (0, "max_runtime")
+    assert 1 <= result["rows"] < 20
+    assert result["rows"] + result["remaining"] == 20
+    assert len(remaining_ids(postgres) & due) == result["remaining"]
+    again = run_cli("refresh-tokens", "--batch-size", "100", "--json", env=env_for(postgres))
+    assert json.loads(again.stdout)["rows"] == result["remaining"]
+    assert remaining_ids(postgres) == live
+
+
+def test_concurrent_writer_keeps_its_live_rows_and_held_rows_are_skipped(postgres):
+    due, live = seed_due_and_live(postgres, due=300)
+    stop = threading.Event()
+    written: list[str] = []
+
+    def app_writer():
+        engine = sa.create_engine(postgres.engine.url, poolclass=sa.pool.NullPool)
+        i = 0
+        while not stop.is_set():
+            with engine.begin() as conn:
+                conn.execute(postgres.tables["RefreshToken"].insert(),
+                             [refresh_token_row(f"new_{i}", utc_now() + HOUR)])
+                # Extend a live token's expiry, as a refresh would.
+                conn.exec_driver_sql("""UPDATE "RefreshToken" SET "expiresAt" = "expiresAt" + interval '1 hour'
+                                        WHERE id = 'live_0000'""")
+            written.append(f"new_{i}")
+            i += 1
+        engine.dispose()
+
+    writer = threading.Thread(target=app_writer)
+    with postgres.engine.connect() as app_conn:
+        # The app holds one due row mid-transaction: the run must skip it, not wait.
+        app_conn.exec_driver_sql("""SELECT 1 FROM "RefreshToken" WHERE id = 'due_0150' FOR UPDATE""")
+        writer.start()
+        try:
+            completed = run_cli("refresh-tokens", "--batch-size", "7", "--sleep-ms", "5", "--json",
+                                env=env_for(postgres))
+        finally:
+            stop.set()
+            writer.join()
+        app_conn.rollback()
+    result = json.loads(completed.stdout)
+    assert (completed.returncode, result["rows"], result["remaining"]) == (0, 299, 1), completed.stderr
+    assert written, "the writer never wrote"
+    assert remaining_ids(postgres) == live | set(written) | {"due_0150"}
+
+
+def advisory_lock_held(backend) -> bool:
+    with backend.engine.connect() as conn:
+        return bool(conn.scalar(sa.text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted")))
+
+
+def test_two_concurrent_batched_runs_delete_each_row_once(postgres):
+    due, live = seed_due_and_live(postgres, due=8)
+    env = env_for(postgres)
+    first = start_cli("refresh-tokens", "--batch-size", "1", "--sleep-ms", "200", "--json", env=env)
+    wait_until(lambda: advisory_lock_held(postgres), what="the first run's lock")
+    second = run_cli("refresh-tokens", "--batch-size", "1", "--json", env=env)
+    out, err = first.communicate(timeout=60)
+    assert (second.returncode, json.loads(second.stdout)["rows"]) == (75, 0)
+    assert (first.returncode, json.loads(out)["rows"]) == (0, 8), err
+    assert remaining_ids(postgres) == live
+
+
+def test_sigterm_mid_batched_run_keeps_whole_batches_and_exits_143(postgres):
+    due, live = seed_due_and_live(postgres, due=30)
+    process = start_cli("refresh-tokens", "--batch-size", "2", "--sleep-ms", "150", "--json", env=env_for(postgres))
+    wait_until(lambda: len(remaining_ids(postgres) & due) <= 26, what="two batches")
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=10)
+    assert process.returncode == 128 + signal.SIGTERM
+    result = json.loads(out)
+    assert result["status"] == "interrupted"
+    interrupted = [e for e in events(err) if e["event"] == "interrupted"]
+    assert interrupted and interrupted[0]["rows"] == result["rows"]
+    left = remaining_ids(postgres) & due
+    assert len(left) == 30 - result["rows"] and result["rows"] % 2 == 0  # whole batches only
+    rerun = run_cli("refresh-tokens", "--batch-size", "2", env=env_for(postgres))
+    assert rerun.returncode == 0
+    assert remaining_ids(postgres) == live
+
+
+def test_sigterm_during_single_transaction_rolls_back(postgres):
+    due, live = seed_due_and_live(postgres, due=10)
+    with postgres.engine.connect() as app_conn:
+        app_conn.exec_driver_sql("""SELECT 1 FROM "RefreshToken" WHERE id = 'due_0005' FOR UPDATE""")
+        process = start_cli("refresh-tokens", "--json", env=env_for(postgres, lock_timeout_ms=0))
+        wait_until(lambda: backend_waiting(postgres), what="the DELETE to wait on the app's row")
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=10)
+        elapsed = time.monotonic() - started
+        # psycopg cancelled the statement on the server: nothing of ours is left running.
+        assert not backend_waiting(postgres)
+        app_conn.rollback()
+    assert process.returncode == 143 and elapsed < 5
+    assert json.loads(out)["status"] == "interrupted"
+    assert remaining_ids(postgres) == due | live
+
+
+def backend_waiting(backend) -> bool:
+    with backend.engine.connect() as conn:
+        return bool(conn.scalar(sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = :app AND wait_event_type = 'Lock'"),
+            {"app": APP_NAME}))
+
+
+def our_backends(backend) -> int:
+    with backend.engine.connect() as conn:
+        return conn.scalar(sa.text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :app"),
+                           {"app": APP_NAME})
+
+
+def test_kill_9_in_single_transaction_mode_deletes_nothing(postgres):
+    due, live = seed_due_and_live(postgres, due=10)
+    with postgres.engine.connect() as app_conn:
+        app_conn.exec_driver_sql("""SELECT 1 FROM "RefreshToken" WHERE id = 'due_0005' FOR UPDATE""")
+        process = start_cli("refresh-tokens", env=env_for(postgres, lock_timeout_ms=0))
+        wait_until(lambda: backend_waiting(postgres), what="the DELETE to wait")
+        process.kill()
+        process.communicate(timeout=10)
+        app_conn.rollback()
+    # The orphaned server backend finishes its statement, finds no client and rolls back.
+    wait_until(lambda: our_backends(postgres) == 0, what="the orphaned backend to go")
+    assert remaining_ids(postgres) == due | live
+    rerun = run_cli("refresh-tokens", "--json", env=env_for(postgres))
+    assert (rerun.returncode, json.loads(rerun.stdout)["rows"]) == (0, 10)
+    assert remaining_ids(postgres) == live
+
+
+def test_kill_9_mid_batched_run_then_rerun(postgres):
+    due, live = seed_due_and_live(postgres, due=30)
+    process = start_cli("refresh-tokens", "--batch-size", "3", "--sleep-ms", "100", env=env_for(postgres))
+    wait_until(lambda: len(remaining_ids(postgres) & due) <= 24, what="two batches")
+    process.kill()
+    process.communicate(timeout=10)
+    left = remaining_ids(postgres) & due
+    assert len(left) % 3 == 0 and 0 < len(left) < 30  # whole batches only
+    assert remaining_ids(postgres) - due == live
+    # The lock died with the connection: the rerun is not told another run holds it.
+    rerun = run_cli("refresh-tokens", "--batch-size", "3", "--json", env=env_for(postgres))
+    assert (rerun.returncode, json.loads(rerun.stdout)["rows"]) == (0, len(left)), rerun.stderr
+    assert remaining_ids(postgres) == live
+
+
+def test_terminated_backend_is_retried_and_the_run_completes(postgres):
+    due, live = seed_due_and_live(postgres, due=20)
+    process = start_cli("refresh-tokens", "--batch-size", "2", "--sleep-ms", "100", "--json",
+                        env=env_for(postgres))
+    wait_until(lambda: len(remaining_ids(postgres) & due) <= 16, what="two batches")
+    with postgres.engine.connect() as conn:
+        terminated = conn.scalar(sa.text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = :app"),
+            {"app": APP_NAME})
+    assert terminated >= 1
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert json.loads(out)["rows"] == 20
+    retries = [e for e in events(err) if e["event"] == "retrying"]
+    assert retries and retries[0]["error_class"] in {"AdminShutdown", "OperationalError"}
+    assert remaining_ids(postgres) == live
+
+
+def test_lock_timeout_on_a_held_row_is_retried_then_reported(postgres):
+    due, live = seed_due_and_live(postgres, due=3)
+    with postgres.engine.connect() as app_conn:
+        app_conn.exec_driver_sql("""SELECT 1 FROM "RefreshToken" WHERE id = 'due_0001' FOR UPDATE""")
+        completed = run_cli("refresh-tokens", env=env_for(postgres, lock_timeout_ms=100, max_retries=2))
+        app_conn.rollback()
+    assert completed.returncode == 1
+    retries = [e for e in events(completed.stderr) if e["event"] == "retrying"]
+    assert [e["error_class"] for e in retries] == ["LockNotAvailable", "LockNotAvailable"]
+    assert completed.stderr.splitlines()[-1] == (
+        "skybot-cleanup: refresh-tokens failed: canceling statement due to lock timeout")
+    assert remaining_ids(postgres) == due | live
+
+
+def test_app_retry_settings_are_honoured(postgres):
+    due, live = seed_due_and_live(postgres, due=1)
+    with postgres.engine.connect() as app_conn:
+        app_conn.exec_driver_sql("""SELECT 1 FROM "RefreshToken" WHERE id = 'due_0000' FOR UPDATE""")
+        completed = run_cli("refresh-tokens", env={"DATABASE_URL": postgres.url, "JOB_MAX_RETRIES": "1",
+                                                   "JOB_RETRY_DELAY": "10", "SKYBOT_CLEANUP_LOCK_TIMEOUT_MS": "50"})
+        app_conn.rollback()
+    retries = [e for e in events(completed.stderr) if e["event"] == "retrying"]
+    assert (completed.returncode, len(retries), retries[0]["delay_s"]) == (1, 1, 0.01)
+
+
+@pytest.mark.parametrize("args", [["--batch-size", "0"], ["--max-rows", "-1"], ["--sleep-ms", "x"]])
+def test_invalid_batch_options_are_usage_errors(args):
+    completed = run_cli("refresh-tokens", *args, env={"DATABASE_URL": "sqlite:///x.db"})
+    assert completed.returncode == 2
+    assert "Invalid value" in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_dry_run_in_batched_mode_reports_the_exact_total(postgres):
+    due, live = seed_due_and_live(postgres, due=12)
+    completed = run_cli("refresh-tokens", "--batch-size", "5", "--dry-run", "--json", env=env_for(postgres))
+    assert json.loads(completed.stdout)["rows"] == 12
+    assert remaining_ids(postgres) == due | live
+
