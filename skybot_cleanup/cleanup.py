@@ -10,8 +10,8 @@ from typing import Callable
 
 import structlog
 
-from skybot_cleanup import db
-from skybot_cleanup.errors import EXIT_OK, Interrupted, classify, is_transient
+from skybot_cleanup import db, heartbeat, history
+from skybot_cleanup.errors import EXIT_OK, Interrupted, classify, is_connection_failure, is_transient
 from skybot_cleanup.logs import get_logger
 from skybot_cleanup.settings import BaseCleanupSettings
 from skybot_cleanup.tasks import Task
@@ -32,7 +32,12 @@ def utc_now() -> datetime:
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
-def iso_utc(moment: datetime) -> str:
+def iso_utc(moment: datetime | None) -> str | None:
+    """ISO 8601 in UTC with a Z; naive values are UTC already (Prisma's columns, our history)."""
+    if moment is None:
+        return None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
     return moment.isoformat(timespec="milliseconds") + "Z"
 
 
@@ -82,28 +87,32 @@ def run_task(settings: BaseCleanupSettings, task: Task, *, dry_run: bool = False
     """Run one task and report what happened; expected failures and signals become
     the result's status and exit code instead of exceptions."""
     started = time.monotonic()
-    run_id = run_id or uuid.uuid4().hex[:12]
+    # A UUID: healthchecks.io pairs start and end pings by it (?rid=).
+    run_id = run_id or str(uuid.uuid4())
+    real_now = utc_now()
     # The one cutoff of this run: every batch and every retry reuses it, so a row
     # whose expiry the app extends mid-run is never deleted.
-    cutoff = task.cutoff(now or utc_now(), settings)
-    assert cutoff <= (now or utc_now()), "a cutoff in the future would delete live rows"
+    cutoff = task.cutoff(now or real_now, settings)
+    assert cutoff <= (now or real_now), "a cutoff in the future would delete live rows"
     batched = not dry_run and settings.batch_size is not None
     progress = Progress()
     log = get_logger()
-    target = None
+    target = engine = None
+    unreachable = False
+    ping_url = settings.ping_url.get_secret_value() if settings.ping_url else None
     with structlog.contextvars.bound_contextvars(task=task.name, run_id=run_id):
+        if ping_url:
+            heartbeat.ping(ping_url, task.name, "start", run_id)
         try:
             target = database_target(settings)
             engine = db.create_engine(target, settings, task.name)
-            try:
-                work = _run_batches if batched else _run_one_transaction
-                _with_retries(settings, progress, lambda: work(
-                    engine, settings, target, task, cutoff, dry_run, progress, started, on_progress))
-            finally:
-                engine.dispose()
+            work = _run_batches if batched else _run_one_transaction
+            _with_retries(settings, progress, lambda: work(
+                engine, settings, target, task, cutoff, dry_run, progress, started, on_progress))
             status, exit_code, error_class, error = "ok", EXIT_OK, None, None
         except (Exception, Interrupted) as exc:
             failure = classify(exc, secrets=(target.password,) if target and target.password else ())
+            unreachable = is_connection_failure(exc)
             status, exit_code = failure.status, failure.exit_code
             error_class, error = failure.error_class, failure.message
             event = {"skipped": "run_skipped", "interrupted": "interrupted"}.get(status, "run_failed")
@@ -117,6 +126,18 @@ def run_task(settings: BaseCleanupSettings, task: Task, *, dry_run: bool = False
             remaining=progress.remaining if batched else None,
             stopped_by=progress.stopped_by, error_class=error_class, error=error,
         )
+        if engine is not None:
+            if not unreachable:  # recording would only fail the same way, with a second warning
+                history.record(engine, settings, now=utc_now(), run={
+                    "run_id": run_id, "task": task.name, "status": status, "dry_run": dry_run,
+                    "rows": progress.rows, "cutoff": cutoff, "finished_at": utc_now(),
+                    "duration_ms": result.duration_ms, "exit_code": exit_code,
+                    "error_class": error_class, "error": error})
+            engine.dispose()
+        if ping_url:
+            heartbeat.ping(ping_url, task.name, str(exit_code), run_id,
+                           body=f"task={task.name} status={status} rows={progress.rows} "
+                                f"duration_ms={result.duration_ms}" + (f" error={error}" if error else ""))
         log.info("run_finished", **{k: v for k, v in result.as_dict().items()
                                     if k not in ("task", "run_id", "error", "error_class")})
     return result
@@ -193,9 +214,11 @@ def _run_batches(engine, settings, target, task: Task, cutoff, _dry_run, progres
             # Never delete without the lock: a lost lock connection raises here and
             # the retry takes the lock again (or finds another run has it).
             db.confirm_lock(holder)
+            batch_started = time.monotonic()
             with worker.begin():
                 db.set_local_timeouts(worker, settings, task.name)
                 deleted, highest = db.delete_batch(worker, table, due, walk, progress.low_water, limit)
+            log.debug("batch", rows=deleted, duration_ms=round((time.monotonic() - batch_started) * 1000, 1))
             progress.rows += deleted
             progress.batches += 1
             if highest is not None:

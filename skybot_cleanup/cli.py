@@ -42,6 +42,10 @@ MaxRuntime = Annotated[Optional[float], typer.Option(
     help="Stop between batches once the run has lasted this long.")]
 SleepMs = Annotated[Optional[int], typer.Option(
     "--sleep-ms", min=0, metavar="MS", show_default=False, help="Pause between batches.")]
+PromFile = Annotated[Optional[str], typer.Option(
+    "--prom-file", metavar="PATH", show_default=False,
+    help="Write node_exporter textfile metrics ({task} in PATH is replaced; a directory gets one file per task).")]
+NoHistory = Annotated[bool, typer.Option("--no-history", help="Do not record this run in the history tables.")]
 DatabaseUrl = Annotated[
     Optional[str],
     typer.Option("--database-url", metavar="URL", show_default=False,
@@ -111,6 +115,14 @@ def run_tasks(tasks: tuple[Task, ...], *, dry_run: bool, as_json: bool, **overri
         results.append(result)
         if result.status == "interrupted":
             break
+    if settings.prom_file:
+        from skybot_cleanup.metrics import write_run_metrics
+
+        try:
+            write_run_metrics(settings, results)
+        except OSError as exc:
+            typer.echo(f"skybot-cleanup: error: cannot write {settings.prom_file}: {exc.strerror}", err=True)
+            return worst_exit_code([*(r.exit_code for r in results), 1])
     return worst_exit_code(result.exit_code for result in results)
 
 
@@ -151,30 +163,100 @@ def progress_bar(label: str, *, enabled: bool):
         yield update
 
 
-def _task_command(task: Task):
+def _task_command(tasks: tuple[Task, ...]):
     def command(dry_run: DryRun = False, as_json: JsonOutput = False, database_url: DatabaseUrl = None,
                 batch_size: BatchSize = None, max_rows: MaxRows = None, max_runtime: MaxRuntime = None,
-                sleep_ms: SleepMs = None) -> None:
-        raise typer.Exit(run_tasks((task,), dry_run=dry_run, as_json=as_json, database_url=database_url,
+                sleep_ms: SleepMs = None, prom_file: PromFile = None, no_history: NoHistory = False) -> None:
+        raise typer.Exit(run_tasks(tasks, dry_run=dry_run, as_json=as_json, database_url=database_url,
                                    batch_size=batch_size, max_rows=max_rows, max_runtime_s=max_runtime,
-                                   sleep_ms=sleep_ms))
+                                   sleep_ms=sleep_ms, prom_file=prom_file, history=False if no_history else None))
 
-    command.__doc__ = f"{task.summary}\n\nDeletes {task.rule}."
     return command
 
 
 for _task in TASKS:
-    app.command(_task.name)(_task_command(_task))
+    app.command(_task.name, help=f"{_task.summary}\n\nDeletes {_task.rule}.")(_task_command((_task,)))
+app.command("all", help="Run every cleanup task in turn, each in its own transaction (or batches).")(
+    _task_command(TASKS))
 
 
-@app.command("all")
-def all_tasks(dry_run: DryRun = False, as_json: JsonOutput = False, database_url: DatabaseUrl = None,
-              batch_size: BatchSize = None, max_rows: MaxRows = None, max_runtime: MaxRuntime = None,
-              sleep_ms: SleepMs = None) -> None:
-    """Run every cleanup task in turn, each in its own transaction (or batches)."""
-    raise typer.Exit(run_tasks(TASKS, dry_run=dry_run, as_json=as_json, database_url=database_url,
-                               batch_size=batch_size, max_rows=max_rows, max_runtime_s=max_runtime,
-                               sleep_ms=sleep_ms))
+def _on_database(label: str, work, **overrides):
+    """Settings, a read-only transaction and one-line errors for the reporting verbs."""
+    from skybot_cleanup import db
+    from skybot_cleanup.cleanup import database_target, utc_now
+    from skybot_cleanup.errors import classify
+
+    settings = _load(**overrides)
+    target = None
+    try:
+        target = database_target(settings)
+        engine = db.create_engine(target, settings, label)
+        try:
+            with db.transaction(engine, settings, label=label, read_only=True) as conn:
+                return settings, engine, work(conn, settings, target.schema, utc_now())
+        finally:
+            engine.dispose()
+    except Exception as exc:
+        failure = classify(exc, secrets=(target.password,) if target and target.password else ())
+        raise _fail(f"{label} failed: {failure.message}", failure.exit_code) from None
+
+
+@app.command("metrics")
+def metrics_command(
+    as_json: JsonOutput = False, database_url: DatabaseUrl = None,
+    prom_file: Annotated[Optional[Path], typer.Option("--prom-file", metavar="PATH", show_default=False,
+                         help="Write the node_exporter textfile format (atomically).")] = None,
+    pushgateway: Annotated[Optional[str], typer.Option("--pushgateway", metavar="URL", show_default=False,
+                           help="Push to a Prometheus Pushgateway.")] = None,
+    no_history: NoHistory = False,
+) -> None:
+    """Measure backlogs, active sessions and table health; delete nothing."""
+    from skybot_cleanup import history, metrics
+    from skybot_cleanup.cleanup import utc_now
+    from skybot_cleanup.logs import get_logger
+
+    settings, engine, snapshot = _on_database("metrics", metrics.collect, database_url=database_url,
+                                              history=False if no_history else None)
+    history.record(engine, settings, snapshot=snapshot, now=utc_now())
+    engine.dispose()
+    get_logger().info("metrics", **{k: v for k, v in snapshot.items() if k != "taken_at"})
+    typer.echo(json.dumps(snapshot) if as_json else metrics.render_table(snapshot))
+    registry = metrics.prometheus_registry(snapshot)
+    try:
+        if prom_file:
+            metrics.write_textfile(str(prom_file), registry)
+        if pushgateway:
+            metrics.push(pushgateway, registry)
+    except Exception as exc:  # a monitoring sink down is worth exit 1, not a traceback
+        raise _fail(f"metrics were collected but not delivered: {type(exc).__name__}: {exc}", 1) from None
+
+
+@app.command("status")
+def status_command(as_json: JsonOutput = False, database_url: DatabaseUrl = None) -> None:
+    """Per task: last success and failure, next run, rows due; exit 1 if any is OVERDUE or FAILING."""
+    from skybot_cleanup.status import render_table, task_statuses
+
+    _settings, _engine, statuses = _on_database("status", task_statuses, database_url=database_url)
+    if as_json:
+        for status in statuses:
+            typer.echo(json.dumps(status))
+    else:
+        typer.echo(render_table(statuses))
+    raise typer.Exit(0 if all(status["health"] == "OK" for status in statuses) else 1)
+
+
+@app.command("check")
+def check_command(as_json: JsonOutput = False, database_url: DatabaseUrl = None) -> None:
+    """Pre-flight: connection, tables, column types, indexes, privileges, backlogs. Exit 1 on errors."""
+    from skybot_cleanup.check import run_checks
+
+    _settings, _engine, findings = _on_database("check", run_checks, database_url=database_url)
+    for finding in findings:
+        if as_json:
+            typer.echo(json.dumps({"level": finding.level, "message": finding.message}))
+        else:
+            typer.echo(f"{finding.level.upper():<8}{finding.message}")
+    raise typer.Exit(1 if any(finding.level == "error" for finding in findings) else 0)
 
 
 @app.command()

@@ -94,6 +94,14 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(original, psycopg.OperationalError)
 
 
+def is_connection_failure(exc: BaseException) -> bool:
+    """The database could not be reached (or went away): nothing more can be written there."""
+    if not is_transient(exc):
+        return False
+    sqlstate = getattr(getattr(exc, "orig", None) or exc, "sqlstate", None) or ""
+    return not sqlstate or sqlstate.startswith(("08", "57P"))
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]

@@ -77,6 +77,34 @@ class BaseCleanupSettings(BaseSettings):
         validation_alias=AliasChoices(f"{ENV_PREFIX}RETRY_DELAY_MS", "JOB_RETRY_DELAY", "retry_delay_ms"),
         description="First retry delay, doubled each retry (falls back to the app's JOB_RETRY_DELAY).",
     )
+    history: bool = Field(
+        default=True,
+        description="Record every run and metrics snapshot in the tool's own tables (best effort).",
+    )
+    history_schema: str = Field(
+        default="skybot_cleanup", pattern=IDENTIFIER_PATTERN,
+        description="Schema of the history tables on PostgreSQL (a table prefix on SQLite), "
+        "kept apart from the app's Prisma schema.",
+    )
+    history_retention_days: int = Field(default=30, ge=1, description="Days of run history to keep.")
+    idempotency_stuck_minutes: int = Field(
+        default=10, ge=1,
+        description="An idempotency key in progress (statusCode NULL) longer than this counts as stuck.",
+    )
+    backlog_warning_rows: int = Field(
+        default=100_000, ge=1,
+        description="check warns above this many due rows: run that task with --batch-size first.",
+    )
+    prom_file: str | None = Field(
+        default=None,
+        description="node_exporter textfile to write after each run; {task} in the path is replaced, "
+        "or give a directory for one file per task.",
+    )
+    ping_url: SecretStr | None = Field(
+        default=None,
+        description="Heartbeat URL (healthchecks.io style); {task} is replaced. Pings <url>/start, "
+        "then <url>/<exit code>.",
+    )
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto",
         description="Log format on stderr: auto is JSON unless stderr is a terminal.",

@@ -76,6 +76,8 @@ class Task(Job):
     due: Callable[[Columns, datetime], "ColumnElement[bool]"] = field(default=lambda c, cutoff: None)
     # Batches walk this column in order; it must be indexed (or be the primary key).
     walk_column: str = "expires_at"
+    # The timestamp compared with the cutoff: how long the oldest due row has been due.
+    age_column: str = "expires_at"
     # Name of the setting holding a retention in days; the cutoff is now minus it.
     retention_setting: str | None = None
 
@@ -115,7 +117,8 @@ TASKS: tuple[Task, ...] = (
         summary="Delete magic links that are expired or used.",
         table="magic_link",
         rule='"MagicLink" rows with "expiresAt" < now or "used"',
-        due=lambda c, cutoff: _or(c["expires_at"] < cutoff, c["used"].is_(True)),
+        # `= true`, not `IS TRUE`: only the former can use an index.
+        due=lambda c, cutoff: _or(c["expires_at"] < cutoff, c["used"] == True),  # noqa: E712
         # "used" rows may expire in the future, so no timestamp order covers every
         # due row; the primary key does (and is the only index besides email/token).
         walk_column="id",
@@ -128,6 +131,7 @@ TASKS: tuple[Task, ...] = (
         rule='"RefreshToken" rows with "revokedAt" < now - retention (default 90 days)',
         due=lambda c, cutoff: c["revoked_at"] < cutoff,
         walk_column="revoked_at",
+        age_column="revoked_at",
         retention_setting="revoked_retention_days",
     ),
 )

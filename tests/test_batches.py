@@ -131,7 +131,8 @@ def test_concurrent_writer_keeps_its_live_rows_and_held_rows_are_skipped(postgre
 
 def advisory_lock_held(backend) -> bool:
     with backend.engine.connect() as conn:
-        return bool(conn.scalar(sa.text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted")))
+        return bool(conn.scalar(sa.text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")))
 
 
 def test_two_concurrent_batched_runs_delete_each_row_once(postgres):
@@ -185,13 +186,15 @@ def test_sigterm_during_single_transaction_rolls_back(postgres):
 def backend_waiting(backend) -> bool:
     with backend.engine.connect() as conn:
         return bool(conn.scalar(sa.text(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = :app AND wait_event_type = 'Lock'"),
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = :app AND wait_event_type = 'Lock'"
+            " AND datname = current_database()"),
             {"app": APP_NAME}))
 
 
 def our_backends(backend) -> int:
     with backend.engine.connect() as conn:
-        return conn.scalar(sa.text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :app"),
+        return conn.scalar(sa.text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :app"
+                                    " AND datname = current_database()"),
                            {"app": APP_NAME})
 
 
@@ -234,7 +237,8 @@ def test_terminated_backend_is_retried_and_the_run_completes(postgres):
     wait_until(lambda: len(remaining_ids(postgres) & due) <= 16, what="two batches")
     with postgres.engine.connect() as conn:
         terminated = conn.scalar(sa.text(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = :app"),
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = :app AND datname = current_database()"),
             {"app": APP_NAME})
     assert terminated >= 1
     out, err = process.communicate(timeout=60)

@@ -294,7 +294,8 @@ def wait_for_lock_wait(backend, application_name: str, timeout: float = 20) -> N
     while time.monotonic() < deadline:
         with backend.engine.connect() as conn:
             waiting = conn.scalar(sa.text(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name AND wait_event_type = 'Lock'"),
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name AND wait_event_type = 'Lock'"
+                " AND datname = current_database()"),
                 {"name": application_name})
         if waiting:
             return
