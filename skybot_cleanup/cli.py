@@ -259,6 +259,29 @@ def check_command(as_json: JsonOutput = False, database_url: DatabaseUrl = None)
     raise typer.Exit(1 if any(finding.level == "error" for finding in findings) else 0)
 
 
+@app.command("schedule")
+def schedule_command(
+    fmt: Annotated[str, typer.Option("--format", metavar="crontab|systemd|render|kubernetes",
+                                     help="Which scheduler's files to render.")],
+    output: Annotated[Optional[Path], typer.Option("--output", metavar="DIR", show_default=False,
+                                                   help="Write the files under DIR (default: print them).")] = None,
+    exec_path: Annotated[Optional[str], typer.Option("--exec", metavar="PATH", show_default=False,
+                                                     help="Absolute path of the installed skybot-cleanup.")] = None,
+) -> None:
+    """Render deployment files from the task registry: every schedule, UTC."""
+    from skybot_cleanup.deploy import FORMATS, render_files, write_files
+
+    if fmt not in FORMATS:
+        raise _fail(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    files = render_files(fmt, exec_path)
+    if output is None:
+        for name, text in files.items():
+            typer.echo(f"# ---- {name}\n{text}" if len(files) > 1 else text, nl=False)
+        return
+    for path in write_files(files, output):
+        typer.echo(f"wrote {path}")
+
+
 @app.command()
 def demo(
     path: Annotated[Path, typer.Option("--path", help="SQLite file to (re)create.")] = Path("skybot-demo.db"),

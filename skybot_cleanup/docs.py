@@ -10,20 +10,22 @@ import re
 import sys
 from pathlib import Path
 
-from skybot_cleanup.settings import Settings, env_name
-from skybot_cleanup.tasks import TASKS
+from skybot_cleanup.settings import ENV_FILE_VARIABLE, Settings, env_name
+from skybot_cleanup.tasks import JOBS
 
 
 def tasks_table() -> str:
     rows = ["| command | schedule (UTC, cron) | deletes |", "|---|---|---|"]
-    for job in TASKS:
+    for job in JOBS:
         rule = (getattr(job, "rule", None) or job.summary).replace("|", "\\|")
         rows.append(f"| `{job.name}` | `{job.schedule}` | {rule} |")
     return "\n".join(rows)
 
 
 def settings_table() -> str:
-    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    rows = ["| variable | default | meaning |", "|---|---|---|",
+            f"| `{ENV_FILE_VARIABLE}` | `.env` | Settings file to read (KEY=value lines, no shell quoting "
+            "needed); the same file serves systemd's EnvironmentFile. |"]
     for name, field in Settings.model_fields.items():
         default = "(none)" if field.default is None else f"`{field.default}`"
         rows.append(f"| `{env_name(name)}` | {default} | {field.description} |")

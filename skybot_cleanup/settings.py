@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, create_model, model_validator
@@ -11,6 +12,8 @@ from skybot_cleanup.errors import ConfigError
 from skybot_cleanup.tasks import TABLES
 
 ENV_PREFIX = "SKYBOT_CLEANUP_"
+# Where the settings file is, for cron and scripts (systemd passes the same file as EnvironmentFile).
+ENV_FILE_VARIABLE = f"{ENV_PREFIX}ENV_FILE"
 # Quoted identifiers could hold anything, but Prisma names (and their @@map
 # renames) never need more than this, and a strict pattern keeps typos obvious.
 IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$"
@@ -153,8 +156,11 @@ def env_name(field_name: str) -> str:
 def load_settings(**overrides: Any) -> BaseCleanupSettings:
     """Read settings; only options the user actually passed override the environment."""
     given = {name: value for name, value in overrides.items() if value is not None}
+    env_file = os.environ.get(ENV_FILE_VARIABLE)
+    if env_file and not os.path.isfile(env_file):
+        raise ConfigError(f"{ENV_FILE_VARIABLE} names {env_file}, which is not a readable file")
     try:
-        return Settings(**given)
+        return Settings(**given, _env_file=env_file or ".env")
     except ValidationError as exc:
         # include_input=False: the rejected value may be a password-bearing URL.
         error = exc.errors(include_url=False, include_input=False)[0]

@@ -341,3 +341,23 @@ def test_demo_default_path_in_working_directory(tmp_path):
     completed = run_cli("demo", cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr
     assert (tmp_path / "skybot-demo.db").exists()
+
+
+def test_env_file_variable_for_cron_and_systemd(backend, tmp_path):
+    """The file cron and systemd share: a Prisma URL with & and % needs no shell quoting."""
+    seed_tokens(backend)
+    url = backend.url + ("?schema=public&connection_limit=5&application_name=a%20b"
+                         if backend.kind == "postgres" else "")
+    env_file = tmp_path / "skybot-cleanup.env"
+    env_file.write_text(f"DATABASE_URL={url}\nSKYBOT_CLEANUP_LOG_LEVEL=warning\n")
+    completed = run_cli("refresh-tokens", "--json", env={"SKYBOT_CLEANUP_ENV_FILE": str(env_file)}, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout)["rows"] == 2
+    assert completed.stderr == ""  # log level warning came from the file
+
+
+def test_missing_env_file_is_a_configuration_error(tmp_path):
+    result = invoke("refresh-tokens", env={"SKYBOT_CLEANUP_ENV_FILE": str(tmp_path / "nope.env")})
+    assert result.exit_code == 2
+    assert result.stderr == (f"skybot-cleanup: error: SKYBOT_CLEANUP_ENV_FILE names {tmp_path / 'nope.env'}, "
+                             "which is not a readable file\n")
