@@ -93,7 +93,8 @@ def run_task(settings: BaseCleanupSettings, task: Task, *, dry_run: bool = False
     # The one cutoff of this run: every batch and every retry reuses it, so a row
     # whose expiry the app extends mid-run is never deleted.
     cutoff = task.cutoff(now or real_now, settings)
-    assert cutoff <= (now or real_now), "a cutoff in the future would delete live rows"
+    if cutoff > (now or real_now):  # never reachable through settings; a guard against future edits
+        raise ValueError(f"{task.name}: cutoff {cutoff} is in the future and would delete live rows")
     batched = not dry_run and settings.batch_size is not None
     progress = Progress()
     log = get_logger()

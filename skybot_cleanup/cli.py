@@ -222,9 +222,10 @@ def metrics_command(
     get_logger().info("metrics", **{k: v for k, v in snapshot.items() if k != "taken_at"})
     typer.echo(json.dumps(snapshot) if as_json else metrics.render_table(snapshot))
     registry = metrics.prometheus_registry(snapshot)
+    textfile = str(prom_file) if prom_file else metrics.textfile_path(settings.prom_file, "metrics")
     try:
-        if prom_file:
-            metrics.write_textfile(str(prom_file), registry)
+        if textfile:
+            metrics.write_textfile(textfile, registry)
         if pushgateway:
             metrics.push(pushgateway, registry)
     except Exception as exc:  # a monitoring sink down is worth exit 1, not a traceback

@@ -8,6 +8,7 @@ expiry and which stays small when magic-links runs.
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -210,8 +211,6 @@ def push(url: str, registry) -> None:
 def write_run_metrics(settings, results) -> None:
     """After cleanup runs: their textfile(s), with the last success taken from the history
     when this run failed, so a failure does not make the key series vanish."""
-    import os
-
     from skybot_cleanup.cleanup import database_target, utc_now
 
     histories: dict = {}
@@ -224,14 +223,21 @@ def write_run_metrics(settings, results) -> None:
         except Exception:
             pass  # the database may be the very thing that failed
     finished = datetime.now(timezone.utc)
-    path = settings.prom_file
-    if os.path.isdir(path):
-        path = os.path.join(path, "skybot_cleanup_{task}.prom")
-    if "{task}" in path:
+    if os.path.isdir(settings.prom_file) or "{task}" in settings.prom_file:
         for result in results:
-            write_textfile(path.replace("{task}", result.task), run_registry([(result, finished)], histories))
+            write_textfile(textfile_path(settings.prom_file, result.task),
+                           run_registry([(result, finished)], histories))
     else:
-        write_textfile(path, run_registry([(result, finished) for result in results], histories))
+        write_textfile(settings.prom_file, run_registry([(result, finished) for result in results], histories))
+
+
+def textfile_path(setting: str | None, job: str) -> str | None:
+    """A directory gets one file per job; {task} in a path is replaced by the job's name."""
+    if not setting:
+        return None
+    if os.path.isdir(setting):
+        setting = os.path.join(setting, "skybot_cleanup_{task}.prom")
+    return setting.replace("{task}", job)
 
 
 def render_table(snapshot: dict) -> str:

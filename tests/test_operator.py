@@ -378,3 +378,15 @@ def test_failed_run_textfile_keeps_the_last_success_from_history(sqlite, tmp_pat
     samples = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
     assert samples["skybot_cleanup_last_exit_code"] == 2
     assert abs(samples["skybot_cleanup_last_success_timestamp_seconds"] - time.time()) < 60
+
+
+def test_metrics_and_runs_share_the_prom_file_directory(sqlite, tmp_path):
+    seed_operator_data(sqlite)
+    env = {"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_PROM_FILE": str(tmp_path)}
+    assert invoke("metrics", env=env).exit_code == 0
+    assert invoke("refresh-tokens", env=env).exit_code == 0
+    assert sorted(p.name for p in tmp_path.glob("*.prom")) == [
+        "skybot_cleanup_metrics.prom", "skybot_cleanup_refresh-tokens.prom"]
+    # node_exporter rejects the same series in two files: the two kinds never share a name.
+    names = [{f.name for f in text_string_to_metric_families(p.read_text())} for p in tmp_path.glob("*.prom")]
+    assert not names[0] & names[1]
