@@ -71,7 +71,6 @@ class Progress:
     remaining: int | None = None
     stopped_by: str | None = None
     estimated_total: int | None = None
-    retries: int = 0
     _last_log: float = field(default_factory=time.monotonic)
 
 
@@ -108,7 +107,7 @@ def run_task(settings: BaseCleanupSettings, task: Task, *, dry_run: bool = False
             target = database_target(settings)
             engine = db.create_engine(target, settings, task.name)
             work = _run_batches if batched else _run_one_transaction
-            _with_retries(settings, progress, lambda: work(
+            _with_retries(settings, lambda: work(
                 engine, settings, target, task, cutoff, dry_run, progress, started, on_progress))
             status, exit_code, error_class, error = "ok", EXIT_OK, None, None
         except (Exception, Interrupted) as exc:
@@ -144,7 +143,7 @@ def run_task(settings: BaseCleanupSettings, task: Task, *, dry_run: bool = False
     return result
 
 
-def _with_retries(settings: BaseCleanupSettings, progress: Progress, attempt: Callable[[], None]) -> None:
+def _with_retries(settings: BaseCleanupSettings, attempt: Callable[[], None]) -> None:
     """Retry transient database errors with exponential backoff.
 
     Safe because every attempt is idempotent: a single-transaction attempt either
@@ -156,7 +155,6 @@ def _with_retries(settings: BaseCleanupSettings, progress: Progress, attempt: Ca
     log = get_logger()
 
     def before_sleep(state) -> None:
-        progress.retries += 1
         exc = state.outcome.exception()
         failure = classify(exc)
         log.warning("retrying", attempt=state.attempt_number, error_class=failure.error_class,

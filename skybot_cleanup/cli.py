@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from skybot_cleanup import __version__
-from skybot_cleanup.errors import EXIT_CONFIG, ConfigError, worst_exit_code
+from skybot_cleanup.errors import EXIT_CONFIG, ConfigError, Interrupted, worst_exit_code
 from skybot_cleanup.tasks import TASKS, Task
 
 app = typer.Typer(
@@ -108,13 +108,17 @@ def run_tasks(tasks: tuple[Task, ...], *, dry_run: bool, as_json: bool, **overri
         raise _fail(str(exc)) from None
     install_signal_handlers()
     results = []
-    for task in tasks:
-        with progress_bar(task.name, enabled=settings.batch_size is not None and not dry_run) as on_progress:
-            result = run_task(settings, task, dry_run=dry_run, on_progress=on_progress)
-        _report(result, as_json)
-        results.append(result)
-        if result.status == "interrupted":
-            break
+    try:
+        for task in tasks:
+            with progress_bar(task.name, enabled=settings.batch_size is not None and not dry_run) as on_progress:
+                result = run_task(settings, task, dry_run=dry_run, on_progress=on_progress)
+            _report(result, as_json)
+            results.append(result)
+            if result.status == "interrupted":
+                break
+    except Interrupted as exc:  # a signal between runs, or while one was being recorded
+        typer.echo(f"skybot-cleanup: interrupted by signal {exc.signum}", err=True)
+        return exc.exit_code
     if settings.prom_file:
         from skybot_cleanup.metrics import write_run_metrics
 
@@ -133,8 +137,6 @@ def install_signal_handlers() -> None:
     transaction rolls back; batches already committed stay committed.
     """
     import signal
-
-    from skybot_cleanup.errors import Interrupted
 
     def interrupt(signum, _frame):
         raise Interrupted(signum)
