@@ -222,7 +222,10 @@ def metrics_command(
     history.record(engine, settings, snapshot=snapshot, now=utc_now())
     engine.dispose()
     get_logger().info("metrics", **{k: v for k, v in snapshot.items() if k != "taken_at"})
-    typer.echo(json.dumps(snapshot) if as_json else metrics.render_table(snapshot))
+    if as_json:
+        typer.echo(json.dumps(snapshot))
+    elif sys.stdout.isatty():  # every 5 minutes under cron, the log event is enough
+        typer.echo(metrics.render_table(snapshot))
     registry = metrics.prometheus_registry(snapshot)
     textfile = str(prom_file) if prom_file else metrics.textfile_path(settings.prom_file, "metrics")
     try:

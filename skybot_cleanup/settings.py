@@ -164,6 +164,16 @@ def load_settings(**overrides: Any) -> BaseCleanupSettings:
     except ValidationError as exc:
         # include_input=False: the rejected value may be a password-bearing URL.
         error = exc.errors(include_url=False, include_input=False)[0]
-        field = str(error["loc"][0]) if error["loc"] else "settings"
-        field = "database_url" if field in ("DATABASE_URL", f"{ENV_PREFIX}DATABASE_URL") else field
-        raise ConfigError(f"invalid setting {env_name(field)}: {error['msg']}") from None
+        location = str(error["loc"][0]) if error["loc"] else "settings"
+        raise ConfigError(f"invalid setting {_variable_named(location)}: {error['msg']}") from None
+
+
+def _variable_named(location: str) -> str:
+    """The variable the user actually set, for a field that several names can set
+    (SKYBOT_CLEANUP_MAX_RETRIES or the app's JOB_MAX_RETRIES)."""
+    for name, field in Settings.model_fields.items():
+        aliases = field.validation_alias.choices if isinstance(field.validation_alias, AliasChoices) else []
+        if location == name or location in aliases:
+            given = [alias for alias in aliases if isinstance(alias, str) and alias.isupper() and alias in os.environ]
+            return given[0] if given else env_name(name)
+    return location

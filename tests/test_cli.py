@@ -77,6 +77,12 @@ def test_help_lists_every_task():
                           "SKYBOT_CLEANUP_REFRESH_TOKEN_TABLE": 'RefreshToken"; DROP TABLE x; --'},
      "invalid setting SKYBOT_CLEANUP_REFRESH_TOKEN_TABLE: String should match pattern "
      "'^[A-Za-z_][A-Za-z0-9_$]{0,62}$'"),
+    (["refresh-tokens"], {"DATABASE_URL": "sqlite:///x.db", "JOB_MAX_RETRIES": "many"},
+     "invalid setting JOB_MAX_RETRIES: Input should be a valid integer, unable to parse string as an integer"),
+    (["refresh-tokens"], {"DATABASE_URL": "sqlite:///x.db", "SKYBOT_CLEANUP_RETRY_DELAY_MS": "-5"},
+     "invalid setting SKYBOT_CLEANUP_RETRY_DELAY_MS: Input should be greater than or equal to 0"),
+    (["refresh-tokens"], {"DATABASE_URL": "sqlite:///x.db", "SKYBOT_CLEANUP_SCHEMA": "app-prod"},
+     "invalid setting SKYBOT_CLEANUP_SCHEMA: String should match pattern '^[A-Za-z_][A-Za-z0-9_$]{0,62}$'"),
     (["refresh-tokens"], {"DATABASE_URL": "sqlite:///x.db", "SKYBOT_CLEANUP_LOG_FORMAT": "xml"},
      "invalid setting SKYBOT_CLEANUP_LOG_FORMAT: Input should be 'auto', 'json' or 'console'"),
 ])
@@ -361,3 +367,14 @@ def test_missing_env_file_is_a_configuration_error(tmp_path):
     assert result.exit_code == 2
     assert result.stderr == (f"skybot-cleanup: error: SKYBOT_CLEANUP_ENV_FILE names {tmp_path / 'nope.env'}, "
                              "which is not a readable file\n")
+
+
+def test_our_retry_settings_win_over_the_apps(monkeypatch):
+    from skybot_cleanup.settings import load_settings
+
+    monkeypatch.setenv("JOB_MAX_RETRIES", "7")
+    monkeypatch.setenv("JOB_RETRY_DELAY", "100")
+    assert (load_settings().max_retries, load_settings().retry_delay_ms) == (7, 100)
+    monkeypatch.setenv("SKYBOT_CLEANUP_MAX_RETRIES", "1")
+    monkeypatch.setenv("SKYBOT_CLEANUP_RETRY_DELAY_MS", "20")
+    assert (load_settings().max_retries, load_settings().retry_delay_ms) == (1, 20)
