@@ -21,7 +21,9 @@ from skybot_cleanup.tasks import TASKS, Task
 
 app = typer.Typer(
     name="skybot-cleanup",
-    help="Scheduled, transactional housekeeping for the SkyBot Inbox database.",
+    help="Scheduled, transactional housekeeping for the SkyBot Inbox database.\n\n"
+    "Exit codes: 0 ok (also nothing to delete), 1 failure, 2 usage or configuration error, "
+    "75 skipped (another run holds the task's lock), 128+N stopped by signal N.",
     no_args_is_help=True,
     add_completion=False,
     # Tracebacks with locals would print the settings, database URL included.
@@ -64,8 +66,7 @@ def main_callback(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Show the version and exit.")] = False,
 ) -> None:
-    """Each cleanup verb is one idempotent run; exit codes: 0 ok, 1 failure,
-    2 usage or configuration error, 75 skipped (another run holds the lock)."""
+    """Each cleanup command is one idempotent run."""
 
 
 def _fail(message: str, exit_code: int = EXIT_CONFIG) -> typer.Exit:
