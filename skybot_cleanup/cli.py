@@ -196,7 +196,7 @@ def _on_database(label: str, work, **overrides):
         engine = db.create_engine(target, settings, label)
         try:
             with db.transaction(engine, settings, label=label, read_only=True) as conn:
-                return settings, engine, work(conn, settings, target.schema, utc_now())
+                return settings, work(conn, settings, target.schema, utc_now())
         finally:
             engine.dispose()
     except Exception as exc:
@@ -215,13 +215,15 @@ def metrics_command(
 ) -> None:
     """Measure backlogs, active sessions and table health; delete nothing."""
     from skybot_cleanup import history, metrics
-    from skybot_cleanup.cleanup import utc_now
     from skybot_cleanup.logs import get_logger
 
-    settings, engine, snapshot = _on_database("metrics", metrics.collect, database_url=database_url,
-                                              history=False if no_history else None)
-    history.record(engine, settings, snapshot=snapshot, now=utc_now())
-    engine.dispose()
+    def collect_and_record(conn, settings, schema, now):
+        snapshot = metrics.collect(conn, settings, schema, now)
+        history.record(conn.engine, settings, snapshot=snapshot, now=now)  # its own write transaction
+        return snapshot
+
+    settings, snapshot = _on_database("metrics", collect_and_record, database_url=database_url,
+                                      history=False if no_history else None)
     get_logger().info("metrics", **{k: v for k, v in snapshot.items() if k != "taken_at"})
     if as_json:
         typer.echo(json.dumps(snapshot))
@@ -243,7 +245,7 @@ def status_command(as_json: JsonOutput = False, database_url: DatabaseUrl = None
     """Per task: last success and failure, next run, rows due; exit 1 if any is OVERDUE or FAILING."""
     from skybot_cleanup.status import render_table, task_statuses
 
-    _settings, _engine, statuses = _on_database("status", task_statuses, database_url=database_url)
+    _settings, statuses = _on_database("status", task_statuses, database_url=database_url)
     if as_json:
         for status in statuses:
             typer.echo(json.dumps(status))
@@ -257,7 +259,7 @@ def check_command(as_json: JsonOutput = False, database_url: DatabaseUrl = None)
     """Pre-flight: connection, tables, column types, indexes, privileges, backlogs. Exit 1 on errors."""
     from skybot_cleanup.check import run_checks
 
-    _settings, _engine, findings = _on_database("check", run_checks, database_url=database_url)
+    _settings, findings = _on_database("check", run_checks, database_url=database_url)
     for finding in findings:
         if as_json:
             typer.echo(json.dumps({"level": finding.level, "message": finding.message}))

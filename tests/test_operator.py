@@ -390,3 +390,15 @@ def test_metrics_and_runs_share_the_prom_file_directory(sqlite, tmp_path):
     # node_exporter rejects the same series in two files: the two kinds never share a name.
     names = [{f.name for f in text_string_to_metric_families(p.read_text())} for p in tmp_path.glob("*.prom")]
     assert not names[0] & names[1]
+
+
+def test_metrics_snapshots_are_recorded(backend):
+    seed_operator_data(backend)
+    env = {"DATABASE_URL": backend.url}
+    assert invoke("metrics", env=env).exit_code == 0
+    assert invoke("metrics", "--no-history", env=env).exit_code == 0
+    snapshots = history_tables(backend.engine.dialect.name, "skybot_cleanup").snapshots
+    with backend.engine.connect() as conn:
+        stored = [json.loads(text) for text in conn.scalars(sa.select(snapshots.c.snapshot))]
+    assert len(stored) == 1
+    assert stored[0]["active_sessions"] == 2 and stored[0]["tasks"]["refresh-tokens"]["due_rows"] == 2
