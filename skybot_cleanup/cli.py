@@ -183,25 +183,35 @@ app.command("all", help="Run every cleanup task in turn, each in its own transac
     _task_command(TASKS))
 
 
-def _on_database(label: str, work, **overrides):
-    """Settings, a read-only transaction and one-line errors for the reporting verbs."""
+@contextmanager
+def _database(label: str, **overrides):
+    """Settings and an engine for the reporting commands; any failure is one line."""
     from skybot_cleanup import db
-    from skybot_cleanup.cleanup import database_target, utc_now
+    from skybot_cleanup.cleanup import database_target
     from skybot_cleanup.errors import classify
 
     settings = _load(**overrides)
-    target = None
+    target = engine = None
     try:
         target = database_target(settings)
         engine = db.create_engine(target, settings, label)
-        try:
-            with db.transaction(engine, settings, label=label, read_only=True) as conn:
-                return settings, work(conn, settings, target.schema, utc_now())
-        finally:
-            engine.dispose()
+        yield settings, engine, target.schema
     except Exception as exc:
         failure = classify(exc, secrets=(target.password,) if target and target.password else ())
         raise _fail(f"{label} failed: {failure.message}", failure.exit_code) from None
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
+def _read(label: str, work, **overrides):
+    """work(conn, settings, schema, now) in a read-only transaction."""
+    from skybot_cleanup import db
+    from skybot_cleanup.cleanup import utc_now
+
+    with _database(label, **overrides) as (settings, engine, schema):
+        with db.transaction(engine, settings, label=label, read_only=True) as conn:
+            return work(conn, settings, schema, utc_now())
 
 
 @app.command("metrics")
@@ -214,16 +224,17 @@ def metrics_command(
     no_history: NoHistory = False,
 ) -> None:
     """Measure backlogs, active sessions and table health; delete nothing."""
-    from skybot_cleanup import history, metrics
+    from skybot_cleanup import db, history, metrics
+    from skybot_cleanup.cleanup import utc_now
     from skybot_cleanup.logs import get_logger
 
-    def collect_and_record(conn, settings, schema, now):
-        snapshot = metrics.collect(conn, settings, schema, now)
-        history.record(conn.engine, settings, snapshot=snapshot, now=now)  # its own write transaction
-        return snapshot
-
-    settings, snapshot = _on_database("metrics", collect_and_record, database_url=database_url,
-                                      history=False if no_history else None)
+    with _database("metrics", database_url=database_url, history=False if no_history else None) as (
+            settings, engine, schema):
+        now = utc_now()
+        with db.transaction(engine, settings, label="metrics", read_only=True) as conn:
+            snapshot = metrics.collect(conn, settings, schema, now)
+        # After the read transaction: on SQLite an open reader would block this write.
+        history.record(engine, settings, snapshot=snapshot, now=now)
     get_logger().info("metrics", **{k: v for k, v in snapshot.items() if k != "taken_at"})
     if as_json:
         typer.echo(json.dumps(snapshot))
@@ -245,7 +256,7 @@ def status_command(as_json: JsonOutput = False, database_url: DatabaseUrl = None
     """Per task: last success and failure, next run, rows due; exit 1 if any is OVERDUE or FAILING."""
     from skybot_cleanup.status import render_table, task_statuses
 
-    _settings, statuses = _on_database("status", task_statuses, database_url=database_url)
+    statuses = _read("status", task_statuses, database_url=database_url)
     if as_json:
         for status in statuses:
             typer.echo(json.dumps(status))
@@ -259,7 +270,7 @@ def check_command(as_json: JsonOutput = False, database_url: DatabaseUrl = None)
     """Pre-flight: connection, tables, column types, indexes, privileges, backlogs. Exit 1 on errors."""
     from skybot_cleanup.check import run_checks
 
-    _settings, findings = _on_database("check", run_checks, database_url=database_url)
+    findings = _read("check", run_checks, database_url=database_url)
     for finding in findings:
         if as_json:
             typer.echo(json.dumps({"level": finding.level, "message": finding.message}))
