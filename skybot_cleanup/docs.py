@@ -15,7 +15,7 @@ from skybot_cleanup.tasks import JOBS
 
 
 def tasks_table() -> str:
-    rows = ["| command | schedule (UTC, cron) | deletes |", "|---|---|---|"]
+    rows = ["| command | schedule (UTC, cron) | what it removes (or does) |", "|---|---|---|"]
     for job in JOBS:
         rule = (getattr(job, "rule", None) or job.summary).replace("|", "\\|")
         rows.append(f"| `{job.name}` | `{job.schedule}` | {rule} |")
