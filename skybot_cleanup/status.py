@@ -8,11 +8,15 @@ import sqlalchemy as sa
 
 from skybot_cleanup import db, history
 from skybot_cleanup.cleanup import iso_utc
+from skybot_cleanup.logs import get_logger
 from skybot_cleanup.schedule import is_overdue, next_runs
 from skybot_cleanup.tasks import TASKS
 
 
 def task_statuses(conn: sa.Connection, settings, schema: str | None, now: datetime) -> list[dict]:
+    if not settings.history:
+        get_logger().warning("history_disabled", hint="SKYBOT_CLEANUP_HISTORY is off: no run is known, "
+                                                      "so every task shows OVERDUE")
     histories = history.task_histories(conn, settings, [task.name for task in TASKS])
     statuses = []
     for task in TASKS:

@@ -402,3 +402,13 @@ def test_metrics_snapshots_are_recorded(backend):
         stored = [json.loads(text) for text in conn.scalars(sa.select(snapshots.c.snapshot))]
     assert len(stored) == 1
     assert stored[0]["active_sessions"] == 2 and stored[0]["tasks"]["refresh-tokens"]["due_rows"] == 2
+
+
+def test_status_says_why_everything_is_overdue_without_history(sqlite):
+    put_history(sqlite, *[(task.name, "ok", 10 * MINUTE) for task in TASKS])
+    result = invoke("status", "--json", env={"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_HISTORY": "false"})
+    assert result.exit_code == 1
+    assert {json.loads(line)["health"] for line in result.stdout.splitlines()} == {"OVERDUE"}
+    (event,) = [json.loads(line) for line in result.stderr.splitlines()]
+    assert (event["event"], event["level"]) == ("history_disabled", "warning")
+    assert "every task shows OVERDUE" in event["hint"]
