@@ -88,11 +88,11 @@ def run_task(settings: BaseCleanupSettings, task: Task, *, dry_run: bool = False
     started = time.monotonic()
     # A UUID: healthchecks.io pairs start and end pings by it (?rid=).
     run_id = run_id or str(uuid.uuid4())
-    real_now = utc_now()
+    now = now or utc_now()
     # The one cutoff of this run: every batch and every retry reuses it, so a row
     # whose expiry the app extends mid-run is never deleted.
-    cutoff = task.cutoff(now or real_now, settings)
-    if cutoff > (now or real_now):  # never reachable through settings; a guard against future edits
+    cutoff = task.cutoff(now, settings)
+    if cutoff > now:  # never reachable through settings; a guard against future edits
         raise ValueError(f"{task.name}: cutoff {cutoff} is in the future and would delete live rows")
     batched = not dry_run and settings.batch_size is not None
     progress = Progress()

@@ -109,8 +109,15 @@ class TaskHistory:
     last_success_at: datetime | None = None
     last_success_rows: int | None = None
     last_failure_at: datetime | None = None
+    last_failure_status: str | None = None
     last_failure_error: str | None = None
-    last_status: str | None = None
+
+    @property
+    def last_status(self) -> str | None:
+        """Status of the newest real run: the later of the last success and the last failure."""
+        if self.last_failure_at and (not self.last_success_at or self.last_failure_at > self.last_success_at):
+            return self.last_failure_status
+        return "ok" if self.last_success_at else None
 
 
 def task_histories(conn: Connection, settings, task_names: list[str]) -> dict[str, TaskHistory]:
@@ -126,15 +133,12 @@ def task_histories(conn: Connection, settings, task_names: list[str]) -> dict[st
     for name in task_names:
         newest = (sa.select(runs).where(runs.c.task == name, real)
                   .order_by(runs.c.finished_at.desc()).limit(1))
-        last = conn.execute(newest).mappings().first()
         success = conn.execute(newest.where(runs.c.status == "ok")).mappings().first()
         failure = conn.execute(newest.where(runs.c.status != "ok")).mappings().first()
         history = found[name]
-        if last:
-            history.last_status = last["status"]
         if success:
             history.last_success_at, history.last_success_rows = success["finished_at"], success["rows"]
         if failure:
-            history.last_failure_at = failure["finished_at"]
+            history.last_failure_at, history.last_failure_status = failure["finished_at"], failure["status"]
             history.last_failure_error = f"{failure['error_class']}: {failure['error']}"
     return found

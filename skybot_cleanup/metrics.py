@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from skybot_cleanup import db, history
 from skybot_cleanup.cleanup import iso_utc
 from skybot_cleanup.schedule import is_overdue
-from skybot_cleanup.tasks import TABLES, TASKS
+from skybot_cleanup.tasks import TABLES, TASKS, TASKS_BY_NAME
 
 # Queries about tables, kept apart from the code that shapes their results.
 PG_TABLE_HEALTH = sa.text("""
@@ -74,24 +74,34 @@ def collect(conn: sa.Connection, settings, schema: str | None, now: datetime) ->
         snapshot["tables"][getattr(settings, f"{key}_table")] = _table_health(conn, table, key, schema, count)
 
     histories = history.task_histories(conn, settings, [task.name for task in TASKS])
-    for task in TASKS:
-        table, columns = bound[task.table]
-        cutoff = task.cutoff(now, settings)
-        due_count, oldest = conn.execute(
-            sa.select(sa.func.count(), sa.func.min(columns[task.age_column])).where(task.due(columns, cutoff))
-        ).one()
-        past = histories[task.name]
-        snapshot["tasks"][task.name] = {
+    for name, (due_count, oldest_age) in task_backlogs(conn, settings, schema, now, bound).items():
+        task, past = TASKS_BY_NAME[name], histories[name]
+        snapshot["tasks"][name] = {
             "schedule": task.schedule,
             "due_rows": due_count,
-            # How long the oldest due row has been due; 0 when only "used" links are due.
-            "oldest_due_age_seconds": max(0.0, _seconds(cutoff - oldest)) if oldest else 0.0,
+            "oldest_due_age_seconds": oldest_age,
             "last_success_at": iso_utc(past.last_success_at),
             "last_rows": past.last_success_rows,
             "last_status": past.last_status,
             "overdue": is_overdue(task.schedule, past.last_success_at, now),
         }
     return snapshot
+
+
+def task_backlogs(conn: sa.Connection, settings, schema: str | None, now: datetime,
+                  bound: dict | None = None) -> dict[str, tuple[int, float]]:
+    """Per task: rows due now (through its own predicate and index) and how long the
+    oldest has been due, in seconds (0 when only "used" magic links are due)."""
+    bound = bound or {key: db.bind_table(conn, settings, schema, key) for key in TABLES}
+    backlogs = {}
+    for task in TASKS:
+        _table, columns = bound[task.table]
+        cutoff = task.cutoff(now, settings)
+        due_count, oldest = conn.execute(
+            sa.select(sa.func.count(), sa.func.min(columns[task.age_column])).where(task.due(columns, cutoff))
+        ).one()
+        backlogs[task.name] = (due_count, max(0.0, _seconds(cutoff - oldest)) if oldest else 0.0)
+    return backlogs
 
 
 def _table_health(conn, table, key, schema, count) -> dict:

@@ -6,9 +6,10 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from skybot_cleanup import db, history
+from skybot_cleanup import history
 from skybot_cleanup.cleanup import iso_utc
 from skybot_cleanup.logs import get_logger
+from skybot_cleanup.metrics import task_backlogs
 from skybot_cleanup.schedule import is_overdue, next_runs
 from skybot_cleanup.tasks import TASKS
 
@@ -18,12 +19,11 @@ def task_statuses(conn: sa.Connection, settings, schema: str | None, now: dateti
         get_logger().warning("history_disabled", hint="SKYBOT_CLEANUP_HISTORY is off: no run is known, "
                                                       "so every task shows OVERDUE")
     histories = history.task_histories(conn, settings, [task.name for task in TASKS])
+    backlogs = task_backlogs(conn, settings, schema, now)
     statuses = []
     for task in TASKS:
         past = histories[task.name]
-        table, columns = db.bind_table(conn, settings, schema, task.table)
-        due = conn.scalar(sa.select(sa.func.count()).select_from(table)
-                          .where(task.due(columns, task.cutoff(now, settings))))
+        due, _oldest_age = backlogs[task.name]
         # Failing: the newest real run (not a dry run, not a skip) did not succeed.
         failing = past.last_status is not None and past.last_status != "ok"
         overdue = is_overdue(task.schedule, past.last_success_at, now)
