@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -133,12 +133,19 @@ class Writer(threading.Thread):
             while not self.stop.is_set():
                 i += 1
                 for sql, params in (
-                    ("""INSERT INTO "RefreshToken" (id, token, "userAccountId", "accountId", "expiresAt", "updatedAt")
+                    (
+                        """INSERT INTO "RefreshToken"
+                               (id, token, "userAccountId", "accountId", "expiresAt", "updatedAt")
                         VALUES (%s, %s, 'ua_1', 'acc_2', now() AT TIME ZONE 'UTC' + interval '7 days',
-                                now() AT TIME ZONE 'UTC')""", (f"w{uuid.uuid4().hex[:24]}", uuid.uuid4().hex * 2)),
-                    ("""UPDATE "RefreshToken" SET "lastUsedAt" = now() AT TIME ZONE 'UTC'
+                                now() AT TIME ZONE 'UTC')""",
+                        (f"w{uuid.uuid4().hex[:24]}", uuid.uuid4().hex * 2),
+                    ),
+                    (
+                        """UPDATE "RefreshToken" SET "lastUsedAt" = now() AT TIME ZONE 'UTC'
                         WHERE id = (SELECT id FROM "RefreshToken" WHERE "expiresAt" > now() AT TIME ZONE 'UTC'
-                                    ORDER BY "expiresAt" DESC LIMIT 1 OFFSET %s)""", (i % 500,)),
+                                    ORDER BY "expiresAt" DESC LIMIT 1 OFFSET %s)""",
+                        (i % 500,),
+                    ),
                 ):
                     started = time.perf_counter()
                     conn.execute(sql, params)
@@ -169,8 +176,14 @@ def percentile(values: list[float], q: float) -> float:
 def run_method(admin_url: str, template: str, label: str, batch_size: int | None, cutoff: str) -> dict:
     name = fresh_copy(admin_url, template)
     url = database_url(admin_url, name)
-    env = {**os.environ, "SKYBOT_CLEANUP_LOG_FORMAT": "json", "SKYBOT_CLEANUP_LOG_LEVEL": "debug",
-           "DATABASE_URL": url, "PGHOST": "", "PGDATABASE": ""}
+    env = {
+        **os.environ,
+        "SKYBOT_CLEANUP_LOG_FORMAT": "json",
+        "SKYBOT_CLEANUP_LOG_LEVEL": "debug",
+        "DATABASE_URL": url,
+        "PGHOST": "",
+        "PGDATABASE": "",
+    }
     if batch_size is None and label == "floor":
         command = ["psql", "-X", "-q", "-d", url, "-c", FLOOR_SQL.format(cutoff=cutoff)]
     else:
@@ -185,16 +198,22 @@ def run_method(admin_url: str, template: str, label: str, batch_size: int | None
     writer.stop.set()
     writer.join()
     with psycopg.connect(url) as conn:
-        left = conn.execute("""SELECT count(*) FROM "RefreshToken" WHERE "expiresAt" < %s AND "revokedAt" IS NULL
-                               AND id NOT LIKE 'w%%'""", (cutoff,)).fetchone()[0]
+        left = conn.execute(
+            """SELECT count(*) FROM "RefreshToken" WHERE "expiresAt" < %s AND "revokedAt" IS NULL
+                               AND id NOT LIKE 'w%%'""",
+            (cutoff,),
+        ).fetchone()[0]
     drop(admin_url, name)
     if result["rc"] != 0:
         raise SystemExit(f"{label} failed: {result['stderr'][-2000:]}")
     batches = [json.loads(line) for line in result["stderr"].splitlines() if '"event": "batch"' in line]
     output = json.loads(result["stdout"]) if label != "floor" else {}
     return {
-        "label": label, "wall_s": result["wall_s"], "maxrss_mb": result["maxrss_kb"] / 1024,
-        "rows": output.get("rows"), "left": left,
+        "label": label,
+        "wall_s": result["wall_s"],
+        "maxrss_mb": result["maxrss_kb"] / 1024,
+        "rows": output.get("rows"),
+        "left": left,
         "in_tool_s": output["duration_ms"] / 1000 if output else None,
         "longest_batch_ms": max((b["duration_ms"] for b in batches), default=None),
         "writer_p50_ms": percentile(writer.latencies_ms, 50),
@@ -212,18 +231,21 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1_000, 10_000, 50_000])
     args = parser.parse_args()
 
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    now = datetime.now(UTC).replace(tzinfo=None)
     # Every method gets the same cutoff, through the same data: rows seeded relative to `now`
     # with a one-minute margin, so "now" at run time selects exactly the seeded due rows.
     cutoff = now.isoformat(sep=" ", timespec="milliseconds")
-    print("| due rows | method | wall s | in-tool s | rows/s | × floor | peak RSS MB | longest batch ms "
-          "| writer p50 ms | writer p99 ms | writer ops |")
+    print(
+        "| due rows | method | wall s | in-tool s | rows/s | × floor | peak RSS MB | longest batch ms "
+        "| writer p50 ms | writer p99 ms | writer ops |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for due in args.sizes:
         template = build_template(args.admin_url, due, args.live, args.revoked, now)
         try:
             methods = [("floor", None), ("single transaction", None)] + [
-                (f"batched {size:,}", size) for size in args.batch_sizes]
+                (f"batched {size:,}", size) for size in args.batch_sizes
+            ]
             floor = None
             for label, batch_size in methods:
                 r = run_method(args.admin_url, template, label, batch_size, cutoff)
@@ -233,9 +255,12 @@ def main() -> None:
                 longest = "" if r["longest_batch_ms"] is None else f"{r['longest_batch_ms']:.0f}"
                 rss = "" if label == "floor" else f"{r['maxrss_mb']:.0f}"
                 in_tool = "" if r["in_tool_s"] is None else f"{r['in_tool_s']:.2f}"
-                print(f"| {due:,} | {label} | {r['wall_s']:.2f} | {in_tool} | {due / r['wall_s']:,.0f} | "
-                      f"{r['wall_s'] / floor:.2f} | {rss} | {longest} | {r['writer_p50_ms']:.1f} | "
-                      f"{r['writer_p99_ms']:.1f} | {r['writer_ops']} |", flush=True)
+                print(
+                    f"| {due:,} | {label} | {r['wall_s']:.2f} | {in_tool} | {due / r['wall_s']:,.0f} | "
+                    f"{r['wall_s'] / floor:.2f} | {rss} | {longest} | {r['writer_p50_ms']:.1f} | "
+                    f"{r['writer_p99_ms']:.1f} | {r['writer_ops']} |",
+                    flush=True,
+                )
         finally:
             drop(args.admin_url, template)
 

@@ -1,149 +1,313 @@
-"""`skybot-cleanup check`: a pre-flight to run before the first install and after
-every app migration. Each finding is one line a person can act on."""
+"""`skybot-cleanup check`: a pre-flight to run before the first install and after every
+app migration. Each check is a small function; each finding is something a person
+can act on, with the exact statement to run where there is one.
+
+Privileges the tool needs, by mode (what `check` verifies):
+- every cleanup, batched or not: SELECT and DELETE on the task's table (no UPDATE:
+  batches take no row locks of their own), USAGE on its schema;
+- dry runs, metrics, status, check: SELECT on the tables;
+- the run history: USAGE and CREATE on the history schema (CREATE on the database
+  only if that schema does not exist yet), or, when a DBA creates the tables,
+  SELECT, INSERT and DELETE on them and USAGE on their sequences.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 
-from skybot_cleanup import db
+from skybot_cleanup import db, history, metrics
 from skybot_cleanup.errors import ConfigError
-from skybot_cleanup.history import history_tables
-from skybot_cleanup.settings import env_name
-from skybot_cleanup.tasks import TABLES, TASKS
-
-# What each registry column type must be in the database, and why.
-_EXPECTED_TYPES = {
-    "timestamp": "timestamp without time zone",
-    "text": "text",
-    "integer": "integer",
-    "boolean": "boolean",
-}
-
-PG_COLUMN_TYPES = sa.text("""
-    SELECT a.attname, format_type(a.atttypid, NULL) AS type
-    FROM pg_attribute a
-    WHERE a.attrelid = to_regclass(format('%I.%I', coalesce(CAST(:schema AS text), current_schema()), CAST(:name AS text)))
-      AND a.attnum > 0 AND NOT a.attisdropped
-""")
-PG_PRIVILEGES = sa.text("""
-    SELECT has_table_privilege(format('%I.%I', coalesce(CAST(:schema AS text), current_schema()), CAST(:name AS text)), 'SELECT'),
-           has_table_privilege(format('%I.%I', coalesce(CAST(:schema AS text), current_schema()), CAST(:name AS text)), 'DELETE')
-""")
-PG_HISTORY_PRIVILEGES = sa.text("""
-    SELECT n.oid IS NOT NULL AS schema_exists,
-           CASE WHEN n.oid IS NULL THEN has_database_privilege(current_database(), 'CREATE')
-                ELSE has_schema_privilege(n.oid, 'USAGE') AND has_schema_privilege(n.oid, 'CREATE') END
-    FROM (SELECT 1) one LEFT JOIN pg_namespace n ON n.nspname = CAST(:schema AS text)
-""")
+from skybot_cleanup.settings import CleanupSettings, column_field, env_name
+from skybot_cleanup.tasks import REGISTRY, Registry, Task
 
 
 @dataclass(frozen=True)
 class Finding:
     level: str  # ok | info | warning | error
     message: str
+    detail: tuple[str, ...] = ()  # lines to paste or read, shown indented
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"detail": list(self.detail)}
 
 
-def run_checks(conn: sa.Connection, settings, schema: str | None, now: datetime) -> list[Finding]:
-    findings: list[Finding] = []
-    on_postgres = conn.dialect.name == "postgresql"
-    if on_postgres:
-        version = conn.scalar(sa.text("SHOW server_version"))
-        zone = conn.scalar(sa.text("SHOW TimeZone"))
-        findings.append(Finding("info", f"connected: PostgreSQL {version}, session time zone {zone} "
-                                        "(cutoffs are computed in UTC whatever it is)"))
-    else:
-        findings.append(Finding("info", f"connected: SQLite {conn.scalar(sa.text('SELECT sqlite_version()'))}"))
+@dataclass
+class Context:
+    """What every check may read: the open read-only transaction and what earlier checks found."""
 
-    usable_tables = {}
-    for key, spec in TABLES.items():
-        try:
-            usable_tables[key] = db.bind_table(conn, settings, schema, key)
-        except ConfigError as exc:
-            findings.append(Finding("error", str(exc)))
+    run: db.RunConnection
+    settings: CleanupSettings
+    schema: str | None
+    now: datetime
+    registry: Registry
+    role: str = ""
+    read_only: bool = False
+    bound: dict[str, db.BoundTable | ConfigError] = field(default_factory=dict)
+
+    @property
+    def conn(self) -> sa.Connection:
+        return self.run.conn
+
+    @property
+    def on_postgres(self) -> bool:
+        return self.run.on_postgres
+
+
+Check = Callable[[Context], Iterator[Finding]]
+
+
+def _shown(table: db.BoundTable) -> str:
+    """Schema-qualified as the database resolved it, so a GRANT cannot hit another table."""
+    return db.qualified(table.info.schema, table.info.name) if table.info.schema else table.shown
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def server(ctx: Context) -> Iterator[Finding]:
+    if not ctx.on_postgres:
+        yield Finding("info", f"connected: SQLite {ctx.conn.scalar(sa.text('SELECT sqlite_version()'))}")
+        return
+    row = ctx.conn.execute(
+        sa.text(
+            "SELECT current_setting('server_version'), current_setting('TimeZone'), current_user, "
+            "pg_is_in_recovery(), current_setting('default_transaction_read_only') = 'on', "
+            "coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)"
+        )
+    ).one()
+    version, zone, ctx.role, standby, read_only_default, tls = row
+    yield Finding(
+        "info",
+        f"connected as {ctx.role}: PostgreSQL {version}, session time zone {zone} "
+        f"(cutoffs are computed in UTC whatever it is), {'TLS' if tls else 'no TLS'}",
+    )
+    if standby or read_only_default:
+        ctx.read_only = True
+        what = "a hot standby" if standby else "read-only (default_transaction_read_only is on)"
+        yield Finding(
+            "error",
+            f"the database is {what}: every cleanup would fail; point DATABASE_URL at the "
+            "primary (with several hosts, add target_session_attrs=read-write)",
+        )
+
+
+def tables(ctx: Context) -> Iterator[Finding]:
+    ctx.bound = metrics.bind_all(ctx.conn, ctx.settings, ctx.schema, ctx.registry)
+    for spec in ctx.registry.tables:
+        table = ctx.bound[spec.key]
+        if isinstance(table, ConfigError):
+            yield Finding("error", str(table))
             continue
-        findings.extend(_column_types(conn, settings, schema, key) if on_postgres else [])
-        if on_postgres:
-            findings.extend(_privileges(conn, schema, usable_tables[key][0].name))
+        problems = []
+        for role, column in spec.roles.items():
+            name = ctx.settings.column_name(spec, role)
+            found = table.info.columns[name].lower()
+            expected = db.SQL_TYPES[column.type][1]
+            compatible = found.startswith(expected) and not found.endswith("with time zone")
+            if ctx.on_postgres and not compatible:
+                why = (
+                    " (a time-zone-aware column would make every cutoff depend on the session's zone)"
+                    if column.type == "timestamp"
+                    else ""
+                )
+                problems.append(
+                    Finding(
+                        "error",
+                        f'{_shown(table)}."{name}" is {found}, expected {expected[0]}{why} '
+                        f"(setting {env_name(column_field(spec, role))})",
+                    )
+                )
+        yield from problems or [
+            Finding(
+                "ok", f"{_shown(table)}: the {len(spec.roles)} columns the tool reads are present with compatible types"
+            )
+        ]
 
-    for task in TASKS:
-        if task.table not in usable_tables:
+
+def privileges(ctx: Context) -> Iterator[Finding]:
+    if not ctx.on_postgres:
+        return
+    for spec in ctx.registry.tables:
+        table = ctx.bound[spec.key]
+        if isinstance(table, ConfigError):
             continue
-        table, columns = usable_tables[task.table]
-        due = task.due(columns, task.cutoff(now, settings))
-        if on_postgres:
-            findings.extend(_index_use(conn, task, table, columns, due, schema))
-        backlog = conn.scalar(sa.select(sa.func.count()).select_from(table).where(due))
-        if backlog > settings.backlog_warning_rows:
-            findings.append(Finding("warning", f"{task.name}: {backlog:,} rows are due; drain them once with "
-                                               f"`skybot-cleanup {task.name} --batch-size 10000` before scheduling"))
+        shown = _shown(table)
+        can_select, can_delete = ctx.conn.execute(
+            sa.text(
+                "SELECT has_table_privilege(CAST(:t AS text), 'SELECT'), "
+                "has_table_privilege(CAST(:t AS text), 'DELETE')"
+            ),
+            {"t": shown},
+        ).one()
+        missing = [name for name, ok in (("SELECT", can_select), ("DELETE", can_delete)) if not ok]
+        if missing:
+            yield Finding(
+                "error",
+                f"{ctx.role} lacks {' and '.join(missing)} on {shown}: as its owner or a superuser, run",
+                (f"GRANT {', '.join(missing)} ON {shown} TO {_quote(ctx.role)};",),
+            )
         else:
-            findings.append(Finding("ok", f"{task.name}: {backlog:,} rows due"))
-
-    if settings.history and on_postgres:
-        exists, allowed = conn.execute(PG_HISTORY_PRIVILEGES, {"schema": settings.history_schema}).one()
-        if not allowed:
-            what = "create tables in" if exists else "create"
-            findings.append(Finding("warning", f'run history: this role may not {what} schema '
-                                               f'"{settings.history_schema}"; grant it, or set '
-                                               f"SKYBOT_CLEANUP_HISTORY=false (status then has no history)"))
-        else:
-            findings.append(Finding("ok", f'run history: schema "{settings.history_schema}" is writable'))
-    elif settings.history:
-        runs = history_tables("sqlite", settings.history_schema).runs
-        findings.append(Finding("ok", f"run history: table {runs.name} (created on first run)"))
-    return findings
+            yield Finding("ok", f"{ctx.role} may SELECT and DELETE on {shown} (all a cleanup needs; no UPDATE)")
 
 
-def _column_types(conn, settings, schema, key) -> list[Finding]:
-    spec = TABLES[key]
-    name = getattr(settings, f"{key}_table")
-    actual = dict(conn.execute(PG_COLUMN_TYPES, {"schema": schema, "name": name}).all())
-    findings = []
-    for logical, (_default, type_name) in spec.columns.items():
-        setting = f"{key}_{logical}_column"
-        column = getattr(settings, setting)
-        found = actual.get(column, "")
-        expected = _EXPECTED_TYPES[type_name]
-        if not found.startswith(expected) and not (type_name == "text" and found.startswith("character varying")):
-            why = (" (a time-zone-aware column would make every cutoff depend on the session's zone)"
-                   if type_name == "timestamp" else "")
-            findings.append(Finding("error", f'"{name}"."{column}" is {found}, expected {expected}{why} '
-                                             f"(setting {env_name(setting)})"))
-    if not findings:
-        findings.append(Finding("ok", f'"{name}": all {len(spec.columns)} columns present with compatible types'))
-    return findings
+def indexes(ctx: Context) -> Iterator[Finding]:
+    if not ctx.on_postgres:
+        return
+    for task in ctx.registry.tasks:
+        table = ctx.bound[task.table.key]
+        if isinstance(table, ConfigError):
+            continue
+        due = task.due(table.columns, metrics.cutoff_of(task, ctx.settings, ctx.now))
+        if _can_use_index(ctx.conn, table, due):
+            yield Finding("ok", f"{task.name}: the planner can use an index for its predicate")
+            continue
+        yield _index_advice(ctx, task, table, due)
 
 
-def _privileges(conn, schema, name) -> list[Finding]:
-    can_select, can_delete = conn.execute(PG_PRIVILEGES, {"schema": schema, "name": name}).one()
-    missing = [p for p, ok in (("SELECT", can_select), ("DELETE", can_delete)) if not ok]
-    if missing:
-        qualified = f'"{schema}"."{name}"' if schema else f'"{name}"'
-        return [Finding("error", f"the connected role lacks {' and '.join(missing)} on {qualified}: "
-                                 f"GRANT {', '.join(missing)} ON {qualified} TO current_user")]
-    return []
-
-
-def _index_use(conn, task, table, columns, due, schema) -> list[Finding]:
-    """Could the planner answer the task's predicate from an index? (Seq scans off, so
-    the answer does not depend on how small the table is today.)"""
-    statement = sa.select(sa.func.count()).select_from(table).where(due)
-    compiled = statement.compile(conn)
+def _can_use_index(conn: sa.Connection, table: db.BoundTable, due: sa.ColumnElement[bool]) -> bool:
+    """Could the planner answer the predicate from an index? Seq scans off, so the
+    answer does not depend on how small the table is today."""
+    compiled = sa.select(sa.func.count()).select_from(table.table).where(due).compile(conn)
     conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
     plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN {compiled}", compiled.params).scalars())
     conn.exec_driver_sql("SET LOCAL enable_seqscan = on")
-    if "Seq Scan" not in plan:
-        return [Finding("ok", f"{task.name}: the planner can use an index for its predicate")]
-    indexed = {cols[0] for cols in (ix["column_names"] for ix in sa.inspect(conn).get_indexes(table.name, schema))
-               if cols}
-    qualified = f'"{schema}"."{table.name}"' if schema else f'"{table.name}"'
-    statements = []
-    for logical in (task.age_column, "used") if "used" in columns else (task.age_column,):
-        column = columns[logical].name
-        if column not in indexed:
-            statements.append(f'CREATE INDEX CONCURRENTLY "{table.name}_{column}_idx" ON {qualified} ("{column}");')
-    return [Finding("warning", f"{task.name}: its predicate cannot use an index (each run scans the whole table); "
-                               f"add: {' '.join(statements)}")]
+    return "Seq Scan" not in plan
+
+
+def _index_advice(ctx: Context, task: Task, table: db.BoundTable, due: sa.ColumnElement[bool]) -> Finding:
+    """The change for the app's schema.prisma, never bare DDL: an index the app did not
+    declare breaks its next `prisma migrate deploy` (Prisma's own name) or shows up as
+    drift (any other name)."""
+    used = [column.name for column in sa.sql.visitors.iterate(due) if isinstance(column, sa.Column)]
+    indexed = set(task.table.indexes) | set(task.table.unique)
+    wanted = [name for name in dict.fromkeys(used) if name not in indexed]
+    rows = table.info.estimated_rows or 0
+    model = table.info.name
+    if rows < ctx.settings.index_advice_rows:
+        return Finding(
+            "info",
+            f"{task.name}: its predicate cannot use an index, so each run scans {_shown(table)} "
+            f"(~{rows:,} rows: fine below {ctx.settings.index_advice_rows:,}, "
+            f"{env_name('index_advice_rows')})",
+        )
+    prisma = tuple(f"  @@index([{name}])" for name in wanted)
+    sql = tuple(f'  CREATE INDEX "{model}_{name}_idx" ON "{model}"("{name}");' for name in wanted)
+    return Finding(
+        "warning",
+        f"{task.name}: its predicate cannot use an index, and {_shown(table)} has ~{rows:,} "
+        "rows: each run scans the whole table. Add to `model " + model + "` in the app's "
+        "prisma/schema.prisma (field names; adjust if they are @map'ed):",
+        (
+            *prisma,
+            "then ship it as a Prisma migration (npx prisma migrate dev --name "
+            f"{model.lower()}_cleanup_index; deploys apply it with prisma migrate deploy). "
+            "Prisma generates, for review:",
+            *sql,
+        ),
+    )
+
+
+def backlogs(ctx: Context) -> Iterator[Finding]:
+    for task in ctx.registry.tasks:
+        table = ctx.bound[task.table.key]
+        if isinstance(table, ConfigError):
+            yield Finding("error", f"{task.name}: cannot run: {table}")
+            continue
+        backlog = metrics.task_backlog(ctx.conn, task, table, metrics.cutoff_of(task, ctx.settings, ctx.now))
+        rows = f"{'~' if backlog.due.estimated else ''}{backlog.due.value:,}"
+        if backlog.due.value > ctx.settings.backlog_warning_rows:
+            yield Finding(
+                "warning",
+                f"{task.name}: {rows} rows are due; drain them once in batches before scheduling:",
+                (f"skybot-cleanup {task.name} --batch-size 10000 --max-runtime 1800",),
+            )
+        else:
+            yield Finding("ok", f"{task.name}: {rows} rows due")
+
+
+def history_writable(ctx: Context) -> Iterator[Finding]:
+    """A real write to the history, rolled back: the only proof that it works."""
+    settings = ctx.settings
+    if not settings.history:
+        yield Finding("info", "run history is off (SKYBOT_CLEANUP_HISTORY=false): status cannot judge the jobs")
+        return
+    if ctx.read_only:
+        return
+    tables = history.history_tables(ctx.conn.dialect.name, settings.history_schema)
+    shown = db.qualified(tables.runs.schema, tables.runs.name)
+    run = ctx.run
+    run.commit()
+    run.read_only = False
+    run.begin()
+    try:
+        try:
+            exists = db.lookup_table(ctx.conn, tables.runs.schema, tables.runs.name) is not None
+            if not exists:
+                history.ensure_tables(ctx.conn, tables, settings.history_schema)
+            ctx.conn.execute(
+                tables.runs.insert(),
+                {
+                    "run_id": "check",
+                    "task": "check",
+                    "status": "ok",
+                    "dry_run": True,
+                    "rows": 0,
+                    "cutoff": ctx.now,
+                    "finished_at": ctx.now,
+                    "duration_ms": 0,
+                    "exit_code": 0,
+                    "host": "check",
+                },
+            )
+            ctx.conn.execute(sa.delete(tables.runs).where(tables.runs.c.run_id == "check"))
+        except sa.exc.DBAPIError as exc:
+            if run.on_postgres:
+                run.undo_work()
+            yield _history_advice(ctx, shown, str(exc.orig).strip().splitlines()[0])
+            return
+        created = "" if exists else " (created on the first run)"
+        yield Finding("ok", f"run history: {shown} is writable{created}")
+    finally:
+        run.rollback()
+        run.read_only = True
+        run.begin()
+
+
+def _history_advice(ctx: Context, shown: str, error: str) -> Finding:
+    schema = ctx.settings.history_schema
+    role = _quote(ctx.role)
+    statements: tuple[str, ...] = ()
+    if ctx.on_postgres:
+        exists = ctx.conn.scalar(sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :s"), {"s": schema})
+        statements = (
+            (
+                f"GRANT USAGE, CREATE ON SCHEMA {_quote(schema)} TO {role};",
+                f"GRANT SELECT, INSERT, DELETE ON ALL TABLES IN SCHEMA {_quote(schema)} TO {role};",
+                f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA {_quote(schema)} TO {role};",
+            )
+            if exists
+            else (f"CREATE SCHEMA {_quote(schema)} AUTHORIZATION {role};",)
+        )
+    return Finding(
+        "warning",
+        f"run history: cannot write {shown}: {error}. Runs are kept in the state "
+        f"directory meanwhile, and status cannot judge the jobs. As an administrator, run "
+        f"(or set SKYBOT_CLEANUP_HISTORY=false):",
+        statements,
+    )
+
+
+CHECKS: tuple[Check, ...] = (server, tables, privileges, indexes, backlogs, history_writable)
+
+
+def run_checks(
+    run: db.RunConnection, settings: CleanupSettings, schema: str | None, now: datetime, registry: Registry = REGISTRY
+) -> list[Finding]:
+    ctx = Context(run=run, settings=settings, schema=schema, now=now, registry=registry)
+    return [finding for check in CHECKS for finding in check(ctx)]

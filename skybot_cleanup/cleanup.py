@@ -1,44 +1,32 @@
-"""Running a cleanup task: the library API behind every CLI verb."""
+"""Running a cleanup task: the library API behind every cleanup command."""
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from typing import Callable
+from datetime import datetime, timedelta
+from typing import Any
 
+import sqlalchemy as sa
 import structlog
 
 from skybot_cleanup import db, heartbeat, history
-from skybot_cleanup.errors import EXIT_OK, Interrupted, classify, is_connection_failure, is_transient
+from skybot_cleanup.clock import iso_utc, utc_now
+from skybot_cleanup.errors import EXIT_OK, EXIT_SKIPPED, Failure, Interrupted, classify, is_connection_failure
 from skybot_cleanup.logs import get_logger
-from skybot_cleanup.settings import BaseCleanupSettings
+from skybot_cleanup.retry import with_retries
+from skybot_cleanup.settings import CleanupSettings
 from skybot_cleanup.tasks import Task
 
 PROGRESS_LOG_INTERVAL_S = 5.0
+# A batch that met a row the app holds is split and retried with this lock timeout.
+PROBE_LOCK_TIMEOUT_MS = 100
+# `remaining` after a run stopped by a cap is counted up to this many rows.
+REMAINING_COUNT_CAP = 1_000_000
 
 ProgressCallback = Callable[[int, int | None], None]  # (rows done, estimated total)
-
-
-def utc_now() -> datetime:
-    """Now as naive UTC at millisecond precision: the form of Prisma's timestamp(3) columns.
-
-    Naive matters: psycopg sends it as `timestamp`, compared as is with the column.
-    An aware datetime (or SQL now()) would go through the session's time zone and
-    shift the cutoff by its offset.
-    """
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
-
-
-def iso_utc(moment: datetime | None) -> str | None:
-    """ISO 8601 in UTC with a Z; naive values are UTC already (Prisma's columns, our history)."""
-    if moment is None:
-        return None
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
-    return moment.isoformat(timespec="milliseconds") + "Z"
 
 
 @dataclass
@@ -51,198 +39,338 @@ class RunResult:
     duration_ms: int
     run_id: str
     exit_code: int = EXIT_OK
+    started_at: str | None = None
+    finished_at: str | None = None
     batches: int | None = None  # batched mode only
-    remaining: int | None = None  # due rows left (batched mode): a cap stopped the run, or rows were locked
+    remaining: int | None = None  # due rows left (batched mode): a cap stopped the run, or the app held them
     stopped_by: str | None = None  # max_rows | max_runtime, when a cap ended the run early
+    longest_batch_ms: int | None = None
     error_class: str | None = None
     error: str | None = None
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {key: value for key, value in asdict(self).items() if value is not None}
 
 
 @dataclass
 class Progress:
-    """What a run has committed so far; survives a failure for the final report."""
+    """What a run has committed so far; survives a failure (and a retry) for the report."""
 
     rows: int = 0
     batches: int = 0
-    low_water: object = None  # the walk column's value where the next batch starts
+    low: db.LowWater = field(default_factory=db.LowWater)  # where the next batch starts
+    walked_to_end: bool = False
+    skipped: int = 0  # due rows left behind because the app held them
     remaining: int | None = None
     stopped_by: str | None = None
     estimated_total: int | None = None
-    _last_log: float = field(default_factory=time.monotonic)
+    longest_batch_ms: float = 0.0
+    last_log: float = field(default_factory=time.monotonic)
 
 
-def database_target(settings: BaseCleanupSettings) -> db.DatabaseTarget:
+def database_target(settings: CleanupSettings) -> db.DatabaseTarget:
     """The configured database; raises ConfigError when there is none or it is malformed."""
     url = settings.database_url.get_secret_value() if settings.database_url else None
     return db.parse_database_url(url, settings.schema_name)
 
 
-def run_task(settings: BaseCleanupSettings, task: Task, *, dry_run: bool = False,
-             now: datetime | None = None, run_id: str | None = None,
-             on_progress: ProgressCallback | None = None) -> RunResult:
+def run_task(
+    settings: CleanupSettings,
+    task: Task,
+    *,
+    dry_run: bool = False,
+    now: datetime | None = None,
+    run_id: str | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> RunResult:
     """Run one task and report what happened; expected failures and signals become
     the result's status and exit code instead of exceptions."""
-    started = time.monotonic()
-    # A UUID: healthchecks.io pairs start and end pings by it (?rid=).
-    run_id = run_id or str(uuid.uuid4())
-    now = now or utc_now()
-    # The one cutoff of this run: every batch and every retry reuses it, so a row
-    # whose expiry the app extends mid-run is never deleted.
-    cutoff = task.cutoff(now, settings)
-    if cutoff > now:  # never reachable through settings; a guard against future edits
-        raise ValueError(f"{task.name}: cutoff {cutoff} is in the future and would delete live rows")
-    batched = not dry_run and settings.batch_size is not None
-    progress = Progress()
-    log = get_logger()
-    target = engine = None
-    unreachable = False
-    ping_url = settings.ping_url.get_secret_value() if settings.ping_url else None
-    with structlog.contextvars.bound_contextvars(task=task.name, run_id=run_id):
-        if ping_url:
-            heartbeat.ping(ping_url, task.name, "start", run_id)
-        try:
-            target = database_target(settings)
-            engine = db.create_engine(target, settings, task.name)
-            work = _run_batches if batched else _run_one_transaction
-            _with_retries(settings, lambda: work(
-                engine, settings, target, task, cutoff, dry_run, progress, started, on_progress))
-            status, exit_code, error_class, error = "ok", EXIT_OK, None, None
-        except (Exception, Interrupted) as exc:
-            failure = classify(exc, secrets=(target.password,) if target and target.password else ())
-            unreachable = is_connection_failure(exc)
-            status, exit_code = failure.status, failure.exit_code
-            error_class, error = failure.error_class, failure.message
-            event = {"skipped": "run_skipped", "interrupted": "interrupted"}.get(status, "run_failed")
-            (log.warning if status == "skipped" else log.error)(
-                event, error_class=error_class, error=error, rows=progress.rows
+    return Run(settings, task, dry_run=dry_run, now=now, run_id=run_id, on_progress=on_progress).execute()
+
+
+class Run:
+    """One run of one task: its cutoff, connection, progress and result."""
+
+    def __init__(
+        self,
+        settings: CleanupSettings,
+        task: Task,
+        *,
+        dry_run: bool = False,
+        now: datetime | None = None,
+        run_id: str | None = None,
+        on_progress: ProgressCallback | None = None,
+    ):
+        self.settings = settings
+        self.task = task
+        self.dry_run = dry_run
+        self.started_at = now or utc_now()
+        # A UUID: healthchecks.io pairs start and end pings by it (?rid=).
+        self.run_id = run_id or str(uuid.uuid4())
+        # The one cutoff of this run: every batch and every retry reuses it, so a row
+        # whose expiry the app extends mid-run is never deleted.
+        self.cutoff = self.started_at
+        if task.retention is not None:
+            self.cutoff = self.started_at - timedelta(days=settings.retention_days(task))
+        if self.cutoff > self.started_at:  # never reachable through settings; a guard against edits
+            raise ValueError(f"{task.name}: cutoff {self.cutoff} is in the future and would delete live rows")
+        self.batched = not dry_run and settings.batch_size is not None
+        self.on_progress = on_progress
+        self.progress = Progress()
+        self.clock_started = time.monotonic()
+        self.target: db.DatabaseTarget | None = None
+        self.engine: sa.Engine | None = None
+        self.log = get_logger()
+
+    # -- the outer shell: logs, retries, history, pings ---------------------------------------
+
+    def execute(self) -> RunResult:
+        settings, task = self.settings, self.task
+        pinger = heartbeat.Pinger.from_settings(settings, task.name, self.run_id)
+        with structlog.contextvars.bound_contextvars(task=task.name, run_id=self.run_id):
+            pinger.ping("start")
+            failure: Failure | None = None
+            unreachable = False
+            try:
+                self.target = database_target(settings)
+                self.engine = db.create_engine(self.target, settings, task.name)
+                with_retries(settings, self._attempt, log=self.log)
+            except (Exception, Interrupted) as exc:
+                failure = classify(exc, secrets=self._secrets())
+                unreachable = is_connection_failure(exc)
+                event = {"skipped": "run_skipped", "interrupted": "interrupted"}.get(failure.status, "run_failed")
+                (self.log.warning if failure.status == "skipped" else self.log.error)(
+                    event, error_class=failure.error_class, error=failure.message, rows=self.progress.rows
+                )
+            result = self._result(failure)
+            try:
+                if self.target is not None:
+                    history.record_run(None if unreachable else self.engine, settings, result, self.target.display)
+            finally:
+                if self.engine is not None:
+                    self.engine.dispose()
+            pinger.ping(str(result.exit_code), body=_ping_body(result))
+            self.log.info(
+                "run_finished",
+                **{
+                    key: value
+                    for key, value in result.as_dict().items()
+                    if key not in ("task", "run_id", "error", "error_class")
+                },
             )
-        result = RunResult(
-            task=task.name, status=status, dry_run=dry_run, rows=progress.rows, cutoff=iso_utc(cutoff),
-            duration_ms=round((time.monotonic() - started) * 1000), run_id=run_id, exit_code=exit_code,
-            batches=progress.batches if batched else None,
-            remaining=progress.remaining if batched else None,
-            stopped_by=progress.stopped_by, error_class=error_class, error=error,
+        return result
+
+    def _secrets(self) -> tuple[str, ...]:
+        return (*self.settings.secrets(), *(self.target.secrets if self.target else ()))
+
+    def _result(self, failure: Failure | None) -> RunResult:
+        progress = self.progress
+        exit_code = failure.exit_code if failure else EXIT_OK
+        if exit_code == EXIT_SKIPPED:
+            exit_code = self.settings.skipped_exit_code
+        return RunResult(
+            task=self.task.name,
+            status=failure.status if failure else "ok",
+            dry_run=self.dry_run,
+            rows=progress.rows,
+            cutoff=iso_utc(self.cutoff) or "",
+            duration_ms=round((time.monotonic() - self.clock_started) * 1000),
+            run_id=self.run_id,
+            exit_code=exit_code,
+            started_at=iso_utc(self.started_at),
+            finished_at=iso_utc(utc_now()),
+            batches=progress.batches if self.batched else None,
+            remaining=progress.remaining if self.batched else None,
+            stopped_by=progress.stopped_by,
+            longest_batch_ms=round(progress.longest_batch_ms) if self.batched else None,
+            error_class=failure.error_class if failure else None,
+            error=failure.message if failure else None,
         )
-        if engine is not None:
-            if not unreachable:  # recording would only fail the same way, with a second warning
-                history.record(engine, settings, now=utc_now(), run={
-                    "run_id": run_id, "task": task.name, "status": status, "dry_run": dry_run,
-                    "rows": progress.rows, "cutoff": cutoff, "finished_at": utc_now(),
-                    "duration_ms": result.duration_ms, "exit_code": exit_code,
-                    "error_class": error_class, "error": error})
-            engine.dispose()
-        if ping_url:
-            heartbeat.ping(ping_url, task.name, str(exit_code), run_id,
-                           body=f"task={task.name} status={status} rows={progress.rows} "
-                                f"duration_ms={result.duration_ms}" + (f" error={error}" if error else ""))
-        log.info("run_finished", **{k: v for k, v in result.as_dict().items()
-                                    if k not in ("task", "run_id", "error", "error_class")})
-    return result
 
+    # -- one attempt --------------------------------------------------------------------------
 
-def _with_retries(settings: BaseCleanupSettings, attempt: Callable[[], None]) -> None:
-    """Retry transient database errors with exponential backoff.
+    def _attempt(self) -> None:
+        """One connection, one chain of transactions. Idempotent: a retry after any
+        failure resumes from what is still due, under the same cutoff."""
+        assert self.engine is not None and self.target is not None
+        with self.engine.connect() as conn:
+            run = db.RunConnection(
+                conn,
+                self.settings,
+                self.task.name,
+                lock=None if self.dry_run else self.task.name,
+                read_only=self.dry_run,
+            )
+            run.begin()
+            try:
+                table = db.bind_table(conn, self.settings, self.target.schema, self.task.table)
+                due = self.task.due(table.columns, self.cutoff)
+                if self.dry_run:
+                    self.progress.rows = int(
+                        conn.scalar(sa.select(sa.func.count()).select_from(table.table).where(due)) or 0
+                    )
+                elif self.batched:
+                    self._batches(run, table, due)
+                else:
+                    self.progress.rows = int(conn.execute(sa.delete(table.table).where(due)).rowcount)
+                run.commit()
+            finally:
+                run.rollback()
 
-    Safe because every attempt is idempotent: a single-transaction attempt either
-    committed nothing or everything, and batched attempts resume from the rows
-    that are still there, under the same cutoff.
-    """
-    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+    def _batches(self, run: db.RunConnection, table: db.BoundTable, due: sa.ColumnElement[bool]) -> None:
+        """Delete in short committed batches, walking the index from a low-water mark.
 
-    log = get_logger()
-
-    def before_sleep(state) -> None:
-        exc = state.outcome.exception()
-        failure = classify(exc)
-        log.warning("retrying", attempt=state.attempt_number, error_class=failure.error_class,
-                    error=failure.message, delay_s=round(state.next_action.sleep, 3))
-
-    retrying = Retrying(
-        stop=stop_after_attempt(settings.max_retries + 1),
-        wait=wait_exponential(multiplier=settings.retry_delay_ms / 1000, max=300),
-        retry=retry_if_exception(is_transient),
-        before_sleep=before_sleep,
-        reraise=True,
-    )
-    retrying(attempt)
-
-
-def _run_one_transaction(engine, settings, target, task: Task, cutoff, dry_run, progress: Progress,
-                         started, on_progress) -> None:
-    import sqlalchemy as sa
-
-    with db.transaction(engine, settings, label=task.name, lock=None if dry_run else task.name,
-                        read_only=dry_run) as conn:
-        table, columns = db.bind_table(conn, settings, target.schema, task.table)
-        due = task.due(columns, cutoff)
-        if dry_run:
-            rows = conn.scalar(sa.select(sa.func.count()).select_from(table).where(due))
-        else:
-            rows = conn.execute(sa.delete(table).where(due)).rowcount
-    progress.rows = rows
-
-
-def _run_batches(engine, settings, target, task: Task, cutoff, _dry_run, progress: Progress,
-                 started: float, on_progress: ProgressCallback | None) -> None:
-    """Delete in short committed batches while one lock transaction covers the run.
-
-    The lock is held by a separate connection's transaction for the whole run:
-    transaction-scoped, so it still dies with that connection, and it survives
-    PgBouncer transaction pooling, which pins that server connection to us.
-    """
-    import sqlalchemy as sa
-
-    log = get_logger()
-    with db.transaction(engine, settings, label=task.name, lock=task.name, hold=True) as holder, \
-            engine.connect() as worker:
-        table, columns = db.bind_table(worker, settings, target.schema, task.table)
-        worker.rollback()
-        due = task.due(columns, cutoff)
-        walk = columns[task.walk_column]
-        if on_progress is not None and progress.estimated_total is None:
-            with worker.begin():
-                progress.estimated_total = progress.rows + worker.scalar(
-                    sa.select(sa.func.count()).select_from(table).where(due))
-        while True:
+        Each batch is a range of the walk column: its end is found by an index-only
+        scan `batch_size` rows ahead, so no batch re-reads what earlier ones deleted
+        (even while a long transaction elsewhere keeps dead tuples around), and the
+        delete itself is one index range scan. No FOR UPDATE: the role needs no
+        UPDATE privilege. A batch that meets a row the app holds is undone and
+        split until the held rows are isolated; they are left for a later run.
+        """
+        settings, progress = self.settings, self.progress
+        assert settings.batch_size is not None
+        conn = run.conn
+        walk = table.columns[self.task.walk_column]
+        below = self.cutoff if self.task.walk_bounded_by_cutoff else None
+        if self.on_progress is not None and progress.estimated_total is None:
+            progress.estimated_total = progress.rows + _estimate(conn, table, due)
+        while not progress.walked_to_end:
             limit = settings.batch_size
             if settings.max_rows is not None:
                 limit = min(limit, settings.max_rows - progress.rows)
-            # Never delete without the lock: a lost lock connection raises here and
-            # the retry takes the lock again (or finds another run has it).
-            db.confirm_lock(holder)
             batch_started = time.monotonic()
-            with worker.begin():
-                db.set_local_timeouts(worker, settings, task.name)
-                deleted, highest = db.delete_batch(worker, table, due, walk, progress.low_water, limit)
-            log.debug("batch", rows=deleted, duration_ms=round((time.monotonic() - batch_started) * 1000, 1))
+            end = db.batch_end(conn, table, walk, progress.low, limit, below)
+            if end is not None and not progress.low.exclusive and end == progress.low.value:
+                deleted = self._delete_ties(run, table, due, walk, end, limit)
+            else:
+                deleted = self._delete_range(run, table, due, walk, progress.low, end, limit)
+                progress.low = db.LowWater(end)
+                progress.walked_to_end = end is None
+            run.commit_and_continue()
             progress.rows += deleted
             progress.batches += 1
-            if highest is not None:
-                progress.low_water = highest
-            _report_progress(progress, on_progress, log, started)
-            if deleted < limit:
-                break  # nothing left that is due and not locked by someone else
+            progress.longest_batch_ms = max(progress.longest_batch_ms, (time.monotonic() - batch_started) * 1000)
+            self._report_progress()
+            if progress.walked_to_end:
+                break
             if settings.max_rows is not None and progress.rows >= settings.max_rows:
                 progress.stopped_by = "max_rows"
                 break
-            if settings.max_runtime_s is not None and time.monotonic() - started >= settings.max_runtime_s:
+            if settings.max_runtime_s is not None and time.monotonic() - self.clock_started >= settings.max_runtime_s:
                 progress.stopped_by = "max_runtime"
                 break
             if settings.sleep_ms:
                 time.sleep(settings.sleep_ms / 1000)
-        with worker.begin():
-            progress.remaining = worker.scalar(sa.select(sa.func.count()).select_from(table).where(due))
+        progress.remaining = progress.skipped
+        if not progress.walked_to_end:
+            ahead = sa.and_(due, progress.low.clause(walk))
+            progress.remaining += db.count_capped(conn, table, ahead, REMAINING_COUNT_CAP)
+
+    def _delete_range(
+        self,
+        run: db.RunConnection,
+        table: db.BoundTable,
+        due: sa.ColumnElement[bool],
+        walk: sa.ColumnElement[Any],
+        low: db.LowWater,
+        end: Any,
+        rows: int,
+    ) -> int:
+        try:
+            return db.delete_range(run.conn, table, due, walk, low, end)
+        except sa.exc.OperationalError as exc:
+            if not (run.on_postgres and _is_lock_timeout(exc)):
+                raise
+        run.undo_work()
+        self.log.info("batch_met_held_rows", low=str(low.value), end=str(end))
+        return self._around_held_rows(run, table, due, walk, low, end, rows)
+
+    def _around_held_rows(
+        self,
+        run: db.RunConnection,
+        table: db.BoundTable,
+        due: sa.ColumnElement[bool],
+        walk: sa.ColumnElement[Any],
+        low: db.LowWater,
+        end: Any,
+        rows: int,
+    ) -> int:
+        """Split [low, end) until each part deletes without waiting; parts that still
+        meet a held row and cannot be split by the walk value are left behind."""
+        conn, deleted = run.conn, 0
+        bounded = sa.and_(low.clause(walk), walk < end if end is not None else sa.true())
+        pending = [(low, end, db.count_capped(conn, table, bounded, rows))]
+        probe_ms = min(self.settings.lock_timeout_ms or PROBE_LOCK_TIMEOUT_MS, PROBE_LOCK_TIMEOUT_MS)
+        while pending:
+            part_low, part_end, part_rows = pending.pop()
+            try:
+                with run.probe(probe_ms):
+                    deleted += db.delete_range(run.conn, table, due, walk, part_low, part_end)
+                continue
+            except sa.exc.OperationalError as exc:
+                if not _is_lock_timeout(exc):
+                    raise
+            below = part_end if part_end is not None else (self.cutoff if self.task.walk_bounded_by_cutoff else None)
+            middle = db.batch_end(run.conn, table, walk, part_low, max(part_rows // 2, 1), below)
+            if part_rows > 1 and middle is not None and middle != part_low.value:
+                pending += [
+                    (db.LowWater(middle), part_end, part_rows - part_rows // 2),
+                    (part_low, middle, part_rows // 2),
+                ]
+            else:
+                left = sa.and_(due, part_low.clause(walk), walk < part_end if part_end is not None else sa.true())
+                self.progress.skipped += db.count_capped(run.conn, table, left, part_rows + 1)
+        return deleted
+
+    def _delete_ties(
+        self,
+        run: db.RunConnection,
+        table: db.BoundTable,
+        due: sa.ColumnElement[bool],
+        walk: sa.ColumnElement[Any],
+        value: Any,
+        limit: int,
+    ) -> int:
+        """More than a batch of rows share the low-water value: delete them in chunks."""
+        try:
+            deleted = db.delete_ties(run.conn, table, due, walk, value, limit)
+        except sa.exc.OperationalError as exc:
+            if not (run.on_postgres and _is_lock_timeout(exc)):
+                raise
+            run.undo_work()
+            self.progress.skipped += db.count_capped(run.conn, table, sa.and_(due, walk == value), limit)
+            deleted = 0
+        if deleted < limit:
+            self.progress.low = db.LowWater(value, exclusive=True)
+        return deleted
+
+    def _report_progress(self) -> None:
+        progress = self.progress
+        if self.on_progress is not None:
+            self.on_progress(progress.rows, progress.estimated_total)
+        now = time.monotonic()
+        if now - progress.last_log >= PROGRESS_LOG_INTERVAL_S:
+            progress.last_log = now
+            elapsed = now - self.clock_started
+            self.log.info(
+                "progress",
+                rows=progress.rows,
+                batches=progress.batches,
+                rows_per_s=round(progress.rows / elapsed) if elapsed else None,
+            )
 
 
-def _report_progress(progress: Progress, on_progress, log, started: float) -> None:
-    if on_progress is not None:
-        on_progress(progress.rows, progress.estimated_total)
-    now = time.monotonic()
-    if now - progress._last_log >= PROGRESS_LOG_INTERVAL_S:
-        progress._last_log = now
-        elapsed = now - started
-        log.info("progress", rows=progress.rows, batches=progress.batches,
-                 rows_per_s=round(progress.rows / elapsed) if elapsed else None)
+def _is_lock_timeout(exc: sa.exc.OperationalError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) == "55P03"
+
+
+def _estimate(conn: sa.Connection, table: db.BoundTable, due: sa.ColumnElement[bool]) -> int:
+    """Due rows for a progress bar: the planner's estimate on PostgreSQL (no scan)."""
+    if conn.dialect.name == "postgresql":
+        return db.estimate_rows(conn, table, due)
+    return int(conn.scalar(sa.select(sa.func.count()).select_from(table.table).where(due)) or 0)
+
+
+def _ping_body(result: RunResult) -> str:
+    body = f"task={result.task} status={result.status} rows={result.rows} duration_ms={result.duration_ms}"
+    return body + (f" error={result.error}" if result.error else "")

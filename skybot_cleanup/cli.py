@@ -1,7 +1,7 @@
-"""The `skybot-cleanup` command line: thin verbs over skybot_cleanup.cleanup.
+"""The `skybot-cleanup` command line: parse, call skybot_cleanup.commands, render, exit.
 
-Heavy imports (SQLAlchemy, psycopg) happen inside the verbs, so `--help` and
-`--version` stay fast for a command that cron starts every few minutes.
+Heavy imports (SQLAlchemy, psycopg, prometheus_client) happen inside the verbs, so
+`--help`, `--version` and `schedule` stay fast.
 """
 
 from __future__ import annotations
@@ -9,49 +9,105 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
 import typer
 
 from skybot_cleanup import __version__
-from skybot_cleanup.errors import EXIT_CONFIG, ConfigError, Interrupted, worst_exit_code
-from skybot_cleanup.tasks import TASKS, Task
+from skybot_cleanup.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, Interrupted, worst_exit_code
+from skybot_cleanup.schedule import describe
+from skybot_cleanup.settings import ENV_PREFIX, column_field, env_name, table_field
+from skybot_cleanup.tasks import REGISTRY, Job, Task
+
+if TYPE_CHECKING:
+    from skybot_cleanup.cleanup import ProgressCallback, RunResult
+    from skybot_cleanup.settings import CleanupSettings
+
+EXIT_CODES = (
+    "Exit codes: 0 ok (also nothing to delete), 1 failure (after retries), 2 usage or configuration "
+    "error (retrying cannot help), 75 skipped (another run holds the task's lock; "
+    "SKYBOT_CLEANUP_SKIPPED_EXIT_CODE=0 makes it 0), 128+N stopped by signal N."
+)
 
 app = typer.Typer(
     name="skybot-cleanup",
-    help="Scheduled, transactional housekeeping for the SkyBot Inbox database.\n\n"
-    "Exit codes: 0 ok (also nothing to delete), 1 failure, 2 usage or configuration error, "
-    "75 skipped (another run holds the task's lock), 128+N stopped by signal N.",
+    help="Scheduled, transactional housekeeping for the SkyBot Inbox database: one command per task, each run "
+    "one idempotent, locked, bounded run.\n\n" + EXIT_CODES,
     no_args_is_help=True,
     add_completion=False,
+    # Plain help: flags show no value placeholder (rich's panels print "<bool>" for them).
+    rich_markup_mode=None,
     # Tracebacks with locals would print the settings, database URL included.
     pretty_exceptions_enable=False,
     pretty_exceptions_show_locals=False,
 )
 
-DryRun = Annotated[bool, typer.Option("--dry-run", help="Count what would be deleted; change nothing.")]
-JsonOutput = Annotated[bool, typer.Option("--json", help="Print one JSON object per task on stdout.")]
-BatchSize = Annotated[Optional[int], typer.Option(
-    "--batch-size", min=1, metavar="N", show_default=False,
-    help="Delete in committed batches of at most N rows (default: one transaction).")]
-MaxRows = Annotated[Optional[int], typer.Option(
-    "--max-rows", min=1, metavar="N", show_default=False,
-    help="Stop after N rows; the result says how many due rows remain.")]
-MaxRuntime = Annotated[Optional[float], typer.Option(
-    "--max-runtime", min=0.001, metavar="SECONDS", show_default=False,
-    help="Stop between batches once the run has lasted this long.")]
-SleepMs = Annotated[Optional[int], typer.Option(
-    "--sleep-ms", min=0, metavar="MS", show_default=False, help="Pause between batches.")]
-PromFile = Annotated[Optional[str], typer.Option(
-    "--prom-file", metavar="PATH", show_default=False,
-    help="Write node_exporter textfile metrics ({task} in PATH is replaced; a directory gets one file per task).")]
-NoHistory = Annotated[bool, typer.Option("--no-history", help="Do not record this run in the history tables.")]
+
+def _flag(name: str, help_text: str) -> Any:
+    # metavar="": a flag takes no value, and the help should not suggest one.
+    return typer.Option(name, help=help_text, metavar="")
+
+
+DryRun = Annotated[bool, _flag("--dry-run", "Count what would be deleted; change nothing (takes no lock).")]
+JsonOutput = Annotated[bool, _flag("--json", "Print one JSON object per result on stdout.")]
+Quiet = Annotated[bool, _flag("--quiet", "Print nothing on stdout (the logs on stderr say everything).")]
+NoHistory = Annotated[bool, _flag("--no-history", "Do not record this run in the history tables.")]
+BatchSize = Annotated[
+    Optional[int],
+    typer.Option(
+        "--batch-size",
+        min=1,
+        max=1_000_000,
+        metavar="N",
+        show_default=False,
+        help="Delete in committed batches of at most N rows (default: one transaction).",
+    ),
+]
+MaxRows = Annotated[
+    Optional[int],
+    typer.Option(
+        "--max-rows",
+        min=1,
+        metavar="N",
+        show_default=False,
+        help="Stop after N rows; the result says how many due rows remain.",
+    ),
+]
+MaxRuntime = Annotated[
+    Optional[float],
+    typer.Option(
+        "--max-runtime",
+        min=0.001,
+        max=604_800,
+        metavar="SECONDS",
+        show_default=False,
+        help="Stop between batches once the run has lasted this long.",
+    ),
+]
+SleepMs = Annotated[
+    Optional[int],
+    typer.Option("--sleep-ms", min=0, max=600_000, metavar="MS", show_default=False, help="Pause between batches."),
+]
+PromFile = Annotated[
+    Optional[str],
+    typer.Option(
+        "--prom-file",
+        metavar="PATH",
+        show_default=False,
+        help="Write node_exporter textfiles: a directory (one file per task) or a path with {task}.",
+    ),
+]
 DatabaseUrl = Annotated[
     Optional[str],
-    typer.Option("--database-url", metavar="URL", show_default=False,
-                 help="Overrides SKYBOT_CLEANUP_DATABASE_URL and DATABASE_URL."),
+    typer.Option(
+        "--database-url",
+        metavar="URL",
+        show_default=False,
+        help="Overrides SKYBOT_CLEANUP_DATABASE_URL and DATABASE_URL.",
+    ),
 ]
 
 
@@ -63,72 +119,106 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_callback(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Show the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, metavar="", help="Show the version and exit.")
+    ] = False,
 ) -> None:
     """Each cleanup command is one idempotent run."""
+    from skybot_cleanup import logs
+
+    logs.reset()
 
 
-def _fail(message: str, exit_code: int = EXIT_CONFIG) -> typer.Exit:
-    typer.echo(f"skybot-cleanup: error: {message}", err=True)
-    return typer.Exit(exit_code)
+def _fail(message: str, exit_code: int = EXIT_CONFIG, *, logged: bool = False) -> NoReturn:
+    from skybot_cleanup.logs import report_failure
+
+    report_failure(message, logged=logged, exit_code=exit_code)
+    raise typer.Exit(exit_code)
 
 
-def _load(**overrides):
-    from skybot_cleanup.logs import configure_logging
-    from skybot_cleanup.settings import load_settings
+def _load(jobs: Sequence[Job] = (), **overrides: Any) -> CleanupSettings:
+    """Settings, with logging configured and every load-time warning given; a bad
+    setting is one line, exit 2, and (for jobs) their textfiles say so."""
+    from skybot_cleanup import heartbeat, logs, settings
 
     try:
-        settings = load_settings(**overrides)
+        loaded = settings.load(overrides)
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
-    configure_logging(settings.log_format, settings.log_level)
-    return settings
+        if jobs:
+            _record_failed_start(jobs)
+        _fail(f"error: {exc}")
+    logs.configure_logging(loaded.settings.log_format, loaded.settings.log_level)
+    log = logs.get_logger()
+    for variable, closest in loaded.unknown:
+        log.warning(
+            "unknown_setting",
+            variable=variable,
+            hint=f"did you mean {closest}?" if closest else "no setting has a similar name",
+        )
+    heartbeat.warn_if_invalid(loaded.settings)
+    return loaded.settings
 
 
-def _report(result, as_json: bool) -> None:
+def _record_failed_start(jobs: Sequence[Job]) -> None:
+    """The prom file setting itself may be readable when another setting is not."""
+    import os
+
+    from skybot_cleanup.commands import record_failed_start
+
+    record_failed_start(os.environ.get(f"{ENV_PREFIX}PROM_FILE"), jobs, EXIT_CONFIG)
+
+
+def _report(result: RunResult, as_json: bool, quiet: bool) -> None:
     if as_json:
         typer.echo(json.dumps(result.as_dict()))
-    elif result.status == "ok":
+    elif result.status == "ok" and not quiet:
         verb = "would delete" if result.dry_run else "deleted"
         batches = "" if result.batches is None else f" in {result.batches} batches, {result.remaining} due rows remain"
         stopped = f" (stopped by {result.stopped_by})" if result.stopped_by else ""
-        typer.echo(f"{result.task}: {verb} {result.rows} rows{batches}{stopped} "
-                   f"(cutoff {result.cutoff}, {result.duration_ms} ms)")
+        typer.echo(
+            f"{result.task}: {verb} {result.rows} rows{batches}{stopped} "
+            f"(cutoff {result.cutoff}, {result.duration_ms} ms)"
+        )
     if result.status != "ok":
-        typer.echo(f"skybot-cleanup: {result.task} {result.status}: {result.error}", err=True)
+        from skybot_cleanup.logs import report_failure
+
+        report_failure(f"{result.task} {result.status}: {result.error}", logged=True)
 
 
-def run_tasks(tasks: tuple[Task, ...], *, dry_run: bool, as_json: bool, **overrides) -> int:
-    from skybot_cleanup.cleanup import database_target, run_task
+def run_tasks(tasks: Sequence[Task], *, dry_run: bool, as_json: bool, quiet: bool = False, **overrides: Any) -> int:
+    from skybot_cleanup import commands
+    from skybot_cleanup.cleanup import database_target
 
-    settings = _load(**overrides)
+    settings = _load(tasks, **overrides)
     try:
         database_target(settings)
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
+        commands.record_failed_start(settings.prom_file, tasks, EXIT_CONFIG)
+        _fail(f"error: {exc}")
     install_signal_handlers()
-    results = []
+    results: list[RunResult] = []
     try:
-        for task in tasks:
-            with progress_bar(task.name, enabled=settings.batch_size is not None and not dry_run) as on_progress:
-                result = run_task(settings, task, dry_run=dry_run, on_progress=on_progress)
-            _report(result, as_json)
+        for result in commands.cleanup(
+            settings,
+            tasks,
+            dry_run=dry_run,
+            progress=lambda task: progress_bar(task.name, enabled=(settings.batch_size is not None and not dry_run)),
+        ):
             results.append(result)
-            if result.status == "interrupted":
-                break
+            _report(result, as_json, quiet)
     except Interrupted as exc:  # a signal between runs, or while one was being recorded
-        typer.echo(f"skybot-cleanup: interrupted by signal {exc.signum}", err=True)
-        return exc.exit_code
-    if settings.prom_file:
-        from skybot_cleanup.metrics import write_run_metrics
+        from skybot_cleanup.logs import report_failure
 
-        try:
-            write_run_metrics(settings, results)
-        except OSError as exc:
-            typer.echo(f"skybot-cleanup: error: cannot write {settings.prom_file}: {exc.strerror}", err=True)
-            return worst_exit_code([*(r.exit_code for r in results), 1])
-    return worst_exit_code(result.exit_code for result in results)
+        report_failure(f"interrupted by signal {exc.signum}")
+        return exc.exit_code
+    try:
+        commands.write_run_textfiles(settings, results)
+    except OSError as exc:
+        from skybot_cleanup.logs import report_failure
+
+        report_failure(f"error: cannot write the textfile under {settings.prom_file}: {exc.strerror}")
+        return worst_exit_code([commands.exit_code_of(results), EXIT_FAILURE])
+    return commands.exit_code_of(results)
 
 
 def install_signal_handlers() -> None:
@@ -139,7 +229,7 @@ def install_signal_handlers() -> None:
     """
     import signal
 
-    def interrupt(signum, _frame):
+    def interrupt(signum: int, _frame: object) -> None:
         raise Interrupted(signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -147,15 +237,21 @@ def install_signal_handlers() -> None:
 
 
 @contextmanager
-def progress_bar(label: str, *, enabled: bool):
+def progress_bar(label: str, *, enabled: bool) -> Iterator[ProgressCallback | None]:
     """A progress bar on a terminal for batched runs; nothing otherwise (logs carry progress)."""
     if not (enabled and sys.stderr.isatty()):
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[rate]} rows/s"), TimeRemainingColumn(), transient=True) as bar:
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} rows/s"),
+        TimeRemainingColumn(),
+        transient=True,
+    ) as bar:
         bar_task = bar.add_task(label, total=None, rate="-")
         started = time.monotonic()
 
@@ -166,181 +262,413 @@ def progress_bar(label: str, *, enabled: bool):
         yield update
 
 
-def _task_command(tasks: tuple[Task, ...]):
-    def command(dry_run: DryRun = False, as_json: JsonOutput = False, database_url: DatabaseUrl = None,
-                batch_size: BatchSize = None, max_rows: MaxRows = None, max_runtime: MaxRuntime = None,
-                sleep_ms: SleepMs = None, prom_file: PromFile = None, no_history: NoHistory = False) -> None:
-        raise typer.Exit(run_tasks(tasks, dry_run=dry_run, as_json=as_json, database_url=database_url,
-                                   batch_size=batch_size, max_rows=max_rows, max_runtime_s=max_runtime,
-                                   sleep_ms=sleep_ms, prom_file=prom_file, history=False if no_history else None))
+def _task_help(task: Task) -> str:
+    spec = task.table
+    names = [env_name(table_field(spec))] + [env_name(column_field(spec, role)) for role in spec.roles]
+    retention = ""
+    if task.retention:
+        retention = (
+            f" Retention: {ENV_PREFIX}{task.retention.setting.upper()} (default {task.retention.default_days} days)."
+        )
+    return (
+        f"{task.summary}\n\nDeletes {task.rule}.\n\n"
+        f"Schedule: {describe(task.schedule)} (cron {task.schedule}).{retention} Table and columns: "
+        f"{', '.join(names)}. Batches: {ENV_PREFIX}BATCH_SIZE, MAX_ROWS, MAX_RUNTIME_S, SLEEP_MS.\n\n" + EXIT_CODES
+    )
+
+
+def _task_command(tasks: tuple[Task, ...]) -> Any:
+    def command(
+        dry_run: DryRun = False,
+        as_json: JsonOutput = False,
+        quiet: Quiet = False,
+        database_url: DatabaseUrl = None,
+        batch_size: BatchSize = None,
+        max_rows: MaxRows = None,
+        max_runtime: MaxRuntime = None,
+        sleep_ms: SleepMs = None,
+        prom_file: PromFile = None,
+        no_history: NoHistory = False,
+    ) -> None:
+        raise typer.Exit(
+            run_tasks(
+                tasks,
+                dry_run=dry_run,
+                as_json=as_json,
+                quiet=quiet,
+                database_url=database_url,
+                batch_size=batch_size,
+                max_rows=max_rows,
+                max_runtime_s=max_runtime,
+                sleep_ms=sleep_ms,
+                prom_file=prom_file,
+                history=False if no_history else None,
+            )
+        )
 
     return command
 
 
-for _task in TASKS:
-    app.command(_task.name, help=f"{_task.summary}\n\nDeletes {_task.rule}.")(_task_command((_task,)))
-app.command("all", help="Run every cleanup task in turn, each in its own transaction (or batches).")(
-    _task_command(TASKS))
+for _task in REGISTRY.tasks:
+    app.command(_task.name, help=_task_help(_task), short_help=_task.summary)(_task_command((_task,)))
+app.command("all", help="Run every cleanup task in turn, each in its own transaction (or batches).\n\n" + EXIT_CODES)(
+    _task_command(REGISTRY.tasks)
+)
 
 
-@contextmanager
-def _database(label: str, **overrides):
-    """Settings and an engine for the reporting commands; any failure is one line."""
-    from skybot_cleanup import db
-    from skybot_cleanup.cleanup import database_target
-    from skybot_cleanup.errors import classify
+def _guarded(label: str, settings: CleanupSettings, work: Any) -> Any:
+    """A reporting command's database work: any failure is one line and its exit code."""
+    from skybot_cleanup.commands import failure_of
 
-    settings = _load(**overrides)
-    target = engine = None
     try:
-        target = database_target(settings)
-        engine = db.create_engine(target, settings, label)
-        yield settings, engine, target.schema
+        return work()
+    except Interrupted as exc:
+        raise typer.Exit(exc.exit_code) from None
     except Exception as exc:
-        failure = classify(exc, secrets=(target.password,) if target and target.password else ())
-        raise _fail(f"{label} failed: {failure.message}", failure.exit_code) from None
-    finally:
-        if engine is not None:
-            engine.dispose()
-
-
-def _read(label: str, work, **overrides):
-    """work(conn, settings, schema, now) in a read-only transaction."""
-    from skybot_cleanup import db
-    from skybot_cleanup.cleanup import utc_now
-
-    with _database(label, **overrides) as (settings, engine, schema):
-        with db.transaction(engine, settings, label=label, read_only=True) as conn:
-            return work(conn, settings, schema, utc_now())
+        failure = failure_of(exc, settings)
+        _fail(f"{label} failed: {failure.message}", failure.exit_code)
 
 
 @app.command("metrics")
 def metrics_command(
-    as_json: JsonOutput = False, database_url: DatabaseUrl = None,
-    prom_file: Annotated[Optional[Path], typer.Option("--prom-file", metavar="PATH", show_default=False,
-                         help="Write the node_exporter textfile format (atomically).")] = None,
-    pushgateway: Annotated[Optional[str], typer.Option("--pushgateway", metavar="URL", show_default=False,
-                           help="Push to a Prometheus Pushgateway.")] = None,
+    as_json: Annotated[
+        bool,
+        _flag(
+            "--json",
+            "Print the snapshot as one JSON object: measures (active sessions, "
+            "live magic links, idempotency keys in progress and stuck), per task its due "
+            "rows and oldest due age, per table rows, size, dead tuples, and errors.",
+        ),
+    ] = False,
+    database_url: DatabaseUrl = None,
+    prom_file: Annotated[
+        Optional[str],
+        typer.Option(
+            "--prom-file",
+            metavar="PATH",
+            show_default=False,
+            help="Write the node_exporter textfile to exactly PATH (default: SKYBOT_CLEANUP_PROM_FILE, "
+            "as skybot_cleanup_metrics.prom).",
+        ),
+    ] = None,
+    pushgateway: Annotated[
+        Optional[str],
+        typer.Option("--pushgateway", metavar="URL", show_default=False, help="Push to a Prometheus Pushgateway."),
+    ] = None,
     no_history: NoHistory = False,
+    quiet: Quiet = False,
 ) -> None:
-    """Measure backlogs, active sessions and table health; delete nothing."""
-    from skybot_cleanup import db, history, metrics
-    from skybot_cleanup.cleanup import utc_now
+    """Measure backlogs, active sessions and table health; delete nothing. Exit 1 if a task could not be measured."""
+    from skybot_cleanup import commands, metrics, prometheus
     from skybot_cleanup.logs import get_logger
 
-    with _database("metrics", database_url=database_url, history=False if no_history else None) as (
-            settings, engine, schema):
-        now = utc_now()
-        with db.transaction(engine, settings, label="metrics", read_only=True) as conn:
-            snapshot = metrics.collect(conn, settings, schema, now)
-        # After the read transaction: on SQLite an open reader would block this write.
-        history.record(engine, settings, snapshot=snapshot, now=now)
-    get_logger().info("metrics", **{k: v for k, v in snapshot.items() if k != "taken_at"})
+    settings = _load((REGISTRY.metrics,), database_url=database_url, history=False if no_history else None)
+    taken = _guarded("metrics", settings, lambda: commands.snapshot(settings))
+    get_logger().info("metrics", **{key: value for key, value in taken.as_dict().items() if key != "taken_at"})
     if as_json:
-        typer.echo(json.dumps(snapshot))
-    elif sys.stdout.isatty():  # every 5 minutes under cron, the log event is enough
-        typer.echo(metrics.render_table(snapshot))
-    registry = metrics.prometheus_registry(snapshot)
-    textfile = str(prom_file) if prom_file else metrics.textfile_path(settings.prom_file, "metrics")
+        typer.echo(json.dumps(taken.as_dict()))
+    elif sys.stdout.isatty() and not quiet:  # every 5 minutes under cron, the log event is enough
+        typer.echo(metrics.render_table(taken))
+    textfile = prom_file or (
+        str(prometheus.textfile_path(settings.prom_file, "metrics")) if settings.prom_file else None
+    )
     try:
-        if textfile:
-            metrics.write_textfile(textfile, registry)
-        if pushgateway:
-            metrics.push(pushgateway, registry)
+        commands.deliver_snapshot(taken, textfile, pushgateway)
     except Exception as exc:  # a monitoring sink down is worth exit 1, not a traceback
-        raise _fail(f"metrics were collected but not delivered: {type(exc).__name__}: {exc}", 1) from None
+        _fail(f"error: metrics were collected but not delivered: {type(exc).__name__}: {exc}", EXIT_FAILURE)
+    if taken.errors:
+        _fail("metrics: " + "; ".join(taken.errors), EXIT_FAILURE)
 
 
 @app.command("status")
-def status_command(as_json: JsonOutput = False, database_url: DatabaseUrl = None) -> None:
-    """Per task: last success and failure, next run, rows due; exit 1 if any is OVERDUE or FAILING."""
-    from skybot_cleanup.status import render_table, task_statuses
+def status_command(
+    as_json: Annotated[
+        bool,
+        _flag(
+            "--json",
+            "One JSON object per job: health (OK, PENDING, OVERDUE, FAILING), "
+            "last success and failure, next run, rows due.",
+        ),
+    ] = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Per job: health, last success and failure, next run, rows due. Exit 1 if any is OVERDUE or FAILING."""
+    from skybot_cleanup import commands
+    from skybot_cleanup.logs import get_logger
+    from skybot_cleanup.status import render_table
 
-    statuses = _read("status", task_statuses, database_url=database_url)
+    settings = _load(database_url=database_url)
+    if not settings.history:
+        get_logger().warning(
+            "history_disabled", hint="SKYBOT_CLEANUP_HISTORY is off: no run is known, so every job shows OVERDUE"
+        )
+    status = _guarded("status", settings, lambda: commands.job_status(settings))
     if as_json:
-        for status in statuses:
-            typer.echo(json.dumps(status))
+        for job in status.jobs:
+            typer.echo(json.dumps(job.as_dict()))
     else:
-        typer.echo(render_table(statuses))
-    raise typer.Exit(0 if all(status["health"] == "OK" for status in statuses) else 1)
+        typer.echo(render_table(status))
+    raise typer.Exit(0 if status.healthy else 1)
 
 
 @app.command("check")
-def check_command(as_json: JsonOutput = False, database_url: DatabaseUrl = None) -> None:
-    """Pre-flight: connection, tables, column types, indexes, privileges, backlogs. Exit 1 on errors."""
-    from skybot_cleanup.check import run_checks
+def check_command(
+    as_json: Annotated[
+        bool,
+        _flag(
+            "--json",
+            "One JSON object per finding: level (ok, info, warning, error), "
+            "message, and detail lines (statements to run).",
+        ),
+    ] = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Pre-flight: server, tables, column types, privileges, indexes, backlogs, history. Exit 1 on errors."""
+    from skybot_cleanup import commands
 
-    findings = _read("check", run_checks, database_url=database_url)
+    settings = _load(database_url=database_url)
+    findings = _guarded("check", settings, lambda: commands.check(settings))
     for finding in findings:
         if as_json:
-            typer.echo(json.dumps({"level": finding.level, "message": finding.message}))
-        else:
-            typer.echo(f"{finding.level.upper():<8}{finding.message}")
+            typer.echo(json.dumps(finding.as_dict()))
+            continue
+        typer.echo(f"{finding.level.upper():<8}{finding.message}")
+        for line in finding.detail:
+            typer.echo(f"{'':<8}    {line}")
     raise typer.Exit(1 if any(finding.level == "error" for finding in findings) else 0)
+
+
+@app.command("history")
+def history_command(
+    task: Annotated[
+        Optional[str], typer.Option("--task", metavar="NAME", show_default=False, help="Only this task (or metrics).")
+    ] = None,
+    status: Annotated[
+        Optional[str],
+        typer.Option(
+            "--status", metavar="ok|failed|skipped|interrupted", show_default=False, help="Only runs that ended so."
+        ),
+    ] = None,
+    since: Annotated[
+        Optional[str],
+        typer.Option(
+            "--since",
+            metavar="DURATION|TIMESTAMP",
+            show_default=False,
+            help="Only runs since then: 6h, 7d, or 2026-11-01T00:00Z.",
+        ),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=100_000, metavar="N", help="At most N runs.")] = 50,
+    as_json: Annotated[
+        bool,
+        _flag(
+            "--json",
+            "One JSON object per run (time, task, status, rows, duration, host, "
+            "run id, error), then one per task summary.",
+        ),
+    ] = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Recorded runs, newest first, and a per-task summary: runs, failures, rows deleted."""
+    from skybot_cleanup import commands
+    from skybot_cleanup.clock import iso_utc, parse_duration, parse_iso, utc_now
+    from skybot_cleanup.history import HistoryQuery
+
+    known = [job.name for job in REGISTRY.jobs]
+    if task is not None and task not in known:
+        _fail(f"error: --task must be one of {', '.join(known)}, not {task!r}")
+    if status is not None and status not in ("ok", "failed", "skipped", "interrupted"):
+        _fail(f"error: --status must be ok, failed, skipped or interrupted, not {status!r}")
+    start = None
+    if since:
+        try:
+            start = utc_now() - parse_duration(since) if since[-1:].isalpha() else parse_iso(since)
+        except ValueError:
+            _fail(f"error: --since takes a duration (90m, 6h, 7d) or an ISO time, not {since!r}")
+    settings = _load(database_url=database_url)
+    view = _guarded(
+        "history",
+        settings,
+        lambda: commands.run_history(settings, HistoryQuery(task=task, status=status, since=start, limit=limit)),
+    )
+    if as_json:
+        for run in view.runs:
+            typer.echo(
+                json.dumps({**run, "cutoff": iso_utc(run["cutoff"]), "finished_at": iso_utc(run["finished_at"])})
+            )
+        for line in view.summary:
+            typer.echo(
+                json.dumps(
+                    {
+                        "summary": line["task"],
+                        "runs": line["runs"],
+                        "failures": line["failures"],
+                        "rows_deleted": line["rows_deleted"],
+                        "last_run_at": iso_utc(line["last"]),
+                    }
+                )
+            )
+        return
+    typer.echo(
+        f"{'finished (UTC)':<25}{'task':<18}{'status':<12}{'rows':>10}{'ms':>9}  {'host':<16}{'run id':<38}error"
+    )
+    for run in view.runs:
+        status_text = run["status"] + (" (dry)" if run["dry_run"] else "")
+        error = f"{run['error_class']}: {run['error']}" if run["error"] else ""
+        typer.echo(
+            f"{iso_utc(run['finished_at']) or '':<25}{run['task']:<18}{status_text:<12}{run['rows']:>10,}"
+            f"{run['duration_ms']:>9,}  {run['host'][:15]:<16}{run['run_id']:<38}{error}"
+        )
+    typer.echo("")
+    for line in view.summary:
+        typer.echo(
+            f"{line['task']}: {line['runs']} runs, {line['failures']} failed, {line['rows_deleted']:,} rows deleted"
+        )
+    if view.pending_local:
+        typer.echo(f"({view.pending_local} runs wait in the state directory for the database to take them)")
+
+
+@app.command("config")
+def config_command(
+    as_json: Annotated[
+        bool, _flag("--json", "One JSON object: settings (variable, value, source) and unknown variables.")
+    ] = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Every setting in effect and where it came from; secrets redacted."""
+    from skybot_cleanup import settings as settings_module
+    from skybot_cleanup.settings import describe_settings
+
+    try:
+        loaded = settings_module.load({"database_url": database_url})
+    except ConfigError as exc:
+        _fail(f"error: {exc}")
+    view = describe_settings(loaded)
+    if as_json:
+        typer.echo(json.dumps(view))
+        return
+    width = max(len(entry["variable"]) for entry in view["settings"])
+    typer.echo(f"settings file: {view['settings_file'] or '(none)'}")
+    for entry in view["settings"]:
+        typer.echo(f"{entry['variable']:<{width}}  {entry['value']!s:<40}  {entry['source']}")
+    for entry in view["unknown"]:
+        typer.echo(f"unknown: {entry['variable']} (did you mean {entry['closest'] or '?'})")
 
 
 @app.command("schedule")
 def schedule_command(
-    fmt: Annotated[str, typer.Option("--format", metavar="crontab|systemd|render|kubernetes",
-                                     help="Which scheduler's files to render.")],
-    output: Annotated[Optional[Path], typer.Option("--output", metavar="DIR", show_default=False,
-                                                   help="Write the files under DIR (default: print them).")] = None,
-    exec_path: Annotated[Optional[str], typer.Option("--exec", metavar="PATH", show_default=False,
-                                                     help="Absolute path of the installed skybot-cleanup.")] = None,
+    fmt: Annotated[
+        str,
+        typer.Option("--format", metavar="crontab|systemd|render|kubernetes|monitoring", help="Which files to render."),
+    ],
+    output: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--output", metavar="DIR", show_default=False, help="Write the files under DIR (default: print them)."
+        ),
+    ] = None,
+    exec_path: Annotated[
+        Optional[str],
+        typer.Option(
+            "--exec", metavar="PATH", show_default=False, help="Absolute path of the installed skybot-cleanup."
+        ),
+    ] = None,
+    image: Annotated[
+        Optional[str],
+        typer.Option("--image", metavar="REF", show_default=False, help="Container image of the Kubernetes CronJobs."),
+    ] = None,
 ) -> None:
-    """Render deployment files from the task registry: every schedule, UTC."""
+    """Render deployment and monitoring files from the registry: every schedule, UTC."""
     from skybot_cleanup.deploy import FORMATS, render_files, write_files
 
     if fmt not in FORMATS:
-        raise _fail(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    files = render_files(fmt, exec_path)
+        _fail(f"error: --format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    try:
+        files = render_files(fmt, exec_path=exec_path, image=image)
+    except ValueError as exc:
+        _fail(f"error: {exc}")
     if output is None:
         for name, text in files.items():
             typer.echo(f"# ---- {name}\n{text}" if len(files) > 1 else text, nl=False)
         return
-    for path in write_files(files, output):
+    try:
+        written = write_files(files, output)
+    except OSError as exc:
+        _fail(f"error: cannot write under {output}: {exc.strerror}", EXIT_FAILURE)
+    for path in written:
         typer.echo(f"wrote {path}")
 
 
 @app.command()
 def demo(
     path: Annotated[Path, typer.Option("--path", help="SQLite file to (re)create.")] = Path("skybot-demo.db"),
+    database_url: Annotated[
+        Optional[str],
+        typer.Option(
+            "--database-url",
+            metavar="URL",
+            show_default=False,
+            help="An EMPTY PostgreSQL database (or ?schema=) to create the app's tables in, seed and clean; "
+            "refused if it has tables.",
+        ),
+    ] = None,
     as_json: JsonOutput = False,
 ) -> None:
-    """Seed the app's tables in a SQLite file and run every task on it: no server needed."""
-    from skybot_cleanup.cleanup import run_task, utc_now
-    from skybot_cleanup.demo import create_demo_database, ids_by_table
+    """Seed the app's tables and run every task on them: a SQLite file by default, no server needed."""
+    from skybot_cleanup import demo as demo_module
+    from skybot_cleanup.clock import utc_now
+    from skybot_cleanup.db import parse_database_url
 
     now = utc_now()
-    try:
-        url = create_demo_database(path, now)
-    except Exception as exc:  # an unwritable path, mostly
-        raise _fail(f"cannot create the demo database at {path}: {exc}", 1) from None
+    url = database_url or f"sqlite:///{path.resolve()}"
     settings = _load(database_url=url, log_level="warning")
+    try:
+        database = demo_module.create(url, now, settings)
+    except ConfigError as exc:
+        _fail(f"error: {exc}")
+    except Exception as exc:  # an unwritable path, an unreachable server
+        from skybot_cleanup.commands import failure_of
+
+        _fail(f"error: cannot create the demo database: {failure_of(exc, settings).message}", EXIT_FAILURE)
+    shown = (database_url and parse_database_url(url).display) or str(path)
     if not as_json:
-        counts = ", ".join(f"{len(ids)} {table}" for table, ids in ids_by_table(url).items())
-        typer.echo(f"Demo database {path} seeded with {counts} rows.\n")
+        counts = ", ".join(f"{len(ids)} {table}" for table, ids in demo_module.ids_by_table(database, settings).items())
+        typer.echo(f"Demo database {shown} seeded with {counts} rows.\n")
     exit_codes = []
-    for task in TASKS:
-        before = ids_by_table(url)
-        result = run_task(settings, task, now=now)
-        after = ids_by_table(url)
-        removed = sorted(set().union(*(before[t] - after[t] for t in before)))
-        exit_codes.append(result.exit_code)
+    for step in demo_module.run(database, settings, now):
+        exit_codes.append(step.result.exit_code)
         if as_json:
-            typer.echo(json.dumps({**result.as_dict(), "removed": removed}))
+            typer.echo(json.dumps({**step.result.as_dict(), "removed": step.removed}))
             continue
-        typer.echo(f"{task.name}: deleted {result.rows} ({task.rule})")
-        for row_id in removed:
+        typer.echo(f"{step.result.task}: deleted {step.result.rows} ({step.rule})")
+        for row_id in step.removed:
             typer.echo(f"    - {row_id}")
-        if result.status != "ok":
-            typer.echo(f"    {result.status}: {result.error}")
+        if step.result.status != "ok":
+            typer.echo(f"    {step.result.status}: {step.result.error}")
     if not as_json:
-        remaining = "\n".join(f"    {table}: {', '.join(sorted(ids))}" for table, ids in ids_by_table(url).items())
+        remaining = "\n".join(
+            f"    {table}: {', '.join(sorted(ids))}"
+            for table, ids in demo_module.ids_by_table(database, settings).items()
+        )
         typer.echo(f"\nStill there (live, or revoked within the audit window):\n{remaining}")
-        typer.echo(f"\nTry it yourself: skybot-cleanup refresh-tokens --dry-run --database-url {url}")
+        example = shown if database_url else url
+        typer.echo(f"\nTry it yourself: skybot-cleanup refresh-tokens --dry-run --database-url {example}")
     raise typer.Exit(worst_exit_code(exit_codes))
 
 
 def main() -> None:
-    app()
+    """The console script: any failure nobody expected is still one line and exit 1."""
+    try:
+        app()
+    except Exception as exc:
+        import os
+
+        from skybot_cleanup.errors import redact
+        from skybot_cleanup.logs import report_failure
+
+        if os.environ.get(f"{ENV_PREFIX}DEBUG", "").lower() in ("1", "true", "yes", "on"):
+            raise
+        report_failure(
+            f"unexpected error: {type(exc).__name__}: {redact(str(exc))} (set {ENV_PREFIX}DEBUG=1 for a traceback)"
+        )
+        sys.exit(EXIT_FAILURE)

@@ -1,4 +1,5 @@
-"""Connections: URL normalisation, engines, per-transaction settings, locks, bound tables.
+"""Connections: URL normalisation, engines, run transactions, locks, the catalog,
+and the batch statements.
 
 SQL that depends on the dialect lives here, so the task code reads the same on
 PostgreSQL and on SQLite.
@@ -6,243 +7,513 @@ PostgreSQL and on SQLite.
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from datetime import datetime
+from typing import Any, Literal, cast
+from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
-from sqlalchemy.sql.elements import quoted_name
+from sqlalchemy.sql.elements import ColumnElement, quoted_name
 
 from skybot_cleanup.errors import ConfigError, LockHeld
-from skybot_cleanup.settings import BaseCleanupSettings, env_name
-from skybot_cleanup.tasks import TABLES
+from skybot_cleanup.settings import IDENTIFIER_PATTERN, CleanupSettings, column_field, env_name, table_field
+from skybot_cleanup.tasks import ColumnType, TableSpec
 
 # Query parameters Prisma understands and libpq rejects ("invalid URI query parameter").
-PRISMA_ONLY_PARAMETERS = frozenset({
-    "schema", "connection_limit", "pool_timeout", "pgbouncer", "socket_timeout",
-    "statement_cache_size", "sslaccept", "sslidentity",
-    "max_connection_lifetime", "max_idle_connection_lifetime",
-})
+PRISMA_ONLY_PARAMETERS = frozenset(
+    {
+        "schema",
+        "connection_limit",
+        "pool_timeout",
+        "pgbouncer",
+        "socket_timeout",
+        "statement_cache_size",
+        "max_connection_lifetime",
+        "max_idle_connection_lifetime",
+    }
+)
+# Prisma's TLS parameters, which mean something else (or nothing) to libpq.
+PRISMA_TLS_PARAMETERS = frozenset({"sslaccept", "sslcert", "sslidentity", "sslpassword"})
 
-_TYPES = {"timestamp": sa.DateTime, "text": sa.Text, "integer": sa.Integer, "boolean": sa.Boolean}
+# The registry's column types: SQLAlchemy's type, and what PostgreSQL's format_type()
+# must start with for the tool's comparisons to mean what they say.
+SQL_TYPES: dict[ColumnType, tuple[type[sa.types.TypeEngine[Any]], tuple[str, ...]]] = {
+    "timestamp": (sa.DateTime, ("timestamp without time zone", "timestamp(")),
+    "text": (sa.Text, ("text", "character varying")),
+    "integer": (sa.Integer, ("integer",)),
+    "boolean": (sa.Boolean, ("boolean",)),
+    "jsonb": (sa.JSON, ("jsonb", "json")),
+}
+
+
+# -- URLs -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class DatabaseTarget:
-    """A normalised URL plus what its Prisma parameters meant."""
+    """Where to connect, normalised, plus what the URL's Prisma parameters meant."""
 
-    url: sa.URL
+    kind: Literal["postgresql", "sqlite"]
+    conninfo: str  # a libpq URI for psycopg, or a SQLAlchemy sqlite URL
     schema: str | None
-    pgbouncer: bool = False
-    password: str | None = field(default=None, repr=False)
+    display: str  # for messages: the password masked
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def is_postgres(self) -> bool:
-        return self.url.get_backend_name() == "postgresql"
+        return self.kind == "postgresql"
 
-    @property
-    def display(self) -> str:
-        return self.url.render_as_string(hide_password=True)
+
+_AUTHORITY = re.compile(r"^(?:(?P<userinfo>[^/?]*)@)?(?P<hosts>[^@/?]*)(?P<path>/[^?]*)?(?:\?(?P<query>.*))?$", re.S)
 
 
 def parse_database_url(raw: str | None, schema_override: str | None = None) -> DatabaseTarget:
-    if not raw:
-        raise ConfigError(
-            "no database URL: set DATABASE_URL or SKYBOT_CLEANUP_DATABASE_URL, or pass --database-url"
-        )
-    try:
-        url = sa.make_url(raw.strip())
-    except Exception:
-        # The message of the parser would echo the URL, password and all.
-        raise ConfigError("DATABASE_URL is not a valid database URL") from None
-    scheme = url.drivername.split("+")[0]
+    """A URL as Render, Prisma or libpq write it, made into what psycopg accepts.
+
+    libpq parses the result itself, so every form it knows works: a socket directory
+    as a percent-encoded host or ?host=, several hosts with target_session_attrs.
+    """
+    if not raw or not raw.strip():
+        raise ConfigError("no database URL: set DATABASE_URL or SKYBOT_CLEANUP_DATABASE_URL, or pass --database-url")
+    raw = raw.strip()
+    scheme, sep, rest = raw.partition("://")
+    scheme = scheme.lower().split("+")[0]
+    if not sep:
+        raise ConfigError("DATABASE_URL is not a valid database URL (expected scheme://...)")
     if scheme == "sqlite":
-        return DatabaseTarget(url=url, schema=None)
+        return DatabaseTarget(kind="sqlite", conninfo=raw, schema=None, display=raw)
     if scheme not in ("postgres", "postgresql"):
         raise ConfigError(
             f"DATABASE_URL scheme {scheme!r} is not supported: use postgres://, postgresql:// or sqlite:///"
         )
-    query = dict(url.query)
-    schema = schema_override or _single(query.get("schema")) or None
-    pgbouncer = _single(query.get("pgbouncer", "")).lower() == "true"
-    if schema is not None and not _is_identifier(schema):
+    match = _AUTHORITY.match(rest)
+    if match is None:
+        raise ConfigError("DATABASE_URL is not a valid database URL")
+    userinfo, hosts, path, query = (match.group(name) or "" for name in ("userinfo", "hosts", "path", "query"))
+    # The userinfo ends at the last "@": a password with an unencoded "@" must not
+    # spill into the host name, where libpq would print it in an error.
+    user, _, password = userinfo.partition(":")
+    user, password = unquote(user), unquote(password)
+    if re.search(r":(?!\d*(,|$))", hosts.split("]")[-1]):
+        raise ConfigError("DATABASE_URL is not a valid database URL (bad port)")
+    parameters = parse_qsl(query, keep_blank_values=True)
+    values = {key: value for key, value in parameters}
+    schema = schema_override or values.get("schema") or None
+    if schema is not None and not re.match(IDENTIFIER_PATTERN, schema):
         raise ConfigError("the URL's ?schema= is not a valid schema name")
-    url = url.set(
-        # Explicit driver: a bare postgresql:// means psycopg2 in SQLAlchemy 2.0.
-        drivername="postgresql+psycopg",
-        query={k: v for k, v in query.items() if k not in PRISMA_ONLY_PARAMETERS},
+    tls = _tls_parameters(values)
+    replaced = {key for key, _ in tls} | PRISMA_ONLY_PARAMETERS | PRISMA_TLS_PARAMETERS
+    kept = [(k, v) for k, v in parameters if k not in replaced] + tls
+    credentials = quote(user, safe="") + (":" + quote(password, safe="") if password else "")
+    conninfo = f"postgresql://{credentials + '@' if credentials else ''}{hosts}{path}"
+    display = (
+        f"postgresql://{quote(user, safe='') + (':***' if password else '') + '@' if credentials else ''}{hosts}{path}"
     )
-    return DatabaseTarget(url=url, schema=schema, pgbouncer=pgbouncer, password=url.password)
+    if kept:
+        conninfo += "?" + urlencode(kept)
+        display += "?" + urlencode([(k, "***" if k == "password" else v) for k, v in kept], safe="*/")
+    secrets = tuple(secret for secret in {password, quote(password, safe=""), values.get("password", "")} if secret)
+    return DatabaseTarget(kind="postgresql", conninfo=conninfo, schema=schema, display=display, secrets=secrets)
 
 
-def _single(value: Any) -> str:
-    if isinstance(value, tuple):
-        return value[-1] if value else ""
-    return value or ""
+def _tls_parameters(values: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Prisma's TLS parameters in libpq's terms, never with less verification than asked.
+
+    Prisma: sslaccept=strict verifies the server's certificate (and host name);
+    sslcert is the CA or server certificate to trust (libpq's sslrootcert);
+    sslidentity/sslpassword is a PKCS#12 client identity, which libpq cannot read.
+    With sslkey present, sslcert keeps libpq's meaning (a client certificate).
+    """
+    accept = values.get("sslaccept", "").lower()
+    if accept not in ("", "strict", "accept_invalid_certs"):
+        raise ConfigError(f"DATABASE_URL: sslaccept={accept!r} is not strict or accept_invalid_certs")
+    if "sslidentity" in values:
+        raise ConfigError(
+            "DATABASE_URL: sslidentity (a PKCS#12 client identity) has no libpq equivalent; convert it "
+            "(openssl pkcs12 -in ID.p12 -clcerts -nokeys -out client.crt; openssl pkcs12 -in ID.p12 "
+            "-nocerts -nodes -out client.key) and give sslcert=client.crt&sslkey=client.key instead"
+        )
+    added: list[tuple[str, str]] = []
+    trust = values.get("sslcert") if "sslkey" not in values else None
+    if "sslkey" in values and "sslcert" in values:
+        added.append(("sslcert", values["sslcert"]))
+    if trust:
+        added.append(("sslrootcert", trust))
+    if accept == "strict":
+        mode = values.get("sslmode", "prefer").lower()
+        if mode in ("disable", "allow"):
+            raise ConfigError(
+                f"DATABASE_URL: sslaccept=strict asks for a verified TLS connection, but sslmode={mode} allows none"
+            )
+        if not trust and "sslrootcert" not in values:
+            added.append(("sslrootcert", "system"))  # Prisma trusts the system's CAs
+        added.append(("sslmode", "verify-full"))
+    return added
 
 
-def _is_identifier(name: str) -> bool:
-    import re
-
-    from skybot_cleanup.settings import IDENTIFIER_PATTERN
-
-    return re.match(IDENTIFIER_PATTERN, name) is not None
+# -- engines ----------------------------------------------------------------------------------
 
 
-def create_engine(target: DatabaseTarget, settings: BaseCleanupSettings, label: str) -> Engine:
-    """One short-lived engine per run: no pool, bounded connect, no parameters in errors."""
+def create_engine(target: DatabaseTarget, settings: CleanupSettings, label: str) -> Engine:
+    """One short-lived engine per command: no pool, bounded connect, no parameters in
+    errors, and autocommit at the driver: RunConnection issues BEGIN and COMMIT itself."""
     if target.is_postgres:
-        connect_args: dict[str, Any] = {
-            "connect_timeout": settings.connect_timeout_s,
-            "application_name": f"{settings.application_name}:{label}"[:63],
-        }
-        if target.pgbouncer:
-            # Transaction pooling cannot keep server-side prepared statements.
-            connect_args["prepare_threshold"] = None
-        return sa.create_engine(target.url, poolclass=NullPool, hide_parameters=True,
-                                connect_args=connect_args)
+        import psycopg
 
-    # sqlite3 opens transactions lazily and in DEFERRED mode; we want the write
-    # lock up front (BEGIN IMMEDIATE) so two runs serialise instead of deadlocking.
-    engine = sa.create_engine(target.url, poolclass=NullPool, hide_parameters=True,
-                              connect_args={"timeout": settings.lock_timeout_ms / 1000})
+        def connect() -> psycopg.Connection[Any]:
+            return psycopg.connect(
+                target.conninfo,
+                connect_timeout=settings.connect_timeout_s,
+                application_name=application_name(settings, label),
+                # Never server-side prepared statements: under PgBouncer's transaction
+                # pooling they outlive us on the server connection and break the next
+                # client ("prepared statement _pg3_0 already exists"); a short-lived
+                # process gains nothing from them.
+                prepare_threshold=None,
+            )
 
-    @sa.event.listens_for(engine, "connect")
-    def _autocommit_driver(dbapi_connection, _record):
-        dbapi_connection.isolation_level = None
-
-    @sa.event.listens_for(engine, "begin")
-    def _begin(conn):
-        mode = "DEFERRED" if conn.get_execution_options().get("read_only") else "IMMEDIATE"
-        conn.exec_driver_sql(f"BEGIN {mode}")
-
-    return engine
-
-
-def lock_key(task_name: str) -> str:
-    return f"skybot-cleanup:{task_name}"
-
-
-def set_local_timeouts(conn: Connection, settings: BaseCleanupSettings, label: str) -> None:
-    """Transaction-local settings (set_config(..., true)): nothing leaks into a pooled connection."""
-    if conn.dialect.name != "postgresql":
-        return
-    conn.execute(
-        sa.text("SELECT set_config('application_name', :app, true),"
-                " set_config('lock_timeout', :lock_timeout, true),"
-                " set_config('statement_timeout', :statement_timeout, true)"),
-        {"app": f"{settings.application_name}:{label}"[:63],
-         "lock_timeout": str(settings.lock_timeout_ms),
-         "statement_timeout": str(settings.statement_timeout_ms)},
+        return sa.create_engine(
+            "postgresql+psycopg://",
+            creator=connect,
+            poolclass=NullPool,
+            hide_parameters=True,
+            isolation_level="AUTOCOMMIT",
+        )
+    # sqlite3's timeout is its busy timeout: how long BEGIN IMMEDIATE waits for the write lock.
+    return sa.create_engine(
+        target.conninfo,
+        poolclass=NullPool,
+        hide_parameters=True,
+        isolation_level="AUTOCOMMIT",
+        connect_args={"timeout": max(settings.lock_timeout_ms, 1) / 1000},
     )
+
+
+def application_name(settings: CleanupSettings, label: str) -> str:
+    return f"{settings.application_name}:{label}"[:63]
+
+
+def lock_key(name: str) -> str:
+    return f"skybot-cleanup:{name}"
+
+
+# -- run transactions -------------------------------------------------------------------------
+
+
+def _literal(value: str) -> str:
+    """A SQL string literal for the few fixed values sent without parameters (which
+    keeps them on the simple protocol: no portal, so no snapshot held while idle)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+class RunConnection:
+    """One connection for a whole run, as a chain of transactions.
+
+    On PostgreSQL every transaction sets application_name, lock_timeout,
+    statement_timeout and idle_in_transaction_session_timeout locally, and, for a
+    run with a lock, takes pg_try_advisory_xact_lock. The lock is transaction-scoped,
+    so it dies with the transaction or connection whatever happens to the process,
+    and it survives PgBouncer's transaction pooling. Between batches, COMMIT AND CHAIN
+    and the new lock go in one message: the task stays locked for the whole run
+    while each batch commits, on a single server connection. The idle timeout makes
+    the server end a frozen run (SIGSTOP, a paused VM) and free its lock.
+
+    On SQLite, BEGIN IMMEDIATE (the database write lock) plays the lock's part.
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        settings: CleanupSettings,
+        label: str,
+        *,
+        lock: str | None = None,
+        read_only: bool = False,
+    ):
+        self.conn = conn
+        self.settings = settings
+        self.label = label
+        self.lock = lock
+        self.read_only = read_only
+        self.on_postgres = conn.dialect.name == "postgresql"
+        self.in_transaction = False
+
+    # PostgreSQL: the statement run at the start of every transaction of the chain.
+    def _prologue(self) -> str:
+        settings = self.settings
+        idle = settings.idle_timeout_ms
+        # Never weaken a DBA's shorter idle timeout: take the smaller of the two.
+        idle_sql = (
+            f"(SELECT CASE WHEN setting::bigint > 0 AND setting::bigint < {idle} THEN setting "
+            f"ELSE '{idle}' END FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout')"
+        )
+        columns = [
+            f"set_config('application_name', {_literal(application_name(settings, self.label))}, true)",
+            f"set_config('lock_timeout', '{settings.lock_timeout_ms}', true)",
+            f"set_config('statement_timeout', '{settings.statement_timeout_ms}', true)",
+            f"set_config('idle_in_transaction_session_timeout', {idle_sql}, true)",
+            "pg_is_in_recovery() OR current_setting('transaction_read_only')::boolean AS read_only",
+        ]
+        if self.lock:
+            columns.append(f"pg_try_advisory_xact_lock(hashtextextended({_literal(lock_key(self.lock))}, 0))")
+        return "SELECT " + ", ".join(columns)
+
+    def _send(self, command: str) -> None:
+        """`command` (BEGIN, COMMIT AND CHAIN...), the prologue and a savepoint, in one
+        simple-protocol message. Any error aborts a transaction and frees its locks
+        at once; inside the savepoint it only undoes the batch, and the lock stays."""
+        driver = self.conn.connection.driver_connection
+        assert driver is not None
+        cursor = driver.execute(f"{command}; {self._prologue()}; SAVEPOINT work")
+        cursor.nextset()
+        row = cursor.fetchone()
+        assert row is not None
+        self.in_transaction = True
+        if row[4] and not self.read_only:
+            raise ConfigError(
+                "the database is read-only (a hot standby, or default_transaction_read_only is on): point "
+                "DATABASE_URL at the primary, or add target_session_attrs=read-write"
+            )
+        if self.lock and not row[5]:
+            raise LockHeld(f"another {self.lock} run holds the lock; skipped")
+
+    def begin(self) -> None:
+        if self.on_postgres:
+            self._send("BEGIN READ ONLY" if self.read_only else "BEGIN")
+            return
+        try:
+            self.conn.exec_driver_sql("BEGIN DEFERRED" if self.read_only else "BEGIN IMMEDIATE")
+        except sa.exc.OperationalError as exc:
+            # SQLite has no advisory locks: the write lock taken by BEGIN IMMEDIATE is
+            # the run lock, and "locked" after the busy timeout means someone holds it.
+            if "database is locked" in str(exc.orig):
+                raise LockHeld(f"the SQLite database is locked by another writer; {self.label} skipped") from None
+            raise
+        self.in_transaction = True
+
+    def commit(self) -> None:
+        if self.in_transaction:
+            self.in_transaction = False
+            self.conn.exec_driver_sql("COMMIT")
+
+    def rollback(self) -> None:
+        if not self.in_transaction:
+            return
+        self.in_transaction = False
+        if self.conn.invalidated:  # the connection is gone, and the transaction with it
+            self.conn.rollback()
+            return
+        # If even ROLLBACK fails, closing the connection rolls back all the same.
+        with contextlib.suppress(sa.exc.SQLAlchemyError, KeyboardInterrupt):
+            self.conn.exec_driver_sql("ROLLBACK")
+
+    def commit_and_continue(self) -> None:
+        """End this transaction, keeping its work, and start the next one still locked."""
+        if self.on_postgres:
+            self._send("COMMIT AND CHAIN")
+        else:
+            self.commit()
+            self.begin()
+
+    def undo_work(self) -> None:
+        """Roll back what this transaction did since it began, keeping the lock
+        (PostgreSQL only: SQLite has no row locks to run into)."""
+        self.conn.exec_driver_sql("ROLLBACK TO SAVEPOINT work")
+
+    @contextmanager
+    def probe(self, lock_timeout_ms: int) -> Iterator[None]:
+        """A nested savepoint with a short lock timeout: a statement that meets a held
+        row fails fast, and only that statement is undone."""
+        self.conn.exec_driver_sql(f"SAVEPOINT probe; SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+        restore = f"RELEASE probe; SET LOCAL lock_timeout = {self.settings.lock_timeout_ms}"
+        try:
+            yield
+        except sa.exc.OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) != "55P03":
+                raise
+            self.conn.exec_driver_sql("ROLLBACK TO SAVEPOINT probe")
+            self.conn.exec_driver_sql(restore)
+            raise
+        self.conn.exec_driver_sql(restore)
 
 
 @contextmanager
-def transaction(engine: Engine, settings: BaseCleanupSettings, *, label: str,
-                lock: str | None = None, read_only: bool = False, hold: bool = False) -> Iterator[Connection]:
-    """A transaction with our timeouts set locally, optionally holding a run lock.
-
-    The lock is transaction-scoped (pg_try_advisory_xact_lock): it dies with the
-    transaction or the connection, whatever happens to this process, and works
-    through PgBouncer in transaction mode, where session locks leak. `hold` marks
-    a transaction that only holds the lock while other connections work.
-    """
+def run_transaction(
+    engine: Engine, settings: CleanupSettings, label: str, *, lock: str | None = None, read_only: bool = False
+) -> Iterator[RunConnection]:
+    """A RunConnection in a transaction, committed on success and rolled back otherwise."""
     with engine.connect() as conn:
-        if hold and engine.dialect.name == "sqlite":
-            # SQLite's only lock is the database write lock: holding it for the
-            # run would block the batches themselves. Each batch serialises alone.
-            yield conn
-            return
-        if read_only:
-            conn = conn.execution_options(read_only=True)
+        run = RunConnection(conn, settings, label, lock=lock, read_only=read_only)
+        run.begin()
         try:
-            with conn.begin():
-                if engine.dialect.name == "postgresql":
-                    if read_only:
-                        conn.exec_driver_sql("SET TRANSACTION READ ONLY")
-                    set_local_timeouts(conn, settings, label)
-                    if hold:
-                        # Idle between batches by design; a server-wide idle timeout
-                        # must not end it (and it holds no snapshot, so no vacuum harm).
-                        conn.exec_driver_sql(
-                            "SELECT set_config('idle_in_transaction_session_timeout', '0', true)")
-                    if lock and not conn.scalar(
-                        sa.text("SELECT pg_try_advisory_xact_lock(hashtextextended(:key, 0))"),
-                        {"key": lock_key(lock)},
-                    ):
-                        raise LockHeld(f"another {lock} run holds the lock; skipped")
-                yield conn
-        except sa.exc.OperationalError as exc:
-            # SQLite has no advisory locks: the write lock taken by BEGIN IMMEDIATE
-            # is the run lock, and "locked" after busy_timeout means someone holds it.
-            if engine.dialect.name == "sqlite" and "database is locked" in str(exc.orig):
-                raise LockHeld(f"the SQLite database is locked by another writer; {label} skipped") from None
+            yield run
+        except BaseException:
+            run.rollback()
             raise
+        run.commit()
 
 
-def confirm_lock(holder: Connection) -> None:
-    """Raise (a transient connection error) if the lock-holding connection is gone."""
-    if holder.dialect.name == "postgresql":
-        holder.exec_driver_sql("SELECT 1")
+# -- the catalog ------------------------------------------------------------------------------
 
 
-def delete_batch(conn: Connection, table: sa.Table, due, walk: sa.Column, low_water, limit: int):
-    """Delete up to `limit` due rows, lowest `walk` first; return (count, highest walk value).
+@dataclass(frozen=True)
+class TableInfo:
+    schema: str | None
+    name: str
+    columns: dict[str, str]  # name -> type as the database spells it
+    estimated_rows: int | None  # the planner's reltuples; None when never analyzed (or SQLite)
+    partitioned: bool = False
 
-    PostgreSQL: the rows are picked by the walk column's index from the low-water
-    mark on (never re-reading what earlier batches deleted), locked with SKIP
-    LOCKED (rows the app holds are left for a later run), deleted by ctid (a TID
-    scan, the cheapest way back to a row), and only the count and the highest
-    value come back to Python. `due` is checked again on delete.
-    """
-    picked = sa.select(sa.literal_column("ctid")).select_from(table).where(due)
-    if low_water is not None:
-        picked = picked.where(walk >= low_water)
-    picked = picked.order_by(walk).limit(limit)
+
+# One lookup per table: columns, types and the planner's row estimate. Without a
+# schema the name resolves through search_path, as the unqualified DELETE will.
+PG_TABLE = sa.text("""
+    SELECT n.nspname, c.relname, c.reltuples::bigint, c.relkind = 'p',
+           array_agg(a.attname::text ORDER BY a.attnum),
+           array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum)
+    FROM pg_class c
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+    WHERE c.oid = CASE WHEN CAST(:schema AS text) IS NULL THEN to_regclass(quote_ident(CAST(:name AS text)))
+                       ELSE to_regclass(format('%I.%I', CAST(:schema AS text), CAST(:name AS text))) END
+    GROUP BY n.nspname, c.relname, c.reltuples, c.relkind
+""")
+
+
+def lookup_table(conn: Connection, schema: str | None, name: str) -> TableInfo | None:
     if conn.dialect.name == "postgresql":
-        picked = picked.with_for_update(skip_locked=True)
-        deleted = (
-            sa.delete(table)
-            .where(sa.literal_column("ctid") == sa.func.any(sa.func.array(picked.scalar_subquery())))
-            .where(due)
-            .returning(walk.label("walked"))
-            .cte("deleted")
+        row = conn.execute(PG_TABLE, {"schema": schema, "name": name}).one_or_none()
+        if row is None:
+            return None
+        namespace, relname, reltuples, partitioned, names, types = row
+        return TableInfo(
+            schema=namespace,
+            name=relname,
+            columns=dict(zip(names, types, strict=True)),
+            estimated_rows=reltuples if reltuples >= 0 else None,
+            partitioned=bool(partitioned),
         )
-        count, highest = conn.execute(sa.select(sa.func.count(), sa.func.max(deleted.c.walked))).one()
-        return count, highest
-    # SQLite (demo and tests): rowid plays ctid's part; it has no row locks to skip.
-    picked = picked.with_only_columns(sa.literal_column("rowid"))
-    walked = conn.execute(sa.delete(table).where(sa.literal_column("rowid").in_(picked.scalar_subquery()))
-                          .returning(walk)).scalars().all()
-    return len(walked), max(walked, default=None)
+    rows = conn.exec_driver_sql(f"PRAGMA table_info({_literal(name)})").all()
+    if not rows:
+        return None
+    return TableInfo(schema=None, name=name, columns={row[1]: str(row[2]).lower() for row in rows}, estimated_rows=None)
 
 
-def bind_table(conn: Connection, settings: BaseCleanupSettings, schema: str | None,
-               table_key: str) -> tuple[sa.Table, dict[str, sa.Column]]:
-    """The configured table as SQLAlchemy Core objects, after checking it exists.
+def qualified(schema: str | None, name: str) -> str:
+    return f'"{schema}"."{name}"' if schema else f'"{name}"'
+
+
+@dataclass(frozen=True)
+class BoundTable:
+    """One of the app's tables as SQLAlchemy Core objects, checked against the database."""
+
+    spec: TableSpec
+    table: sa.Table
+    columns: dict[str, ColumnElement[Any]]  # role -> column
+    info: TableInfo
+
+    @property
+    def shown(self) -> str:
+        return qualified(self.table.schema, self.table.name)
+
+
+def bind_table(conn: Connection, settings: CleanupSettings, schema: str | None, spec: TableSpec) -> BoundTable:
+    """The configured table, after checking that it and its columns exist.
 
     Names are always quoted identifiers (never pasted into SQL), and a missing
     table or column is a configuration error naming the setting to fix.
     """
-    spec = TABLES[table_key]
-    table_setting = f"{table_key}_table"
-    name = getattr(settings, table_setting)
-    inspector = sa.inspect(conn)
-    shown = f'"{schema}"."{name}"' if schema else f'"{name}"'
-    if not inspector.has_table(name, schema=schema):
-        raise ConfigError(f"table {shown} not found (setting {env_name(table_setting)})")
-    existing = {column["name"] for column in inspector.get_columns(name, schema=schema)}
-    columns: dict[str, sa.Column] = {}
-    for logical, (_default, type_name) in spec.columns.items():
-        column_setting = f"{table_key}_{logical}_column"
-        column_name = getattr(settings, column_setting)
-        if column_name not in existing:
+    name = settings.table_name(spec)
+    info = lookup_table(conn, schema, name)
+    if info is None:
+        raise ConfigError(f"table {qualified(schema, name)} not found (setting {env_name(table_field(spec))})")
+    columns = []
+    for role, column in spec.roles.items():
+        column_name = settings.column_name(spec, role)
+        if column_name not in info.columns:
             raise ConfigError(
-                f'column "{column_name}" not found in table {shown} (setting {env_name(column_setting)})'
+                f'column "{column_name}" not found in table {qualified(schema, name)} '
+                f"(setting {env_name(column_field(spec, role))})"
             )
-        columns[logical] = sa.Column(quoted_name(column_name, quote=True), _TYPES[type_name]())
-    table = sa.Table(quoted_name(name, quote=True), sa.MetaData(), *columns.values(),
-                     schema=quoted_name(schema, quote=True) if schema else None)
-    return table, {logical: table.c[column.name] for logical, column in columns.items()}
+        columns.append((role, sa.Column(quoted_name(column_name, quote=True), SQL_TYPES[column.type][0]())))
+    table = sa.Table(
+        quoted_name(name, quote=True),
+        sa.MetaData(),
+        *(column for _, column in columns),
+        schema=quoted_name(schema, quote=True) if schema else None,
+    )
+    return BoundTable(
+        spec=spec, table=table, columns={role: table.c[column.name] for role, column in columns}, info=info
+    )
+
+
+# -- batch statements -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LowWater:
+    """Where the next batch starts on the walk column: at `value`, or just past it."""
+
+    value: Any = None
+    exclusive: bool = False
+
+    def clause(self, walk: ColumnElement[Any]) -> ColumnElement[bool]:
+        if self.value is None:
+            return sa.true()
+        return cast("ColumnElement[bool]", walk > self.value if self.exclusive else walk >= self.value)
+
+
+def batch_end(
+    conn: Connection, table: BoundTable, walk: ColumnElement[Any], low: LowWater, rows: int, below: datetime | None
+) -> Any:
+    """The walk value `rows` rows past the low-water mark (an index-only scan of the
+    walk column), or None when fewer rows are left: the end of the next batch."""
+    query = sa.select(walk).select_from(table.table).where(low.clause(walk))
+    if below is not None:
+        query = query.where(walk < below)
+    return conn.scalar(query.order_by(walk).offset(rows).limit(1))
+
+
+def delete_range(
+    conn: Connection, table: BoundTable, due: ColumnElement[bool], walk: ColumnElement[Any], low: LowWater, end: Any
+) -> int:
+    """Delete the due rows from the low-water mark up to (not including) `end`: one
+    index range scan, each row visited once, nothing returned but the count."""
+    statement = sa.delete(table.table).where(due, low.clause(walk))
+    if end is not None:
+        statement = statement.where(walk < end)
+    return int(conn.execute(statement).rowcount)
+
+
+def delete_ties(
+    conn: Connection, table: BoundTable, due: ColumnElement[bool], walk: ColumnElement[Any], value: Any, rows: int
+) -> int:
+    """Delete up to `rows` due rows whose walk value is exactly `value`: for a run of
+    equal values longer than a batch (a mass revocation writes one "revokedAt")."""
+    row_id: ColumnElement[Any] = sa.literal_column("ctid" if conn.dialect.name == "postgresql" else "rowid")
+    picked = sa.select(row_id).select_from(table.table).where(walk == value, due).limit(rows)
+    if conn.dialect.name == "postgresql":
+        chosen: ColumnElement[bool] = row_id == sa.func.any(sa.func.array(picked.scalar_subquery()))
+    else:
+        chosen = row_id.in_(picked.scalar_subquery())
+    return int(conn.execute(sa.delete(table.table).where(chosen, walk == value, due)).rowcount)
+
+
+def count_capped(conn: Connection, table: BoundTable, where: ColumnElement[bool], cap: int) -> int:
+    """How many rows match, counting no further than `cap` (an exact count could scan a
+    whole backlog, and a progress figure does not need it)."""
+    inner = sa.select(sa.literal(1)).select_from(table.table).where(where).limit(cap).subquery()
+    return int(conn.scalar(sa.select(sa.func.count()).select_from(inner)) or 0)
+
+
+def estimate_rows(conn: Connection, table: BoundTable, where: ColumnElement[bool]) -> int:
+    """The planner's estimate of the rows matching `where` (PostgreSQL): no scan at all."""
+    compiled = sa.select(sa.literal(1)).select_from(table.table).where(where).compile(conn)
+    plan = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {compiled}", compiled.params).scalar()
+    return int(plan[0]["Plan"]["Plan Rows"]) if plan else 0

@@ -1,40 +1,77 @@
-"""`skybot-cleanup demo`: the app's tables in a SQLite file, seeded, then cleaned."""
+"""`skybot-cleanup demo`: the app's tables, seeded, then cleaned, in a SQLite file or
+an empty PostgreSQL database (or schema)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
+from skybot_cleanup import db
+from skybot_cleanup.cleanup import RunResult, run_task
+from skybot_cleanup.errors import ConfigError
 from skybot_cleanup.schema import app_metadata
+from skybot_cleanup.settings import CleanupSettings
+from skybot_cleanup.tasks import REGISTRY
 
 DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)
 MINUTE = timedelta(minutes=1)
+ACCOUNT, USER_ACCOUNT = "acc_1", "ua_1"
 
 
-def idempotency_key_row(id_: str, expires: datetime, status: int | None = 200) -> dict:
-    return {"id": id_, "key": f"key-{id_}", "accountId": "acc_1", "endpoint": "/api/messages",
-            "method": "POST", "requestBody": {"text": "hello"}, "statusCode": status,
-            "responseBody": {"ok": True} if status else None,
-            "createdAt": expires - DAY, "expiresAt": expires}
+def idempotency_key_row(id_: str, expires: datetime, status: int | None = 200) -> dict[str, Any]:
+    return {
+        "id": id_,
+        "key": f"key-{id_}",
+        "accountId": ACCOUNT,
+        "endpoint": "/api/messages",
+        "method": "POST",
+        "requestBody": {"text": "hello"},
+        "statusCode": status,
+        "responseBody": {"ok": True} if status else None,
+        "createdAt": expires - DAY,
+        "expiresAt": expires,
+    }
 
 
-def refresh_token_row(id_: str, expires: datetime, revoked: datetime | None = None) -> dict:
-    return {"id": id_, "token": f"tok-{id_}", "userAccountId": "ua_1", "accountId": "acc_1",
-            "ipAddress": "203.0.113.7", "userAgent": "Mozilla/5.0", "deviceInfo": {"os": "iOS"},
-            "expiresAt": expires, "revokedAt": revoked,
-            "revokedReason": "logout" if revoked else None, "lastUsedAt": None,
-            "createdAt": expires - 30 * DAY, "updatedAt": revoked or expires - 30 * DAY}
+def refresh_token_row(id_: str, expires: datetime, revoked: datetime | None = None) -> dict[str, Any]:
+    return {
+        "id": id_,
+        "token": f"tok-{id_}",
+        "userAccountId": USER_ACCOUNT,
+        "accountId": ACCOUNT,
+        "ipAddress": "203.0.113.7",
+        "userAgent": "Mozilla/5.0",
+        "deviceInfo": {"os": "iOS"},
+        "expiresAt": expires,
+        "revokedAt": revoked,
+        "revokedReason": "logout" if revoked else None,
+        "lastUsedAt": expires - 29 * DAY,
+        "createdAt": expires - 30 * DAY,
+        "updatedAt": revoked or expires - 30 * DAY,
+    }
 
 
-def magic_link_row(id_: str, expires: datetime, used: bool = False) -> dict:
-    return {"id": id_, "email": "ops@example.com", "token": f"ml-{id_}", "used": used,
-            "expiresAt": expires, "createdAt": expires - 15 * MINUTE}
+def magic_link_row(id_: str, expires: datetime, used: bool = False) -> dict[str, Any]:
+    return {
+        "id": id_,
+        "email": "ops@example.com",
+        "token": f"ml-{id_}",
+        "used": used,
+        "expiresAt": expires,
+        "createdAt": expires - 15 * MINUTE,
+    }
 
 
-def seed_rows(now: datetime) -> dict[str, list[dict]]:
+PARENT_ROWS = {"Account": [{"id": ACCOUNT}], "UserAccount": [{"id": USER_ACCOUNT, "accountId": ACCOUNT}]}
+
+
+def seed_rows(now: datetime) -> dict[str, list[dict[str, Any]]]:
     """A small, realistic mix; each id says what the row is and which task removes it."""
     key, token, link = idempotency_key_row, refresh_token_row, magic_link_row
     return {
@@ -63,25 +100,101 @@ def seed_rows(now: datetime) -> dict[str, list[dict]]:
     }
 
 
-def create_demo_database(path: Path, now: datetime) -> str:
-    """(Re)create the demo file and return its URL."""
-    path = path.resolve()
+def insert_rows(
+    conn: sa.Connection, metadata: sa.MetaData, rows: dict[str, list[dict[str, Any]]], schema: str | None = None
+) -> None:
+    """Insert rows (by table name), with the parent rows their foreign keys need."""
+    prefix = f"{schema}." if schema else ""
+    for parent, parent_rows in PARENT_ROWS.items():
+        table = metadata.tables[prefix + parent]
+        existing = set(conn.scalars(sa.select(table.c.id)))
+        missing = [row for row in parent_rows if row["id"] not in existing]
+        if missing:
+            conn.execute(table.insert(), missing)
+    for name, table_rows in rows.items():
+        if table_rows:
+            conn.execute(metadata.tables[prefix + name].insert(), table_rows)
+
+
+@dataclass
+class DemoDatabase:
+    url: str
+    schema: str | None
+    metadata: sa.MetaData
+
+
+def create(url: str, now: datetime, settings: CleanupSettings) -> DemoDatabase:
+    """Create and seed the app's tables: a SQLite file is (re)created; a PostgreSQL
+    database or schema must hold no tables at all, to protect real data."""
+    target = db.parse_database_url(url, settings.schema_name)
+    metadata = app_metadata(settings, schema=target.schema)
+    if target.is_postgres:
+        engine = db.create_engine(target, settings, "demo")
+        try:
+            with engine.connect() as conn:
+                found = _user_tables(conn, target.schema)
+                if found:
+                    raise ConfigError(
+                        f"refusing to seed demo rows into a database that already has tables "
+                        f"({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}): give an "
+                        "empty database, or an empty ?schema="
+                    )
+                conn.exec_driver_sql("BEGIN")
+                if target.schema:
+                    conn.execute(sa.schema.CreateSchema(target.schema, if_not_exists=True))
+                metadata.create_all(conn)
+                insert_rows(conn, metadata, seed_rows(now), target.schema)
+                conn.exec_driver_sql("COMMIT")
+        finally:
+            engine.dispose()
+        return DemoDatabase(url, target.schema, metadata)
+    path = Path(sa.make_url(url).database or "skybot-demo.db").resolve()
     path.unlink(missing_ok=True)
-    url = f"sqlite:///{path}"
-    engine = sa.create_engine(url)
-    metadata = app_metadata()
-    metadata.create_all(engine)
-    with engine.begin() as conn:
-        for table_name, rows in seed_rows(now).items():
-            conn.execute(metadata.tables[table_name].insert(), rows)
-    engine.dispose()
-    return url
+    sqlite_url = f"sqlite:///{path}"
+    engine = sa.create_engine(sqlite_url)
+    try:
+        metadata.create_all(engine)
+        with engine.begin() as conn:
+            insert_rows(conn, metadata, seed_rows(now))
+    finally:
+        engine.dispose()
+    return DemoDatabase(sqlite_url, None, metadata)
 
 
-def ids_by_table(url: str) -> dict[str, set[str]]:
-    engine = sa.create_engine(url)
-    metadata = app_metadata()
-    with engine.connect() as conn:
-        found = {name: set(conn.scalars(sa.select(table.c.id))) for name, table in metadata.tables.items()}
-    engine.dispose()
-    return found
+def _user_tables(conn: sa.Connection, schema: str | None) -> list[str]:
+    query = (
+        "SELECT table_schema || '.' || table_name FROM information_schema.tables "
+        "WHERE table_schema NOT IN ('pg_catalog', 'information_schema')"
+    )
+    if schema:
+        return list(conn.scalars(sa.text(query + " AND table_schema = :s ORDER BY 1"), {"s": schema}))
+    return list(conn.scalars(sa.text(query + " ORDER BY 1")))
+
+
+def ids_by_table(demo: DemoDatabase, settings: CleanupSettings) -> dict[str, set[str]]:
+    target = db.parse_database_url(demo.url, demo.schema)
+    engine = db.create_engine(target, settings, "demo")
+    try:
+        with engine.connect() as conn:
+            prefix = f"{demo.schema}." if demo.schema else ""
+            tables = [demo.metadata.tables[prefix + settings.table_name(spec)] for spec in REGISTRY.tables]
+            return {table.name: set(conn.scalars(sa.select(table.c.id))) for table in tables}
+    finally:
+        engine.dispose()
+
+
+@dataclass
+class DemoStep:
+    result: RunResult
+    rule: str
+    removed: list[str]
+
+
+def run(demo: DemoDatabase, settings: CleanupSettings, now: datetime) -> Iterable[DemoStep]:
+    """Every task in turn, with the ids each one removed."""
+    for task in REGISTRY.tasks:
+        before = ids_by_table(demo, settings)
+        result = run_task(settings, task, now=now)
+        after = ids_by_table(demo, settings)
+        removed = sorted(set().union(*(before[name] - after[name] for name in before)))
+        yield DemoStep(result, task.rule, removed)

@@ -1,8 +1,10 @@
-"""The one place where failures become statuses, exit codes and one-line messages."""
+"""The one place where failures become statuses, exit codes, retry decisions and
+one-line messages."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 EXIT_OK = 0
@@ -45,20 +47,59 @@ class Interrupted(KeyboardInterrupt):
 
 @dataclass(frozen=True)
 class Failure:
-    status: str
+    status: str  # failed | skipped | interrupted
     exit_code: int
     error_class: str
     message: str
+    transient: bool = False  # worth retrying
 
 
-# SQLSTATE classes that mean the configuration does not match the database,
-# which retrying cannot fix: undefined table/column/schema, privileges.
-_CONFIG_SQLSTATES = {"42P01", "42703", "3F000", "42501", "28P01", "28000", "3D000"}
+# SQLSTATEs that mean the configuration does not match the database, which retrying
+# cannot fix: undefined table/column/schema, privileges, authentication, unknown
+# database, a read-only transaction (a hot standby, or default_transaction_read_only).
+_CONFIG_SQLSTATES = {"42P01", "42703", "3F000", "42501", "28P01", "28000", "3D000", "25006"}
+# Worth retrying: serialization failure, deadlock, lock timeout, server shutting down
+# or restarting, a terminated backend, too many connections, and class 08
+# (connection exceptions). A statement timeout (57014) is not: it would recur.
+_TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300"}
+
+# psycopg's connection errors carry no SQLSTATE: the server's FATAL text (or libpq's
+# own) says what went wrong. These are configuration, each with the fix.
+_CONNECTION_CONFIG = [
+    (re.compile(p, re.I), hint)
+    for p, hint in (
+        (
+            r"password authentication failed|authentication failed for user|password is required|"
+            r"no password supplied",
+            "check the user and password of DATABASE_URL",
+        ),
+        (r'role ".*" does not exist|no such user', "check the user of DATABASE_URL"),
+        (r'database ".*" does not exist|no such database', "check the database name of DATABASE_URL"),
+        (
+            r"no pg_hba\.conf entry|pg_hba\.conf rejects connection",
+            "the server's pg_hba.conf does not admit this user, host or TLS mode",
+        ),
+        (r"permission denied for database", "GRANT CONNECT ON DATABASE to this role"),
+        (
+            r"certificate verify failed|does not match host name|root certificate file|certificate file|"
+            r"private key file|server does not support SSL|SSL is not enabled|SSL connection is required|"
+            r"sslmode value|unsupported protocol|tlsv1 alert",
+            "check the TLS settings of DATABASE_URL",
+        ),
+        (
+            r"invalid connection option|invalid URI query parameter|invalid integer value|invalid .* value:|"
+            r"unrecognized .* parameter",
+            "check the parameters of DATABASE_URL",
+        ),
+    )
+]
 _SQLITE_CONFIG_MESSAGES = ("no such table", "no such column", "unable to open database")
 
 
-def classify(exc: BaseException, secrets: tuple[str, ...] = ()) -> Failure:
-    """Map any exception of a run to what the user sees and the process returns."""
+def classify(exc: BaseException, secrets: Iterable[str] = ()) -> Failure:
+    """Map any exception of a run to what the user sees, what the process returns,
+    and whether a retry could help."""
+    secrets = tuple(secrets)
     if isinstance(exc, Interrupted):
         return Failure("interrupted", exc.exit_code, "Interrupted", f"interrupted by signal {exc.signum}")
     if isinstance(exc, CleanupError):
@@ -66,37 +107,51 @@ def classify(exc: BaseException, secrets: tuple[str, ...] = ()) -> Failure:
 
     original = getattr(exc, "orig", None) or exc
     error_class = type(original).__name__
+    full_text = str(original)
     message = redact(_first_line(original), secrets)
     sqlstate = getattr(original, "sqlstate", None)
-    if sqlstate in _CONFIG_SQLSTATES or (
-        type(original).__module__ == "sqlite3" and message.lower().startswith(_SQLITE_CONFIG_MESSAGES)
-    ):
+    driver = type(original).__module__.split(".")[0]
+
+    if sqlstate in _CONFIG_SQLSTATES:
+        return Failure("failed", EXIT_CONFIG, error_class, message + _SQLSTATE_HINTS.get(sqlstate, ""))
+    if driver == "sqlite3" and message.lower().startswith(_SQLITE_CONFIG_MESSAGES):
         return Failure("failed", EXIT_CONFIG, error_class, message)
+    if sqlstate:
+        transient = sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08")
+        return Failure("failed", EXIT_FAILURE, error_class, message, transient=transient)
+    if driver == "psycopg" and _is_connection_error(original):
+        for pattern, hint in _CONNECTION_CONFIG:
+            if pattern.search(full_text):
+                return Failure("failed", EXIT_CONFIG, error_class, f"{_fatal(full_text, secrets)} ({hint})")
+        # Refused, reset, timed out, closed by the server, starting up: may pass.
+        return Failure("failed", EXIT_FAILURE, error_class, message, transient=True)
+    if getattr(exc, "connection_invalidated", False):
+        return Failure("failed", EXIT_FAILURE, error_class, message, transient=True)
     return Failure("failed", EXIT_FAILURE, error_class, message)
 
 
-# Worth retrying: serialization failure, deadlock, lock timeout, server shutting
-# down or restarting, a terminated backend, too many connections, and class 08
-# (connection exceptions). A statement timeout (57014) is not: it would recur.
-_TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300"}
+def _is_connection_error(exc: BaseException) -> bool:
+    """psycopg's OperationalError family (ConnectionTimeout included) and InterfaceError."""
+    import psycopg
+
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+
+
+_SQLSTATE_HINTS = {
+    "25006": " (the database is read-only: a hot standby, or default_transaction_read_only is on; "
+    "point DATABASE_URL at the primary, or add target_session_attrs=read-write)",
+    "42501": " (`skybot-cleanup check` prints the GRANT this role needs)",
+}
 
 
 def is_transient(exc: BaseException) -> bool:
-    original = getattr(exc, "orig", None) or exc
-    if type(original).__module__.split(".")[0] != "psycopg":
-        return False
-    sqlstate = getattr(original, "sqlstate", None)
-    if sqlstate:
-        return sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08")
-    # No SQLSTATE: the connection itself failed (refused, reset, closed by the server).
-    import psycopg
-
-    return isinstance(original, psycopg.OperationalError)
+    return classify(exc).transient
 
 
 def is_connection_failure(exc: BaseException) -> bool:
     """The database could not be reached (or went away): nothing more can be written there."""
-    if not is_transient(exc):
+    failure = classify(exc)
+    if not failure.transient:
         return False
     sqlstate = getattr(getattr(exc, "orig", None) or exc, "sqlstate", None) or ""
     return not sqlstate or sqlstate.startswith(("08", "57P"))
@@ -107,26 +162,33 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+def _fatal(text: str, secrets: tuple[str, ...]) -> str:
+    """The server's own reason from a libpq connection error, on one line."""
+    match = re.search(r"(?:FATAL|ERROR):\s+(.*)", text)
+    reason = match.group(1) if match else _first_line(Exception(text)).removeprefix("connection failed: ")
+    return redact(reason.strip(), secrets)
 
 
-def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^\s]*@")
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """Remove passwords, whether they came in a URL or anywhere else in a message."""
     text = _URL_PASSWORD.sub(r"\1***@", text)
     for secret in secrets:
-        if secret:
+        if secret and len(secret) >= 3:
             text = text.replace(secret, "***")
     return text
 
 
-def worst_exit_code(codes) -> int:
+def worst_exit_code(codes: Iterable[int]) -> int:
     """The exit code of several runs: configuration errors first, then failures,
     interruptions, skips; 0 only when every run succeeded."""
-    codes = list(codes)
+    found = list(codes)
     for wanted in (EXIT_CONFIG, EXIT_FAILURE):
-        if wanted in codes:
+        if wanted in found:
             return wanted
-    interrupted = [code for code in codes if code > 128]
+    interrupted = [code for code in found if code > 128]
     if interrupted:
         return interrupted[0]
-    return EXIT_SKIPPED if EXIT_SKIPPED in codes else EXIT_OK
+    return EXIT_SKIPPED if EXIT_SKIPPED in found else EXIT_OK

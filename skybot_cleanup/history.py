@@ -1,39 +1,75 @@
-"""Run history and metric snapshots, kept in the tool's own tables.
+"""Run history and metric snapshots, kept in the tool's own tables, with a local spool
+for the runs the database could not take.
 
-On PostgreSQL they live in a schema of their own (`skybot_cleanup` by default), so
-the app's Prisma migrations and drift checks never see them; on SQLite, whose
-databases have no schemas, the table names carry a prefix instead. Recording is
-best effort: a cleanup never fails because its history could not be written.
+On PostgreSQL the tables live in a schema of their own (`skybot_cleanup` by
+default), so the app's Prisma migrations and drift checks never see them; on
+SQLite, whose databases have no schemas, the table names carry a prefix instead.
+
+Recording is best effort and cheap: an INSERT and a pruning DELETE in one bounded
+transaction. The tables are created the first time an insert finds them missing,
+under an advisory lock (two first runs at once would otherwise collide in the
+catalog), and creating them needs the database's CREATE privilege only when the
+schema does not exist yet. A run that cannot write its row (database down, no
+privilege) leaves it in the state directory, and the next run that can write
+records it with its real time and error.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from skybot_cleanup import db
+from skybot_cleanup.clock import iso_utc, parse_iso, utc_now
+from skybot_cleanup.errors import classify
 from skybot_cleanup.logs import get_logger
+from skybot_cleanup.settings import CleanupSettings
 
-_warned = False
+_warned: set[str] = set()
+REAL_STATUSES = ("ok", "failed", "interrupted")  # what a scheduled run can end as (skips aside)
+
+
+class Outcome(Protocol):
+    """What history needs of a run's result (cleanup.RunResult)."""
+
+    task: str
+    status: str
+    dry_run: bool
+    rows: int
+    cutoff: str
+    duration_ms: int
+    run_id: str
+    exit_code: int
+    finished_at: str | None
+    error_class: str | None
+    error: str | None
 
 
 @dataclass(frozen=True)
 class HistoryTables:
     runs: sa.Table
     snapshots: sa.Table
+    meta: sa.Table
 
 
 def history_tables(dialect_name: str, schema: str) -> HistoryTables:
     on_sqlite = dialect_name == "sqlite"
     prefix = f"{schema}_" if on_sqlite else ""
     metadata = sa.MetaData(schema=None if on_sqlite else schema)
+    big_id = sa.BigInteger().with_variant(sa.Integer, "sqlite")
     runs = sa.Table(
-        f"{prefix}runs", metadata,
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+        f"{prefix}runs",
+        metadata,
+        sa.Column("id", big_id, primary_key=True, autoincrement=True),
         sa.Column("run_id", sa.Text, nullable=False),
         sa.Column("task", sa.Text, nullable=False),
         sa.Column("status", sa.Text, nullable=False),
@@ -46,62 +82,244 @@ def history_tables(dialect_name: str, schema: str) -> HistoryTables:
         sa.Column("host", sa.Text, nullable=False),
         sa.Column("error_class", sa.Text),
         sa.Column("error", sa.Text),
-        # status and last-success queries read the newest rows of one task.
+        # status, history and last-success queries read the newest rows of one task.
         sa.Index(f"{prefix}runs_task_finished_idx", "task", "finished_at"),
         sa.Index(f"{prefix}runs_finished_idx", "finished_at"),
     )
     snapshots = sa.Table(
-        f"{prefix}metric_snapshots", metadata,
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+        f"{prefix}metric_snapshots",
+        metadata,
+        sa.Column("id", big_id, primary_key=True, autoincrement=True),
         sa.Column("taken_at", sa.DateTime, nullable=False, index=True),
         sa.Column("host", sa.Text, nullable=False),
         sa.Column("snapshot", sa.Text, nullable=False),  # JSON, as text for SQLite's sake
     )
-    return HistoryTables(runs, snapshots)
+    # When the tool first saw this database: status shows never-run tasks PENDING until then.
+    meta = sa.Table(
+        f"{prefix}meta",
+        metadata,
+        sa.Column("key", sa.Text, primary_key=True),
+        sa.Column("value", sa.Text, nullable=False),
+    )
+    return HistoryTables(runs, snapshots, meta)
+
+
+def _tables(conn: Connection, settings: CleanupSettings) -> HistoryTables:
+    return history_tables(conn.dialect.name, settings.history_schema)
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+_DDL_LOCK = "history-ddl"
 
 
 def ensure_tables(conn: Connection, tables: HistoryTables, schema: str) -> None:
+    """Create what is missing, serialised across processes; needs no database CREATE
+    privilege when the schema exists (CREATE SCHEMA IF NOT EXISTS would)."""
     if conn.dialect.name == "postgresql":
-        conn.execute(sa.schema.CreateSchema(schema, if_not_exists=True))
+        conn.execute(
+            sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": db.lock_key(_DDL_LOCK)}
+        )
+        exists = conn.scalar(sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :schema"), {"schema": schema})
+        if not exists:
+            conn.execute(sa.schema.CreateSchema(schema))
     tables.runs.metadata.create_all(conn, checkfirst=True)
+    seen = sa.select(tables.meta.c.key).where(tables.meta.c.key == "first_seen")
+    if conn.scalar(seen) is None:
+        conn.execute(tables.meta.insert(), {"key": "first_seen", "value": iso_utc(utc_now())})
 
 
-def _prune(conn: Connection, tables: HistoryTables, retention_days: int, now: datetime) -> None:
-    horizon = now - timedelta(days=retention_days)
-    conn.execute(sa.delete(tables.runs).where(tables.runs.c.finished_at < horizon))
-    conn.execute(sa.delete(tables.snapshots).where(tables.snapshots.c.taken_at < horizon))
+def _missing_table(exc: sa.exc.DBAPIError) -> bool:
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return sqlstate in ("42P01", "3F000") or "no such table" in str(exc.orig)
 
 
-def _warn_once(exc: BaseException) -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        from skybot_cleanup.errors import classify
+def _write(
+    engine: Engine,
+    settings: CleanupSettings,
+    rows: list[dict[str, Any]] | None = None,
+    snapshot: tuple[datetime, str] | None = None,
+) -> None:
+    with engine.connect() as conn:
+        run = db.RunConnection(conn, settings, "history")
+        run.begin()
+        try:
+            tables = _tables(conn, settings)
 
-        failure = classify(exc)
-        get_logger().warning("history_unavailable", error_class=failure.error_class, error=failure.message,
-                             hint="the cleanup itself is unaffected; set SKYBOT_CLEANUP_HISTORY=false to stop trying")
+            def insert() -> None:
+                if rows:
+                    conn.execute(tables.runs.insert(), rows)
+                if snapshot:
+                    conn.execute(
+                        tables.snapshots.insert(),
+                        {"taken_at": snapshot[0], "host": socket.gethostname(), "snapshot": snapshot[1]},
+                    )
+
+            try:
+                insert()
+            except sa.exc.DBAPIError as exc:
+                if not _missing_table(exc):
+                    raise
+                if run.on_postgres:
+                    run.undo_work()
+                ensure_tables(conn, tables, settings.history_schema)
+                insert()
+            horizon = utc_now() - timedelta(days=settings.history_retention_days)
+            conn.execute(sa.delete(tables.runs).where(tables.runs.c.finished_at < horizon))
+            conn.execute(sa.delete(tables.snapshots).where(tables.snapshots.c.taken_at < horizon))
+            run.commit()
+        finally:
+            run.rollback()
 
 
-def record(engine: Engine, settings, *, run: dict | None = None, snapshot: dict | None = None,
-           now: datetime) -> bool:
-    """Write one run or snapshot, create the tables if needed, prune old rows. Never raises."""
+def _row(outcome: Outcome, host: str | None = None) -> dict[str, Any]:
+    return {
+        "run_id": outcome.run_id,
+        "task": outcome.task,
+        "status": outcome.status,
+        "dry_run": outcome.dry_run,
+        "rows": outcome.rows,
+        "cutoff": parse_iso(outcome.cutoff),
+        "finished_at": parse_iso(outcome.finished_at) if outcome.finished_at else utc_now(),
+        "duration_ms": outcome.duration_ms,
+        "exit_code": outcome.exit_code,
+        "host": host or socket.gethostname(),
+        "error_class": outcome.error_class,
+        "error": outcome.error,
+    }
+
+
+def record_run(engine: Engine | None, settings: CleanupSettings, outcome: Outcome, database: str) -> bool:
+    """Write a run's row, with any spooled ones; spool it when the database cannot
+    take it (engine None: known unreachable). Never raises."""
+    if not settings.history:
+        return False
+    row = _row(outcome)
+    if engine is not None:
+        spool = Spool.for_settings(settings)
+        claimed = spool.claim(database) if spool else []
+        try:
+            _write(engine, settings, rows=[*(entry for _, entry in claimed), row])
+            if spool:
+                spool.done(path for path, _ in claimed)
+            return True
+        except Exception as exc:  # best effort, by design
+            if spool:
+                spool.release(path for path, _ in claimed)
+            _warn_once("history_unavailable", exc)
+    _spool(settings, database, row)
+    return False
+
+
+def record_snapshot(engine: Engine, settings: CleanupSettings, taken_at: datetime, snapshot: str) -> bool:
     if not settings.history:
         return False
     try:
-        tables = history_tables(engine.dialect.name, settings.history_schema)
-        with engine.begin() as conn:
-            ensure_tables(conn, tables, settings.history_schema)
-            if run is not None:
-                conn.execute(tables.runs.insert(), {**run, "host": socket.gethostname()})
-            if snapshot is not None:
-                conn.execute(tables.snapshots.insert(), {"taken_at": now, "host": socket.gethostname(),
-                                                         "snapshot": json.dumps(snapshot, default=str)})
-            _prune(conn, tables, settings.history_retention_days, now)
+        _write(engine, settings, snapshot=(taken_at, snapshot))
         return True
-    except Exception as exc:  # best effort, by design
-        _warn_once(exc)
+    except Exception as exc:
+        _warn_once("history_unavailable", exc)
         return False
+
+
+def _warn_once(event: str, exc: BaseException) -> None:
+    if event not in _warned:
+        _warned.add(event)
+        failure = classify(exc)
+        get_logger().warning(
+            event,
+            error_class=failure.error_class,
+            error=failure.message,
+            hint="the cleanup itself is unaffected; runs are kept in the state directory "
+            "until the history can take them (SKYBOT_CLEANUP_HISTORY=false stops trying)",
+        )
+
+
+# -- the local spool --------------------------------------------------------------------------
+
+
+def state_directory(settings: CleanupSettings, environ: Mapping[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    if settings.state_dir:
+        return Path(settings.state_dir)
+    if environ.get("STATE_DIRECTORY"):  # systemd's StateDirectory=; several are ':'-separated
+        return Path(environ["STATE_DIRECTORY"].split(":")[0])
+    base = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "skybot-cleanup"
+
+
+class Spool:
+    """Run rows waiting for the database, one JSON file each (atomic to write, and
+    claimed by rename so that two runs never record the same row twice)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    @classmethod
+    def for_settings(cls, settings: CleanupSettings) -> Spool | None:
+        directory = state_directory(settings) / "pending-runs"
+        return cls(directory) if directory.is_dir() else None
+
+    def add(self, database: str, row: dict[str, Any]) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"{row['finished_at']:%Y%m%dT%H%M%S%f}-{row['run_id']}.json"
+        temporary = self.directory / f".{name}.tmp"
+        temporary.write_text(json.dumps({"database": database, **row}, default=_json_default))
+        path = self.directory / name
+        temporary.replace(path)
+        return path
+
+    def claim(self, database: str) -> list[tuple[Path, dict[str, Any]]]:
+        claimed = []
+        for path in sorted(self.directory.glob("*.json")):
+            mine = path.with_name(f"{path.name}.claimed-{os.getpid()}")
+            try:
+                path.rename(mine)
+                entry = json.loads(mine.read_text())
+            except (OSError, ValueError):
+                continue  # another run claimed it first, or it is unreadable
+            if entry.pop("database", None) != database:
+                mine.rename(path)
+                continue
+            for key in ("cutoff", "finished_at"):
+                entry[key] = parse_iso(entry[key])
+            claimed.append((mine, entry))
+        return claimed
+
+    def done(self, paths: Iterable[Path]) -> None:
+        for path in paths:
+            path.unlink(missing_ok=True)
+
+    def release(self, paths: Iterable[Path]) -> None:
+        for path in paths:
+            path.rename(path.with_name(path.name.rsplit(".claimed-", 1)[0]))
+
+    def pending(self) -> int:
+        return sum(1 for _ in self.directory.glob("*.json")) if self.directory.is_dir() else 0
+
+
+def _spool(settings: CleanupSettings, database: str, row: dict[str, Any]) -> None:
+    directory = state_directory(settings) / "pending-runs"
+    try:
+        Spool(directory).add(database, row)
+    except OSError as exc:
+        if "spool" not in _warned:
+            _warned.add("spool")
+            get_logger().warning(
+                "run_not_recorded",
+                error=f"cannot write {directory}: {exc.strerror}",
+                hint="set SKYBOT_CLEANUP_STATE_DIR to a writable directory; until then the "
+                "logs and the heartbeat are this run's only record",
+            )
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, datetime):
+        return iso_utc(value) or ""
+    raise TypeError(type(value).__name__)
+
+
+# -- reading ----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -120,25 +338,99 @@ class TaskHistory:
         return "ok" if self.last_success_at else None
 
 
-def task_histories(conn: Connection, settings, task_names: list[str]) -> dict[str, TaskHistory]:
-    """Last success and last failure of each task (dry runs and skips aside). Empty when
-    history is off or was never written."""
+@dataclass(frozen=True)
+class HistoryState:
+    """What the history knows, for status and metrics."""
+
+    available: bool  # the tables exist and could be read
+    first_seen: datetime | None
+    tasks: dict[str, TaskHistory]
+    last_snapshot_at: datetime | None
+
+
+def _readable(conn: Connection, table: sa.Table) -> bool:
+    return db.lookup_table(conn, table.schema, table.name) is not None
+
+
+def read_state(conn: Connection, settings: CleanupSettings, task_names: list[str]) -> HistoryState:
+    """Last success and last failure of each task (dry runs and skips aside), when the
+    tool first saw the database, and the newest metrics snapshot."""
     found = {name: TaskHistory() for name in task_names}
     if not settings.history:
-        return found
-    runs = history_tables(conn.dialect.name, settings.history_schema).runs
-    if not sa.inspect(conn).has_table(runs.name, schema=runs.schema):
-        return found
-    real = sa.and_(runs.c.dry_run.is_(False), runs.c.status.in_(["ok", "failed", "interrupted"]))
+        return HistoryState(False, None, found, None)
+    tables = _tables(conn, settings)
+    if not _readable(conn, tables.runs):
+        return HistoryState(False, None, found, None)
+    runs = tables.runs
+    real = sa.and_(runs.c.dry_run.is_(False), runs.c.status.in_(REAL_STATUSES))
     for name in task_names:
-        newest = (sa.select(runs).where(runs.c.task == name, real)
-                  .order_by(runs.c.finished_at.desc()).limit(1))
+        newest = sa.select(runs).where(runs.c.task == name, real).order_by(runs.c.finished_at.desc()).limit(1)
         success = conn.execute(newest.where(runs.c.status == "ok")).mappings().first()
         failure = conn.execute(newest.where(runs.c.status != "ok")).mappings().first()
-        history = found[name]
+        past = found[name]
         if success:
-            history.last_success_at, history.last_success_rows = success["finished_at"], success["rows"]
+            past.last_success_at, past.last_success_rows = success["finished_at"], success["rows"]
         if failure:
-            history.last_failure_at, history.last_failure_status = failure["finished_at"], failure["status"]
-            history.last_failure_error = f"{failure['error_class']}: {failure['error']}"
-    return found
+            past.last_failure_at, past.last_failure_status = failure["finished_at"], failure["status"]
+            past.last_failure_error = f"{failure['error_class']}: {failure['error']}"
+    first_seen = None
+    if _readable(conn, tables.meta):
+        value = conn.scalar(sa.select(tables.meta.c.value).where(tables.meta.c.key == "first_seen"))
+        first_seen = parse_iso(value) if value else None
+    if first_seen is None:  # tables made by a version without `meta`: the oldest record will do
+        first_seen = conn.scalar(sa.select(sa.func.min(runs.c.finished_at)))
+    last_snapshot = conn.scalar(sa.select(sa.func.max(tables.snapshots.c.taken_at)))
+    return HistoryState(True, first_seen, found, last_snapshot)
+
+
+@dataclass(frozen=True)
+class HistoryQuery:
+    task: str | None = None
+    status: str | None = None  # ok | failed | skipped | interrupted
+    since: datetime | None = None
+    limit: int = 50
+
+
+def list_runs(conn: Connection, settings: CleanupSettings, query: HistoryQuery) -> Iterator[dict[str, Any]]:
+    """Recorded runs, newest first."""
+    runs = _tables(conn, settings).runs
+    if not _readable(conn, runs):
+        return iter(())
+    statement = sa.select(runs).where(*_filters(runs, query)).order_by(runs.c.finished_at.desc(), runs.c.id.desc())
+    return iter([dict(row) for row in conn.execute(statement.limit(query.limit)).mappings()])
+
+
+def summarize(conn: Connection, settings: CleanupSettings, query: HistoryQuery) -> list[dict[str, Any]]:
+    """Per task over the window: runs, failures and rows deleted (dry runs aside)."""
+    runs = _tables(conn, settings).runs
+    if not _readable(conn, runs):
+        return []
+    failed = sa.case((runs.c.status.in_(["failed", "interrupted"]), 1), else_=0)
+    deleted = sa.case((sa.and_(runs.c.status == "ok", runs.c.dry_run.is_(False)), runs.c.rows), else_=0)
+    statement = (
+        sa.select(
+            runs.c.task,
+            sa.func.count().label("runs"),
+            sa.func.sum(failed).label("failures"),
+            sa.func.sum(deleted).label("rows_deleted"),
+            sa.func.max(runs.c.finished_at).label("last"),
+        )
+        .where(*_filters(runs, query))
+        .group_by(runs.c.task)
+        .order_by(runs.c.task)
+    )
+    return [
+        {**row, "failures": int(row["failures"] or 0), "rows_deleted": int(row["rows_deleted"] or 0)}
+        for row in conn.execute(statement).mappings()
+    ]
+
+
+def _filters(runs: sa.Table, query: HistoryQuery) -> list[sa.ColumnElement[bool]]:
+    filters: list[sa.ColumnElement[bool]] = []
+    if query.task:
+        filters.append(runs.c.task == query.task)
+    if query.status:
+        filters.append(runs.c.status == query.status)
+    if query.since:
+        filters.append(runs.c.finished_at >= query.since)
+    return filters

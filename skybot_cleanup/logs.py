@@ -1,11 +1,19 @@
-"""structlog on stderr: JSON for machines, key=value for people at a terminal."""
+"""structlog on stderr: JSON for machines, key=value for people at a terminal.
+
+In JSON mode nothing else reaches stderr: the one line a failure ends with is a
+JSON event too, so a syslog or log pipeline gets one parseable record per event.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import Any, TextIO, cast
 
 import structlog
+
+_as_json: bool | None = None
 
 
 class _CurrentStderr:
@@ -19,11 +27,10 @@ class _CurrentStderr:
 
 
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
-    as_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
-    renderer = (
-        structlog.processors.JSONRenderer()
-        if as_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    global _as_json
+    _as_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if _as_json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
         processors=[
@@ -33,12 +40,38 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        # stdout belongs to --json results; logs never mix into it.
-        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
+        # stdout belongs to results (--json); logs never mix into it.
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _CurrentStderr())),
         # Not cached, so a reconfiguration (tests, a second CLI call) takes effect.
         cache_logger_on_first_use=False,
     )
 
 
-def get_logger():
+def reset() -> None:
+    """Forget the configured format (each CLI invocation configures its own)."""
+    global _as_json
+    _as_json = None
+
+
+def logs_are_json() -> bool:
+    """The configured format; before the settings load (or when they fail), what the
+    environment asks for."""
+    if _as_json is not None:
+        return _as_json
+    asked = os.environ.get("SKYBOT_CLEANUP_LOG_FORMAT", "auto").lower()
+    return asked == "json" or (asked != "console" and not sys.stderr.isatty())
+
+
+def get_logger() -> Any:
     return structlog.get_logger("skybot_cleanup")
+
+
+def report_failure(message: str, *, logged: bool = False, **fields: Any) -> None:
+    """The one line a failed command ends with: `skybot-cleanup: <message>` for a person,
+    an `error` event in JSON mode (skipped when the failure was logged already)."""
+    if not logs_are_json():
+        print(f"skybot-cleanup: {message}", file=sys.stderr)
+    elif not logged:
+        if _as_json is None:
+            configure_logging("json")
+        get_logger().error("error", error=message.removeprefix("error: "), **fields)

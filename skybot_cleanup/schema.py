@@ -1,72 +1,84 @@
-"""The app's three tables as Prisma creates them, for the demo, the tests and the benchmark.
+"""The app's tables as its Prisma migrations create them, built from the registry:
+the test, demo and benchmark schema. Constraint and index names are Prisma's.
 
 The tool itself never creates these: it only binds the columns it needs (db.bind_table).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
+from skybot_cleanup.settings import CleanupSettings
+from skybot_cleanup.tasks import PARENT_TABLES, REGISTRY, Column, Registry, TableSpec
+
 # Prisma's DateTime: timestamp(3) without time zone, holding UTC.
 PrismaDateTime = sa.DateTime().with_variant(postgresql.TIMESTAMP(precision=3), "postgresql")
-Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+_TYPES: dict[str, sa.types.TypeEngine[Any]] = {
+    "timestamp": PrismaDateTime,
+    "text": sa.Text(),
+    "integer": sa.Integer(),
+    "boolean": sa.Boolean(),
+    "jsonb": sa.JSON().with_variant(postgresql.JSONB(), "postgresql"),
+}
+_DEFAULTS: dict[str, sa.TextClause] = {
+    "CURRENT_TIMESTAMP": sa.text("CURRENT_TIMESTAMP"),
+    "false": sa.text("false"),
+    "true": sa.text("true"),
+}
 
 
-def app_metadata(settings=None, schema: str | None = None) -> sa.MetaData:
-    """Tables named as the settings say (defaults: Prisma's names)."""
-
-    def name(setting: str, default: str) -> str:
-        return getattr(settings, setting, default) if settings is not None else default
-
+def app_metadata(
+    settings: CleanupSettings | None = None, schema: str | None = None, registry: Registry = REGISTRY
+) -> sa.MetaData:
+    """Every table of the registry, named as the settings say (defaults: Prisma's names),
+    with the parent tables their foreign keys need."""
     metadata = sa.MetaData(schema=schema)
-    ik = name("idempotency_key_table", "IdempotencyKey")
-    ik_expires = name("idempotency_key_expires_at_column", "expiresAt")
-    sa.Table(
-        ik, metadata,
-        sa.Column(name("idempotency_key_id_column", "id"), sa.Text, primary_key=True),
-        sa.Column("key", sa.Text, nullable=False, unique=True),
-        sa.Column("accountId", sa.Text, nullable=False),
-        sa.Column("endpoint", sa.Text, nullable=False),
-        sa.Column("method", sa.Text, nullable=False),
-        sa.Column("requestBody", Json),
-        sa.Column(name("idempotency_key_status_code_column", "statusCode"), sa.Integer),
-        sa.Column("responseBody", Json),
-        sa.Column(name("idempotency_key_created_at_column", "createdAt"), PrismaDateTime,
-                  nullable=False, server_default=sa.func.current_timestamp()),
-        sa.Column(ik_expires, PrismaDateTime, nullable=False),
-        sa.Index(f"{ik}_{ik_expires}_idx", ik_expires),
-    )
-    rt = name("refresh_token_table", "RefreshToken")
-    rt_expires = name("refresh_token_expires_at_column", "expiresAt")
-    rt_revoked = name("refresh_token_revoked_at_column", "revokedAt")
-    sa.Table(
-        rt, metadata,
-        sa.Column(name("refresh_token_id_column", "id"), sa.Text, primary_key=True),
-        sa.Column("token", sa.Text, nullable=False, unique=True),
-        sa.Column("userAccountId", sa.Text, nullable=False),
-        sa.Column("accountId", sa.Text, nullable=False),
-        sa.Column("ipAddress", sa.Text),
-        sa.Column("userAgent", sa.Text),
-        sa.Column("deviceInfo", Json),
-        sa.Column(rt_expires, PrismaDateTime, nullable=False),
-        sa.Column(rt_revoked, PrismaDateTime),
-        sa.Column("revokedReason", sa.Text),
-        sa.Column("lastUsedAt", PrismaDateTime),
-        sa.Column("createdAt", PrismaDateTime, nullable=False, server_default=sa.func.current_timestamp()),
-        sa.Column("updatedAt", PrismaDateTime, nullable=False, server_default=sa.func.current_timestamp()),
-        sa.Index(f"{rt}_{rt_expires}_idx", rt_expires),
-        sa.Index(f"{rt}_{rt_revoked}_idx", rt_revoked),
-    )
-    ml = name("magic_link_table", "MagicLink")
-    sa.Table(
-        ml, metadata,
-        sa.Column(name("magic_link_id_column", "id"), sa.Text, primary_key=True),
-        sa.Column("email", sa.Text, nullable=False, index=True),
-        sa.Column("token", sa.Text, nullable=False, unique=True),
-        sa.Column(name("magic_link_used_column", "used"), sa.Boolean, nullable=False,
-                  server_default=sa.false()),
-        sa.Column(name("magic_link_expires_at_column", "expiresAt"), PrismaDateTime, nullable=False),
-        sa.Column("createdAt", PrismaDateTime, nullable=False, server_default=sa.func.current_timestamp()),
-    )
+    prefix = f"{schema}." if schema else ""
+    for parent, keys in PARENT_TABLES.items():
+        sa.Table(
+            parent,
+            metadata,
+            sa.Column("id", sa.Text, primary_key=True),
+            *(sa.Column(key.column, sa.Text, nullable=False) for key in keys),
+            *(_foreign_key(parent, key.column, f"{prefix}{key.references}") for key in keys),
+            sa.PrimaryKeyConstraint("id", name=f"{parent}_pkey"),
+        )
+    for spec in registry.tables:
+        _table(metadata, spec, settings, prefix)
     return metadata
+
+
+def _table(metadata: sa.MetaData, spec: TableSpec, settings: CleanupSettings | None, prefix: str) -> sa.Table:
+    name = settings.table_name(spec) if settings else spec.name
+
+    def column_name(column: Column) -> str:
+        return settings.column_name(spec, column.role) if settings and column.role else column.name
+
+    names = {column.name: column_name(column) for column in spec.columns}
+    columns = [
+        sa.Column(
+            names[column.name],
+            _TYPES[column.type],
+            nullable=column.nullable,
+            server_default=_DEFAULTS[column.default] if column.default else None,
+        )
+        for column in spec.columns
+    ]
+    return sa.Table(
+        name,
+        metadata,
+        *columns,
+        sa.PrimaryKeyConstraint(names["id"], name=f"{name}_pkey"),
+        *(sa.Index(f"{name}_{column}_key", names[column], unique=True) for column in spec.unique),
+        *(sa.Index(f"{name}_{column}_idx", names[column]) for column in spec.indexes),
+        *(_foreign_key(name, names[key.column], f"{prefix}{key.references}") for key in spec.foreign_keys),
+    )
+
+
+def _foreign_key(table: str, column: str, parent: str) -> sa.ForeignKeyConstraint:
+    return sa.ForeignKeyConstraint(
+        [column], [f"{parent}.id"], name=f"{table}_{column}_fkey", ondelete="CASCADE", onupdate="CASCADE"
+    )

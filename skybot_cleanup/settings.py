@@ -1,15 +1,28 @@
-"""The one module that reads configuration: environment, .env file and CLI overrides."""
+"""The one module that reads configuration: CLI options, the environment, the
+settings file, and the app's own variables, in that order of precedence.
+
+The settings file (SKYBOT_CLEANUP_ENV_FILE, else ./.env) is read literally: KEY=value
+lines, no interpolation and no escapes, so a password with `$`, `${HOME}`, `&`, `%`
+or `#` arrives as written (python-dotenv, which pydantic-settings would use, expands
+`${VAR}`). CRLF line ends, a UTF-8 BOM, `export ` prefixes and one pair of quotes
+around a whole value are tolerated, because the app's own .env has them.
+"""
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, create_model, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, create_model, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from skybot_cleanup.errors import ConfigError
-from skybot_cleanup.tasks import TABLES
+from skybot_cleanup.tasks import REGISTRY, Registry, TableSpec, Task
 
 ENV_PREFIX = "SKYBOT_CLEANUP_"
 # Where the settings file is, for cron and scripts (systemd passes the same file as EnvironmentFile).
@@ -18,13 +31,15 @@ ENV_FILE_VARIABLE = f"{ENV_PREFIX}ENV_FILE"
 # renames) never need more than this, and a strict pattern keeps typos obvious.
 IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$"
 DEFAULT_BATCH_SIZE = 10_000
+DAY_MS = 86_400_000
 
 
-class BaseCleanupSettings(BaseSettings):
+class CleanupSettings(BaseSettings):
+    """Settings every registry has; table, column and retention settings are added
+    per registry by `settings_model`."""
+
     # extra="ignore": the app's own .env holds dozens of variables that are not ours.
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", populate_by_name=True
-    )
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True)
 
     database_url: SecretStr | None = Field(
         default=None,
@@ -39,141 +54,421 @@ class BaseCleanupSettings(BaseSettings):
         description="Schema holding the app's tables; overrides the URL's ?schema=. "
         "Default: the URL's schema, else the connection's search_path.",
     )
-    revoked_retention_days: int = Field(
-        default=90, ge=1, strict=False,
-        description="How long revoked refresh tokens are kept for audit before revoked-tokens deletes them.",
-    )
     lock_timeout_ms: int = Field(
-        default=5000, ge=0,
-        description="lock_timeout of each transaction: how long a statement waits for a row or table lock (0: forever).",
+        default=5000,
+        ge=0,
+        le=DAY_MS,
+        description="lock_timeout of each transaction: how long a statement waits for a row or table lock "
+        "(0: forever).",
     )
     statement_timeout_ms: int = Field(
-        default=600_000, ge=0,
+        default=600_000,
+        ge=0,
+        le=DAY_MS,
         description="statement_timeout of each transaction (0: no limit).",
     )
-    connect_timeout_s: int = Field(default=10, ge=1, description="Seconds to wait for a connection.")
+    idle_timeout_s: int = Field(
+        default=60,
+        ge=1,
+        le=86_400,
+        description="How long a run's transaction may sit idle before the server ends it, so a frozen "
+        "run (SIGSTOP, a paused VM) frees its lock; at least 1 s above SLEEP_MS, at most MAX_RUNTIME_S.",
+    )
+    connect_timeout_s: int = Field(default=10, ge=1, le=300, description="Seconds to wait for a connection.")
     application_name: str = Field(
         default="skybot-cleanup",
-        max_length=40,
+        pattern=r"^[A-Za-z0-9 _.,:@/+-]{1,40}$",
         description="application_name shown in pg_stat_activity (the task name is appended).",
     )
     batch_size: int | None = Field(
-        default=None, ge=1,
+        default=None,
+        ge=1,
+        le=1_000_000,
         description="Delete in committed batches of at most this many rows (default: one transaction).",
     )
     max_rows: int | None = Field(
-        default=None, ge=1,
+        default=None,
+        ge=1,
+        le=10**12,
         description=f"Stop a run after this many rows (implies batches of {DEFAULT_BATCH_SIZE} unless set).",
     )
     max_runtime_s: float | None = Field(
-        default=None, gt=0,
+        default=None,
+        gt=0,
+        le=604_800,
         description="Stop a batched run between batches once it has run this long (implies batches).",
     )
-    sleep_ms: int = Field(default=0, ge=0, description="Pause between batches, to spare a busy database.")
+    sleep_ms: int = Field(default=0, ge=0, le=600_000, description="Pause between batches, to spare a busy database.")
     max_retries: int = Field(
-        default=3, ge=0,
+        default=3,
+        ge=0,
+        le=20,
         validation_alias=AliasChoices(f"{ENV_PREFIX}MAX_RETRIES", "JOB_MAX_RETRIES", "max_retries"),
         description="Retries of a transient database error (falls back to the app's JOB_MAX_RETRIES).",
     )
     retry_delay_ms: int = Field(
-        default=5000, ge=0,
+        default=5000,
+        ge=0,
+        le=600_000,
         validation_alias=AliasChoices(f"{ENV_PREFIX}RETRY_DELAY_MS", "JOB_RETRY_DELAY", "retry_delay_ms"),
-        description="First retry delay, doubled each retry (falls back to the app's JOB_RETRY_DELAY).",
+        description="First retry delay, doubled each retry, with random jitter (falls back to the app's "
+        "JOB_RETRY_DELAY).",
     )
     history: bool = Field(
         default=True,
         description="Record every run and metrics snapshot in the tool's own tables (best effort).",
     )
     history_schema: str = Field(
-        default="skybot_cleanup", pattern=IDENTIFIER_PATTERN,
+        default="skybot_cleanup",
+        pattern=IDENTIFIER_PATTERN,
         description="Schema of the history tables on PostgreSQL (a table prefix on SQLite), "
         "kept apart from the app's Prisma schema.",
     )
-    history_retention_days: int = Field(default=30, ge=1, description="Days of run history to keep.")
+    history_retention_days: int = Field(default=30, ge=1, le=3650, description="Days of run history to keep.")
+    state_dir: str | None = Field(
+        default=None,
+        description="Local directory for runs the database history could not take (recorded at the next "
+        "run that can write). Default: $STATE_DIRECTORY (systemd), else ~/.local/state/skybot-cleanup.",
+    )
+    grace_minutes: int = Field(
+        default=30,
+        ge=0,
+        le=10_080,
+        description="status: a task that has never run is PENDING until its first scheduled time after "
+        "the tool was first seen on the database, plus this grace.",
+    )
     idempotency_stuck_minutes: int = Field(
-        default=10, ge=1,
+        default=10,
+        ge=1,
+        le=525_600,
         description="An idempotency key in progress (statusCode NULL) longer than this counts as stuck.",
     )
     backlog_warning_rows: int = Field(
-        default=100_000, ge=1,
+        default=100_000,
+        ge=1,
+        le=10**12,
         description="check warns above this many due rows: run that task with --batch-size first.",
+    )
+    index_advice_rows: int = Field(
+        default=100_000,
+        ge=0,
+        le=10**12,
+        description="check advises an index (as a schema.prisma change) only for tables with at least "
+        "this many rows; below it, an INFO line.",
     )
     prom_file: str | None = Field(
         default=None,
-        description="node_exporter textfile to write after each run; {task} in the path is replaced, "
-        "or give a directory for one file per task.",
+        description="node_exporter textfile(s): a directory (one file per task), or a path where {task} "
+        "is replaced (without {task}, the task name is added before the extension).",
     )
     ping_url: SecretStr | None = Field(
         default=None,
         description="Heartbeat URL (healthchecks.io style); {task} is replaced. Pings <url>/start, "
-        "then <url>/<exit code>.",
+        "then <url>/<exit code>. An invalid URL is a warning, never a failure.",
+    )
+    skipped_exit_code: int = Field(
+        default=75,
+        ge=0,
+        le=75,
+        description="Exit code of a run skipped because another holds the task's lock: 75, or 0 for "
+        "platforms that count any other code as a failure (Kubernetes, Render).",
     )
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto",
         description="Log format on stderr: auto is JSON unless stderr is a terminal.",
     )
-    log_level: Literal["debug", "info", "warning", "error"] = Field(
-        default="info", description="Lowest level logged."
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Lowest level logged.")
+    debug: bool = Field(
+        default=False, description="Print a traceback for an unexpected error (read from the environment only)."
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load() resolves option > environment > settings file itself, so that
+        # `config` can say where every value came from; the model only validates.
+        return (init_settings,)
+
+    @field_validator("skipped_exit_code")
+    @classmethod
+    def _skip_code(cls, value: int) -> int:
+        if value not in (0, 75):
+            raise ValueError("must be 75 or 0")
+        return value
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
     @model_validator(mode="after")
-    def _caps_imply_batches(self):
+    def _consistent(self) -> CleanupSettings:
         # A cap can only stop a run between batches.
         if self.batch_size is None and (self.max_rows is not None or self.max_runtime_s is not None):
             self.batch_size = DEFAULT_BATCH_SIZE
+        if self.idle_timeout_s * 1000 < self.sleep_ms + 1000:
+            raise ValueError(f"{ENV_PREFIX}IDLE_TIMEOUT_S must be at least 1 s more than {ENV_PREFIX}SLEEP_MS")
         return self
 
+    # Typed access to the registry-driven fields.
+    def table_name(self, table: TableSpec) -> str:
+        return str(getattr(self, table_field(table)))
 
-def _identifier_fields() -> dict[str, Any]:
+    def column_name(self, table: TableSpec, role: str) -> str:
+        return str(getattr(self, column_field(table, role)))
+
+    def retention_days(self, task: Task) -> int:
+        assert task.retention is not None
+        return int(getattr(self, task.retention.setting))
+
+    @property
+    def idle_timeout_ms(self) -> int:
+        """Never longer than the run is allowed to take."""
+        idle = self.idle_timeout_s * 1000
+        if self.max_runtime_s is not None:
+            idle = min(idle, max(int(self.max_runtime_s * 1000), self.sleep_ms + 1000))
+        return idle
+
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(secret.get_secret_value() for secret in (self.database_url, self.ping_url) if secret)
+
+
+def table_field(table: TableSpec) -> str:
+    return f"{table.key}_table"
+
+
+def column_field(table: TableSpec, role: str) -> str:
+    return f"{table.key}_{role}_column"
+
+
+@cache
+def settings_model(registry: Registry = REGISTRY) -> type[CleanupSettings]:
+    """The settings class of a registry: its tables, columns and retentions are settings."""
     fields: dict[str, Any] = {}
-    for table in TABLES.values():
-        fields[f"{table.key}_table"] = (
+    for table in registry.tables:
+        fields[table_field(table)] = (
             str,
-            Field(default=table.default_name, pattern=IDENTIFIER_PATTERN,
-                  description=f'Name of the app\'s "{table.default_name}" table.'),
+            Field(
+                default=table.name, pattern=IDENTIFIER_PATTERN, description=f'Name of the app\'s "{table.name}" table.'
+            ),
         )
-        for column, (default, _type) in table.columns.items():
-            fields[f"{table.key}_{column}_column"] = (
+        for role, column in table.roles.items():
+            fields[column_field(table, role)] = (
                 str,
-                Field(default=default, pattern=IDENTIFIER_PATTERN,
-                      description=f'Name of "{table.default_name}"."{default}".'),
+                Field(
+                    default=column.name,
+                    pattern=IDENTIFIER_PATTERN,
+                    description=f'Name of "{table.name}"."{column.name}".',
+                ),
             )
-    return fields
+    for task in registry.tasks:
+        if task.retention is not None:
+            fields[task.retention.setting] = (
+                int,
+                Field(default=task.retention.default_days, ge=1, le=36_500, description=task.retention.description),
+            )
+    return create_model("Settings", __base__=CleanupSettings, **fields)
 
 
-# Table and column names come from the registry, so a new table there is a new setting here.
-Settings = create_model("Settings", __base__=BaseCleanupSettings, **_identifier_fields())
+Settings = settings_model()
 
 
-def env_name(field_name: str) -> str:
-    """The environment variable that sets a field, as messages and the README name it."""
-    field = BaseCleanupSettings.model_fields.get(field_name)
-    if field is not None and isinstance(field.validation_alias, AliasChoices):
-        return str(field.validation_alias.choices[0])
-    return f"{ENV_PREFIX}{field_name.upper()}"
+def variable_names(model: type[CleanupSettings], name: str) -> list[str]:
+    """The variables that set a field, ours first (SKYBOT_CLEANUP_MAX_RETRIES, JOB_MAX_RETRIES)."""
+    alias = model.model_fields[name].validation_alias
+    if isinstance(alias, AliasChoices):
+        return [choice for choice in alias.choices if isinstance(choice, str) and choice.isupper()]
+    return [f"{ENV_PREFIX}{name.upper()}"]
 
 
-def load_settings(**overrides: Any) -> BaseCleanupSettings:
-    """Read settings; only options the user actually passed override the environment."""
-    given = {name: value for name, value in overrides.items() if value is not None}
-    env_file = os.environ.get(ENV_FILE_VARIABLE)
-    if env_file and not os.path.isfile(env_file):
-        raise ConfigError(f"{ENV_FILE_VARIABLE} names {env_file}, which is not a readable file")
+def env_name(name: str, model: type[CleanupSettings] = Settings) -> str:
+    """The variable named in messages and the README for a field."""
+    return variable_names(model, name)[0]
+
+
+# -- the settings file ------------------------------------------------------------------------
+
+
+def read_env_file(path: Path, *, strict: bool) -> dict[str, str]:
+    """KEY=value lines taken literally. `strict` (the file named by SKYBOT_CLEANUP_ENV_FILE)
+    rejects a line that is not an assignment; the app's .env may hold multi-line values."""
     try:
-        return Settings(**given, _env_file=env_file or ".env")
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        raise ConfigError(f"cannot read settings file {path}: {exc.strerror}{_as_whom()}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"settings file {path} is not UTF-8 text") from None
+    values: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", ";")):
+            continue
+        if stripped.startswith("export "):
+            stripped = stripped[len("export ") :].lstrip()
+        key, sep, value = stripped.partition("=")
+        key = key.strip()
+        if not sep or not key.replace("_", "a").isalnum():
+            if strict:
+                raise ConfigError(f"settings file {path}, line {number}: expected KEY=value")
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+def _as_whom() -> str:
+    try:
+        import pwd
+
+        return f" (running as {pwd.getpwuid(os.geteuid()).pw_name})"
+    except (ImportError, KeyError):  # pragma: no cover - not on Linux, or an unnamed uid
+        return ""
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: Literal["option", "environment", "settings file", "app variable", "default"]
+    variable: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind in ("option", "default"):
+            return self.kind
+        return f"{self.kind} ({self.variable})"
+
+
+@dataclass
+class Loaded:
+    settings: CleanupSettings
+    env_file: Path | None
+    sources: dict[str, Source] = field(default_factory=dict)
+    unknown: list[tuple[str, str | None]] = field(default_factory=list)  # variable, closest real name
+
+
+# Variables of the app's that we read as fallbacks (reported as such by `config`).
+APP_VARIABLES = {"DATABASE_URL", "JOB_MAX_RETRIES", "JOB_RETRY_DELAY"}
+
+
+def load(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    registry: Registry = REGISTRY,
+) -> Loaded:
+    """Read every setting and where it came from. Only options the user actually
+    passed override the environment."""
+    model = settings_model(registry)
+    environ = os.environ if environ is None else environ
+    given = {name: value for name, value in (overrides or {}).items() if value is not None}
+    env_file = _env_file(environ)
+    file_values = read_env_file(env_file, strict=ENV_FILE_VARIABLE in environ) if env_file else {}
+    upper_environ = {key.upper(): value for key, value in environ.items()}
+
+    sources: dict[str, Source] = {}
+    raw: dict[str, Any] = {}
+    for name in model.model_fields:
+        sources[name], value = _resolve(model, name, given, upper_environ, file_values)
+        if sources[name].kind != "default":
+            raw[name] = value
+    try:
+        settings = model(**raw)
     except ValidationError as exc:
         # include_input=False: the rejected value may be a password-bearing URL.
         error = exc.errors(include_url=False, include_input=False)[0]
-        location = str(error["loc"][0]) if error["loc"] else "settings"
-        raise ConfigError(f"invalid setting {_variable_named(location)}: {error['msg']}") from None
+        location = str(error["loc"][0]) if error["loc"] else ""
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if location in sources:
+            raise ConfigError(f"invalid setting {_named(model, location, sources[location])}: {message}") from None
+        raise ConfigError(f"invalid settings: {message}") from None
+    known = {variable for name in model.model_fields for variable in variable_names(model, name)}
+    known.add(ENV_FILE_VARIABLE)
+    unknown = sorted({key for key in [*upper_environ, *file_values] if key.startswith(ENV_PREFIX)} - known)
+    return Loaded(
+        settings=settings,
+        env_file=env_file,
+        sources=sources,
+        unknown=[
+            (variable, next(iter(difflib.get_close_matches(variable, sorted(known), n=1, cutoff=0.6)), None))
+            for variable in unknown
+        ],
+    )
 
 
-def _variable_named(location: str) -> str:
-    """The variable the user actually set, for a field that several names can set
-    (SKYBOT_CLEANUP_MAX_RETRIES or the app's JOB_MAX_RETRIES)."""
-    for name, field in Settings.model_fields.items():
-        aliases = field.validation_alias.choices if isinstance(field.validation_alias, AliasChoices) else []
-        if location == name or location in aliases:
-            given = [alias for alias in aliases if isinstance(alias, str) and alias.isupper() and alias in os.environ]
-            return given[0] if given else env_name(name)
-    return location
+def load_settings(registry: Registry = REGISTRY, **overrides: Any) -> CleanupSettings:
+    return load(overrides, registry=registry).settings
+
+
+def _env_file(environ: Mapping[str, str]) -> Path | None:
+    named = environ.get(ENV_FILE_VARIABLE)
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise ConfigError(f"{ENV_FILE_VARIABLE} names {named}, which is not a readable file")
+        return path
+    default = Path(".env")
+    try:
+        return default if default.is_file() else None
+    except OSError:  # a working directory this user may not look into: no .env there
+        return None
+
+
+def _resolve(
+    model: type[CleanupSettings],
+    name: str,
+    given: Mapping[str, Any],
+    environ: Mapping[str, str],
+    file_values: Mapping[str, str],
+) -> tuple[Source, Any]:
+    """Where a field's value comes from: option, then environment, then settings file."""
+    if name in given:
+        return Source("option"), given[name]
+    upper_file = {key.upper(): value for key, value in file_values.items()}
+    for origin, values in (("environment", environ), ("settings file", upper_file)):
+        for variable in variable_names(model, name):
+            if variable in values:
+                kind = "app variable" if variable in APP_VARIABLES else origin
+                return Source(kind, variable), values[variable]  # type: ignore[arg-type]
+    return Source("default"), None
+
+
+def _named(model: type[CleanupSettings], name: str, source: Source) -> str:
+    if source.kind == "option":
+        return f"--{name.replace('_', '-')}"
+    return source.variable or env_name(name, model)
+
+
+def describe_settings(loaded: Loaded) -> dict[str, Any]:
+    """Every setting in effect, its variable and its source; secrets redacted (the
+    database URL keeps its shape, with the password masked)."""
+    settings = loaded.settings
+    model = type(settings)
+    entries = []
+    for name in model.model_fields:
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            value = _redacted_url(value.get_secret_value()) if name == "database_url" else "***"
+        entries.append({"variable": env_name(name, model), "value": value, "source": str(loaded.sources[name])})
+    return {
+        "settings_file": str(loaded.env_file) if loaded.env_file else None,
+        "settings": entries,
+        "unknown": [{"variable": variable, "closest": closest} for variable, closest in loaded.unknown],
+    }
+
+
+def _redacted_url(url: str) -> str:
+    from skybot_cleanup.db import parse_database_url
+
+    try:
+        return parse_database_url(url).display
+    except ConfigError:
+        return "*** (not a valid URL)"

@@ -1,10 +1,12 @@
-"""Rows around every cutoff, shared by the rule tests and the batch tests."""
+"""Rows around every cutoff, and which task deletes which: the seed cases the generic
+task tests run on. A new task adds its rows here and its expected deletions."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
 from conftest import NOW
+
 from skybot_cleanup.demo import idempotency_key_row, magic_link_row, refresh_token_row
 
 MS = timedelta(milliseconds=1)
@@ -52,14 +54,14 @@ DELETED = {
 }
 
 
-def all_ids(backend) -> dict[str, set[str]]:
-    return {table: backend.ids(table) for table in SEED}
+def all_ids(backend, seed=SEED) -> dict[str, set[str]]:
+    return {table: backend.ids(table) for table in seed}
 
 
-def seed(backend) -> dict[str, set[str]]:
-    for table, rows in SEED.items():
-        backend.insert(table, rows)
-    return all_ids(backend)
+def seed(backend, rows=SEED) -> dict[str, set[str]]:
+    for table, table_rows in rows.items():
+        backend.insert(table, table_rows)
+    return all_ids(backend, rows)
 
 
 def expected_after(seeded: dict[str, set[str]], deleted: set[str]) -> dict[str, set[str]]:

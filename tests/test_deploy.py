@@ -2,31 +2,40 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import socket
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import CONSOLE_SCRIPT, run_cli, unavailable
 from cronsim import CronSim
 from typer.main import get_command
 
-from conftest import CONSOLE_SCRIPT, run_cli
+from skybot_cleanup import schedule
 from skybot_cleanup.cli import app
-from skybot_cleanup.deploy import DEFAULT_EXEC, FORMATS, render_files
-from skybot_cleanup.schedule import next_runs
-from skybot_cleanup.tasks import JOBS
+from skybot_cleanup.deploy import DEFAULT_EXEC, FORMATS, deadline_s, render_files
+from skybot_cleanup.tasks import REGISTRY
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
-BASE = datetime(2026, 11, 28, 22, 31, tzinfo=timezone.utc)
-SUBCOMMANDS = set(get_command(app).commands)
-systemd_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+BASE = datetime(2026, 11, 28, 22, 31, tzinfo=UTC)
+SUBCOMMANDS = set(get_command(app).commands)  # type: ignore[attr-defined]
+JOBS = REGISTRY.jobs
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        unavailable(f"{tool} is not installed (Debian: apt-get install {'prometheus' if tool == 'promtool' else tool})")
+    return str(path)
 
 
 def expected_runs(job, count=6) -> list[datetime]:
-    return next_runs(job.schedule, BASE, count)
+    return schedule.next_runs(job.schedule, BASE, count)
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
@@ -41,26 +50,73 @@ def test_schedule_command_writes_and_prints(tmp_path):
     completed = run_cli("schedule", "--format", "systemd", "--output", str(tmp_path), "--exec", "/opt/x/bin/sc")
     assert completed.returncode == 0, completed.stderr
     assert sorted(p.name for p in (tmp_path / "systemd").iterdir()) == sorted(
-        ["skybot-cleanup@.service"] + [f"skybot-cleanup-{job.name}.timer" for job in JOBS])
+        ["skybot-cleanup@.service", "node-exporter"]
+        + [f"skybot-cleanup-{job.name}.timer" for job in JOBS]
+        + [f"skybot-cleanup@{job.name}.service.d" for job in JOBS]
+    )
     printed = run_cli("schedule", "--format", "crontab")
     assert printed.stdout == (DEPLOY / "crontab").read_text()
-    wrong = run_cli("schedule", "--format", "launchd")
+    wrong = run_cli("schedule", "--format", "launchd", env={"SKYBOT_CLEANUP_LOG_FORMAT": "console"})
     assert wrong.returncode == 2
-    assert wrong.stderr == ("skybot-cleanup: error: --format must be one of crontab, systemd, render, kubernetes, "
-                            "not 'launchd'\n")
+    assert wrong.stderr == (
+        "skybot-cleanup: error: --format must be one of crontab, systemd, render, kubernetes, "
+        "monitoring, not 'launchd'\n"
+    )
 
 
-@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_schedule_into_an_unwritable_place_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    completed = run_cli(
+        "schedule",
+        "--format",
+        "crontab",
+        "--output",
+        str(blocker / "deploy"),
+        env={"SKYBOT_CLEANUP_LOG_FORMAT": "console"},
+    )
+    assert completed.returncode == 1
+    assert completed.stderr.startswith(f"skybot-cleanup: error: cannot write under {blocker / 'deploy'}: ")
+    assert "Traceback" not in completed.stderr
+
+
+@pytest.mark.parametrize("fmt", ["crontab", "systemd", "render", "kubernetes"])
 def test_exec_lands_in_every_artefact(fmt):
     files = render_files(fmt, "/opt/venvs/skybot/bin/skybot-cleanup")
-    runners = [text for name, text in files.items() if not name.endswith(".timer")]
+    runners = [text for name, text in files.items() if not name.endswith((".timer", ".conf"))]
     assert runners and all("/opt/venvs/skybot/bin/skybot-cleanup" in text for text in runners)
     assert all(DEFAULT_EXEC not in text for text in files.values())
 
 
-def crontab_entries() -> list[tuple[str, str, str]]:
+def test_an_exec_path_with_a_space_and_a_percent_survives_every_format(tmp_path):
+    """The escaped paths, run by bash as cron runs the line, and read back by systemd and YAML."""
+    odd = tmp_path / "my tools" / "100%" / "skybot-cleanup"
+    odd.parent.mkdir(parents=True)
+    odd.write_text(f'#!/bin/sh\necho ran "$@" > {tmp_path}/ran\n')
+    odd.chmod(0o755)
+    line = crontab_entries(render_files("crontab", str(odd))["crontab"])[0][2]
+    # cron turns an unescaped % into a newline and passes the rest to the shell.
+    command = line.replace("\\%", "%")
+    subprocess.run(["/bin/bash", "-c", command.replace("logger", "cat >/dev/null; true")], check=False)
+    assert (tmp_path / "ran").read_text() == f"ran {JOBS[0].name} --quiet\n"
+    service = render_files("systemd", str(odd))["systemd/skybot-cleanup@.service"]
+    assert f'ExecStart="{str(odd).replace("%", "%%")}" %i' in service
+    cronjob = yaml.safe_load(render_files("kubernetes", str(odd))[f"kubernetes/{JOBS[0].name}.yaml"])
+    assert cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"][0] == str(odd)
+    render = yaml.safe_load(render_files("render", str(odd))["render.yaml"])
+    assert render["services"][0]["startCommand"] == f"'{odd}' {JOBS[0].name}"
+    bad = run_cli(
+        "schedule", "--format", "crontab", "--exec", "relative/path", env={"SKYBOT_CLEANUP_LOG_FORMAT": "console"}
+    )
+    assert (bad.returncode, bad.stderr) == (
+        2,
+        "skybot-cleanup: error: --exec must be an absolute path (or a bare command name), not 'relative/path'\n",
+    )
+
+
+def crontab_entries(text: str | None = None) -> list[tuple[str, str, str]]:
     entries = []
-    for line in (DEPLOY / "crontab").read_text().splitlines():
+    for line in (text or (DEPLOY / "crontab").read_text()).splitlines():
         if not line or line.startswith("#") or re.match(r"^[A-Z_]+=", line):
             continue
         fields = line.split(None, 6)
@@ -71,10 +127,10 @@ def crontab_entries() -> list[tuple[str, str, str]]:
 def test_crontab_lines_give_the_registrys_run_times():
     entries = crontab_entries()
     assert len(entries) == len(JOBS)
-    for job, (schedule, user, command) in zip(JOBS, entries):
+    for job, (cron, user, command) in zip(JOBS, entries, strict=True):
         assert user == "skybot-cleanup"
-        assert list(zip(range(6), CronSim(schedule, BASE))) == list(enumerate(expected_runs(job)))
-        assert f"{DEFAULT_EXEC} {job.name} 2>&1 | logger -t skybot-cleanup" in command
+        assert list(zip(range(6), CronSim(cron, BASE), strict=False)) == list(enumerate(expected_runs(job)))
+        assert f"{DEFAULT_EXEC} {job.name} --quiet 2>&1 | logger --size 65536 -t skybot-cleanup" in command
         assert command.startswith("set -o pipefail;")
         assert "%" not in command  # cron turns % into newlines
         assert job.name in SUBCOMMANDS
@@ -85,80 +141,215 @@ def test_crontab_environment():
     assert "SHELL=/bin/bash\n" in text
     assert re.search(r"^PATH=/", text, re.M)
     assert "SKYBOT_CLEANUP_ENV_FILE=/etc/skybot-cleanup/env\n" in text
+    assert "SKYBOT_CLEANUP_LOG_FORMAT=json\n" in text
     assert "CRON_TZ" not in text.replace("ignores CRON_TZ", "")
 
 
-@pytest.mark.parametrize("exit_code, error_logged", [(0, False), (3, True), (75, False)])
+@pytest.mark.parametrize(("exit_code", "error_logged"), [(0, False), (3, True), (75, False)])
 def test_crontab_line_keeps_the_exit_status(tmp_path, exit_code, error_logged):
     """The real line, run by bash as cron runs it, with stand-ins for the tool and logger."""
     (tmp_path / "skybot-cleanup").write_text(f"#!/bin/sh\necho boom\nexit {exit_code}\n")
     (tmp_path / "logger").write_text(f'#!/bin/sh\necho "$*" >> {tmp_path}/syslog\ncat >> {tmp_path}/syslog\n')
     for name in ("skybot-cleanup", "logger"):
         (tmp_path / name).chmod(0o755)
-    _schedule, _user, command = crontab_entries()[1]
+    _cron, _user, command = crontab_entries()[1]
     command = command.replace(DEFAULT_EXEC, str(tmp_path / "skybot-cleanup"))
-    completed = subprocess.run(["/bin/bash", "-c", command], capture_output=True, text=True,
-                               env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    completed = subprocess.run(
+        ["/bin/bash", "-c", command], capture_output=True, text=True, env={"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    )
     assert completed.returncode == exit_code
     syslog = (tmp_path / "syslog").read_text()
-    assert syslog.startswith("-t skybot-cleanup\nboom\n")
+    assert syslog.startswith("--size 65536 -t skybot-cleanup\nboom\n")
     assert (f"-p user.err -t skybot-cleanup refresh-tokens exited {exit_code}" in syslog) == error_logged
 
 
-@systemd_analyze
-def test_systemd_units_verify_without_any_warning(tmp_path):
-    files = render_files("systemd", str(CONSOLE_SCRIPT))  # verify checks the executable exists
-    for relative, text in files.items():
-        (tmp_path / Path(relative).name).write_text(text)
-    units = [tmp_path / f"skybot-cleanup@{job.name}.service" for job in JOBS]
-    units += [tmp_path / f"skybot-cleanup-{job.name}.timer" for job in JOBS]
-    for unit in units:
-        if unit.suffix == ".service":
-            shutil.copy(tmp_path / "skybot-cleanup@.service", unit)
-    completed = subprocess.run(["systemd-analyze", "verify", "--man=no", *map(str, units)],
-                               capture_output=True, text=True, cwd=tmp_path)
+def test_crontab_line_gives_syslog_one_json_record_per_event_through_the_real_logger(sqlite, tmp_path):
+    """The metrics event is over 1 KiB, logger's default record size: it must still
+    arrive whole, and nothing but JSON may reach syslog."""
+    need("logger")
+    from test_operator import seed_operator_data
+
+    seed_operator_data(sqlite)
+    sock_path = str(tmp_path / "syslog.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(sock_path)
+    server.settimeout(0.5)
+    records: list[bytes] = []
+
+    def receive() -> None:
+        while True:
+            try:
+                records.append(server.recv(1 << 20))
+            except TimeoutError:
+                return
+
+    # The real logger, pointed at our socket instead of /dev/log.
+    (tmp_path / "logger").write_text(f'#!/bin/sh\nexec /usr/bin/logger --socket {sock_path} "$@"\n')
+    (tmp_path / "logger").chmod(0o755)
+    _cron, _user, command = crontab_entries()[-1]  # metrics
+    command = command.replace(DEFAULT_EXEC, str(CONSOLE_SCRIPT))
+    completed = subprocess.run(
+        ["/bin/bash", "-c", command],
+        capture_output=True,
+        text=True,
+        env={
+            "PATH": f"{tmp_path}:/usr/bin:/bin",
+            "DATABASE_URL": sqlite.url,
+            "SKYBOT_CLEANUP_LOG_FORMAT": "json",
+            "HOME": str(tmp_path),
+        },
+    )
+    receive()
+    server.close()
+    assert completed.returncode == 0, completed.stderr
+    messages = [record.decode().split(": ", 1)[1] for record in records]
+    assert messages, records
+    events = [json.loads(message) for message in messages]  # every record is one whole JSON event
+    metrics = next(event for event in events if event["event"] == "metrics")
+    assert len(json.dumps(metrics)) > 1024
+
+
+@pytest.fixture(scope="module")
+def systemd_units(tmp_path_factory) -> Path:
+    need("systemd-analyze")
+    directory = tmp_path_factory.mktemp("units")
+    for relative, text in render_files("systemd", str(CONSOLE_SCRIPT)).items():  # verify checks the executable
+        path = directory / relative.removeprefix("systemd/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    for job in JOBS:
+        shutil.copy(directory / "skybot-cleanup@.service", directory / f"skybot-cleanup@{job.name}.service")
+    return directory
+
+
+def test_systemd_units_verify_without_any_warning(systemd_units):
+    units = [systemd_units / f"skybot-cleanup@{job.name}.service" for job in JOBS]
+    units += [systemd_units / f"skybot-cleanup-{job.name}.timer" for job in JOBS]
+    completed = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *map(str, units)],
+        capture_output=True,
+        text=True,
+        cwd=systemd_units,
+        env={"SYSTEMD_UNIT_PATH": f"{systemd_units}:", "PATH": "/usr/bin:/bin"},
+    )
     # verify exits 0 on a misspelled key: any output at all is a failure.
     assert (completed.returncode, completed.stdout, completed.stderr) == (0, "", "")
 
 
-@systemd_analyze
+def test_each_job_has_a_deadline_drop_in_under_its_interval(systemd_units):
+    for job in JOBS:
+        drop_in = (systemd_units / f"skybot-cleanup@{job.name}.service.d" / "deadline.conf").read_text()
+        assert f"\nTimeoutStartSec={deadline_s(job)}s\n" in drop_in
+        assert 0 < deadline_s(job) < schedule.shortest_interval(job.schedule).total_seconds()
+
+
 @pytest.mark.parametrize("job", JOBS, ids=lambda job: job.name)
 def test_timer_calendar_agrees_with_the_registry(job):
+    need("systemd-analyze")
     text = (DEPLOY / "systemd" / f"skybot-cleanup-{job.name}.timer").read_text()
-    calendar = re.search(r"^OnCalendar=(.+)$", text, re.M).group(1)
+    (calendar,) = re.findall(r"^OnCalendar=(.+)$", text, re.M)
     assert calendar.endswith(" UTC")
-    completed = subprocess.run(
-        ["systemd-analyze", "calendar", "--iterations=6", f"--base-time={BASE:%Y-%m-%d %H:%M:%S} UTC", calendar],
-        capture_output=True, text=True, env={"TZ": "UTC", "PATH": "/usr/bin:/bin"})
-    assert completed.returncode == 0, completed.stderr
-    elapses = re.findall(r"(?:Next elapse|Iter\. #\d+): \w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC", completed.stdout)
-    assert [datetime.fromisoformat(e).replace(tzinfo=timezone.utc) for e in elapses] == expected_runs(job)
+    assert_calendar_runs(calendar, expected_runs(job))
     assert f"Unit=skybot-cleanup@{job.name}.service" in text
     assert "Persistent=true" in text and "AccuracySec=1s" in text
 
 
-@systemd_analyze
+def assert_calendar_runs(calendar: str, expected: list[datetime]) -> None:
+    completed = subprocess.run(
+        [
+            "systemd-analyze",
+            "calendar",
+            f"--iterations={len(expected)}",
+            f"--base-time={BASE:%Y-%m-%d %H:%M:%S} UTC",
+            calendar,
+        ],
+        capture_output=True,
+        text=True,
+        env={"TZ": "UTC", "PATH": "/usr/bin:/bin"},
+    )
+    assert completed.returncode == 0, completed.stderr
+    elapses = re.findall(r"(?:Next elapse|Iter\. #\d+): \w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC", completed.stdout)
+    assert [datetime.fromisoformat(e).replace(tzinfo=UTC) for e in elapses] == expected
+
+
+@pytest.mark.parametrize("cron", ["*/7 1-5 * 2 *", "15 3 * * 1-5", "0 0 1,15 * 1", "30 */6 * * sun", "0 12 L * *"])
+def test_any_five_field_schedule_converts_to_oncalendar_or_is_refused(cron):
+    """Cron's day-of-month OR weekday rule becomes two OnCalendar lines; systemd
+    agrees with cronsim on the next runs of the union."""
+    need("systemd-analyze")
+    if "L" in cron.split()[2]:
+        with pytest.raises(ValueError, match="L, W or #"):
+            schedule.to_oncalendar(cron)
+        return
+    calendars = schedule.to_oncalendar(cron)
+    runs: set[datetime] = set()
+    for calendar in calendars:
+        completed = subprocess.run(
+            ["systemd-analyze", "calendar", "--iterations=12", f"--base-time={BASE:%Y-%m-%d %H:%M:%S} UTC", calendar],
+            capture_output=True,
+            text=True,
+            env={"TZ": "UTC", "PATH": "/usr/bin:/bin"},
+        )
+        assert completed.returncode == 0, completed.stderr
+        runs |= {
+            datetime.fromisoformat(e).replace(tzinfo=UTC)
+            for e in re.findall(
+                r"(?:Next elapse|Iter\. #\d+): \w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC", completed.stdout
+            )
+        }
+    assert sorted(runs)[:12] == schedule.next_runs(cron, BASE, 12)
+
+
+def test_a_registry_schedule_with_an_extension_is_refused_at_load():
+    from skybot_cleanup.tasks import Job
+
+    with pytest.raises(ValueError, match="uses L, W or #"):
+        Job(name="x", schedule="0 0 L * *", summary="")
+    with pytest.raises(ValueError, match="exactly five fields"):
+        Job(name="x", schedule="0 0 * * * *", summary="")
+
+
 def test_service_hardening_exposure_is_at_most_2():
-    completed = subprocess.run(["systemd-analyze", "security", "--offline=true",
-                                str(DEPLOY / "systemd" / "skybot-cleanup@.service")],
-                               capture_output=True, text=True)
+    need("systemd-analyze")
+    completed = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(DEPLOY / "systemd" / "skybot-cleanup@.service")],
+        capture_output=True,
+        text=True,
+    )
     score = float(re.search(r"Overall exposure level for .*: (\d+\.\d+)", completed.stdout).group(1))
     assert score <= 2.0, completed.stdout
 
 
 def test_service_essentials():
     text = (DEPLOY / "systemd" / "skybot-cleanup@.service").read_text()
-    for line in ("Type=oneshot", "EnvironmentFile=/etc/skybot-cleanup/env", "TimeoutStartSec=1h",
-                 "SuccessExitStatus=75", "DynamicUser=yes", "ProtectSystem=strict", "NoNewPrivileges=yes",
-                 "PrivateTmp=yes", f"ExecStart={DEFAULT_EXEC} %i"):
+    for line in (
+        "Type=oneshot",
+        "EnvironmentFile=/etc/skybot-cleanup/env",
+        "SuccessExitStatus=75",
+        "DynamicUser=yes",
+        "User=skybot-cleanup",
+        "StateDirectory=skybot-cleanup",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        f"ExecStart={DEFAULT_EXEC} %i",
+        "UMask=0077",
+    ):
         assert f"\n{line}\n" in text, line
+    drop_in = (DEPLOY / "systemd" / "node-exporter" / "skybot-cleanup@.service.d" / "prometheus.conf").read_text()
+    for line in (
+        "SupplementaryGroups=prometheus",
+        "ReadWritePaths=/var/lib/prometheus/node-exporter",
+        "Environment=SKYBOT_CLEANUP_PROM_FILE=/var/lib/prometheus/node-exporter",
+    ):
+        assert f"\n{line}\n" in drop_in, line
 
 
 def test_render_blueprint():
     blueprint = yaml.safe_load((DEPLOY / "render.yaml").read_text())
     services = blueprint["services"]
     assert [s["name"] for s in services] == [f"skybot-cleanup-{job.name}" for job in JOBS]
-    for job, service in zip(JOBS, services):
+    for job, service in zip(JOBS, services, strict=True):
         assert (service["type"], service["runtime"], service["schedule"]) == ("cron", "python", job.schedule)
         program, subcommand = service["startCommand"].split()
         assert program == "skybot-cleanup" and subcommand == job.name and subcommand in SUBCOMMANDS
@@ -166,6 +357,7 @@ def test_render_blueprint():
         env = {e["key"]: e for e in service["envVars"]}
         assert re.fullmatch(r"3\.11\.\d+", env["PYTHON_VERSION"]["value"])
         assert env["DATABASE_URL"]["fromDatabase"] == {"name": "skybot-inbox-db", "property": "connectionString"}
+        assert env["SKYBOT_CLEANUP_SKIPPED_EXIT_CODE"]["value"] == "0"  # Render counts 75 as a failed run
 
 
 def test_kubernetes_cronjobs():
@@ -178,18 +370,88 @@ def test_kubernetes_cronjobs():
         job_spec = spec["jobTemplate"]["spec"]
         interval = (expected_runs(job)[1] - expected_runs(job)[0]).total_seconds()
         assert 0 < job_spec["activeDeadlineSeconds"] < interval and job_spec["backoffLimit"] >= 1
-        rule = job_spec["podFailurePolicy"]["rules"][0]
-        assert (rule["action"], rule["onExitCodes"]["values"]) == ("FailJob", [2])
+        (rule,) = job_spec["podFailurePolicy"]["rules"]
+        # Kubernetes 1.27 and 1.28 reject a rule without onPodConditions.
+        assert (rule["action"], rule["onExitCodes"]["values"], rule["onPodConditions"]) == ("FailJob", [2], [])
         pod = job_spec["template"]["spec"]
         assert pod["restartPolicy"] == "Never"
+        assert pod["automountServiceAccountToken"] is False
         (container,) = pod["containers"]
         assert container["command"] == [DEFAULT_EXEC, job.name] and job.name in SUBCOMMANDS
-        url = next(e for e in container["env"] if e["name"] == "DATABASE_URL")
-        assert url["valueFrom"]["secretKeyRef"] == {"name": "skybot-cleanup", "key": "DATABASE_URL"}
+        env = {e["name"]: e for e in container["env"]}
+        assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "skybot-cleanup", "key": "DATABASE_URL"}
+        assert env["SKYBOT_CLEANUP_SKIPPED_EXIT_CODE"]["value"] == "0"  # a pod exiting 75 counts as failed
     dockerfile = (DEPLOY / "kubernetes" / "Dockerfile").read_text()
     assert "FROM python:3.11-slim" in dockerfile and "USER 10001" in dockerfile
     assert f'ENTRYPOINT ["{DEFAULT_EXEC}"]' in dockerfile
 
 
+def test_kubernetes_image_is_an_option():
+    files = render_files("kubernetes", image="registry.example.com/ops/skybot-cleanup:1.2.3")
+    for job in JOBS:
+        pod = yaml.safe_load(files[f"kubernetes/{job.name}.yaml"])["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        assert pod["containers"][0]["image"] == "registry.example.com/ops/skybot-cleanup:1.2.3"
+    bad = run_cli(
+        "schedule", "--format", "kubernetes", "--image", "not an image;", env={"SKYBOT_CLEANUP_LOG_FORMAT": "console"}
+    )
+    assert bad.returncode == 2 and "is not an image reference" in bad.stderr
+
+
 def test_every_job_has_a_subcommand():
     assert {job.name for job in JOBS} <= SUBCOMMANDS
+
+
+# -- the monitoring pack ----------------------------------------------------------------------
+
+
+def test_promtool_checks_the_rules(tmp_path):
+    promtool = need("promtool")
+    completed = subprocess.run(
+        [promtool, "check", "rules", str(DEPLOY / "monitoring" / "rules.yml")], capture_output=True, text=True
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert (
+        f"SUCCESS: {len(yaml.safe_load((DEPLOY / 'monitoring' / 'rules.yml').read_text())['groups'][0]['rules'])}"
+        " rules found" in completed.stdout
+    )
+
+
+def test_promtool_runs_the_rule_unit_tests():
+    promtool = need("promtool")
+    completed = subprocess.run(
+        [promtool, "test", "rules", "rules.test.yml"], capture_output=True, text=True, cwd=DEPLOY / "monitoring"
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "SUCCESS" in completed.stdout
+
+
+def test_rules_and_dashboard_read_only_series_the_tool_writes(postgres, tmp_path):
+    """Every skybot_cleanup_* name the pack queries is one a run or a snapshot writes."""
+    from test_operator import seed_operator_data
+
+    seed_operator_data(postgres)
+    env = {"DATABASE_URL": postgres.url, "SKYBOT_CLEANUP_PROM_FILE": str(tmp_path)}
+    assert run_cli("all", env=env).returncode == 0
+    assert run_cli("metrics", env=env).returncode == 0
+    from prometheus_client.parser import text_string_to_metric_families
+
+    written = {
+        sample.name
+        for path in tmp_path.glob("*.prom")
+        for family in text_string_to_metric_families(path.read_text())
+        for sample in family.samples
+    }
+    pack = "".join(path.read_text() for path in (DEPLOY / "monitoring").iterdir() if path.name != "rules.test.yml")
+    queried = set(re.findall(r"skybot_cleanup_[a-z_]+", pack))
+    assert queried and queried <= written, queried - written
+    dashboard = json.loads((DEPLOY / "monitoring" / "grafana-dashboard.json").read_text())
+    titles = {panel["title"] for panel in dashboard["panels"]}
+    assert {
+        "Backlog per task (due rows)",
+        "Rows deleted per run",
+        "Run duration",
+        "Time since last success",
+        "Active sessions",
+        "Table size",
+        "Dead tuples",
+    } <= titles

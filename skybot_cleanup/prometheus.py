@@ -1,0 +1,185 @@
+"""Prometheus exposition: node_exporter textfiles and the Pushgateway.
+
+Two kinds of file, never sharing a series (node_exporter rejects duplicates):
+- one per job run (`skybot_cleanup_<task>.prom`): the batch-job series, led by
+  skybot_cleanup_last_success_timestamp_seconds, which survives any failure, an
+  unreachable database and dry runs (a dry run writes nothing);
+- the metrics job's snapshot (`skybot_cleanup_metrics.prom`).
+Files are written to a temporary file, made 0644 whatever the umask (node_exporter
+reads them as another user), and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from skybot_cleanup import schedule
+from skybot_cleanup.clock import epoch, parse_iso
+from skybot_cleanup.metrics import Snapshot
+from skybot_cleanup.tasks import Job
+
+PREFIX = "skybot_cleanup"
+LAST_SUCCESS = f"{PREFIX}_last_success_timestamp_seconds"
+
+
+def textfile_path(setting: str, job: str) -> Path:
+    """A directory gets one file per job; {task} in a path is replaced by the job's
+    name; any other path gets the job's name before its extension, so that jobs
+    scheduled apart never overwrite each other's series."""
+    path = Path(setting)
+    if path.is_dir() or setting.endswith("/"):
+        return path / f"{PREFIX}_{job}.prom"
+    if "{task}" in setting:
+        return Path(setting.replace("{task}", job))
+    return path.with_name(f"{path.stem}_{job}{path.suffix or '.prom'}")
+
+
+def write_textfile(path: Path, registry: CollectorRegistry) -> None:
+    """Atomic, 0644, no timestamps: what node_exporter's textfile collector wants."""
+    payload = generate_latest(registry)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(payload)
+            os.fchmod(handle.fileno(), 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def previous_value(path: Path, name: str, task: str) -> float | None:
+    """A series' value in the file the last run wrote, if any."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels.get("task") == task:
+                    return float(sample.value)
+    except ValueError:
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What a job's textfile says about its last run."""
+
+    job: Job
+    exit_code: int
+    succeeded: bool
+    finished: datetime
+    duration_s: float | None = None
+    rows: int | None = None
+
+
+def run_registry(outcome: RunOutcome, last_success: float | None) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    labels = ("task",)
+
+    def gauge(name: str, doc: str) -> Gauge:
+        return Gauge(f"{PREFIX}_{name}", doc, labels, registry=registry)
+
+    name = outcome.job.name
+    gauge("last_run_timestamp_seconds", "Unix time the job's last run finished.").labels(name).set(
+        epoch(outcome.finished)
+    )
+    gauge("last_exit_code", "Exit code of the job's last run (0 ok, 1 failure, 2 configuration, 75 skipped).").labels(
+        name
+    ).set(outcome.exit_code)
+    if outcome.duration_s is not None:
+        gauge("last_duration_seconds", "Duration of the job's last run.").labels(name).set(outcome.duration_s)
+    if outcome.rows is not None:
+        gauge("last_rows", "Rows deleted by the job's last run.").labels(name).set(outcome.rows)
+    if last_success is not None:
+        Gauge(LAST_SUCCESS, "Unix time of the job's last successful run.", labels, registry=registry).labels(name).set(
+            last_success
+        )
+    gauge("schedule_interval_seconds", "Longest gap between two scheduled runs of the job.").labels(name).set(
+        schedule.interval(outcome.job.schedule).total_seconds()
+    )
+    gauge("next_run_timestamp_seconds", "Unix time of the job's next scheduled run.").labels(name).set(
+        epoch(schedule.next_runs(outcome.job.schedule, outcome.finished)[0])
+    )
+    return registry
+
+
+def write_run_textfiles(
+    setting: str, outcomes: Iterable[RunOutcome], history_success: dict[str, datetime | None] | None = None
+) -> list[Path]:
+    """One file per job. The last success is this run's, else the newer of the
+    previous file's and the history's, so the series never vanishes."""
+    written = []
+    for outcome in outcomes:
+        path = textfile_path(setting, outcome.job.name)
+        if outcome.succeeded:
+            last_success: float | None = epoch(outcome.finished)
+        else:
+            known = [previous_value(path, LAST_SUCCESS, outcome.job.name)]
+            recorded = (history_success or {}).get(outcome.job.name)
+            known.append(epoch(recorded) if recorded else None)
+            last_success = max((value for value in known if value is not None), default=None)
+        write_textfile(path, run_registry(outcome, last_success))
+        written.append(path)
+    return written
+
+
+def snapshot_registry(snapshot: Snapshot) -> CollectorRegistry:
+    """The metrics job's snapshot in Prometheus terms."""
+    registry = CollectorRegistry()
+
+    def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+        return Gauge(f"{PREFIX}_{name}", doc, labels, registry=registry)
+
+    gauge("snapshot_timestamp_seconds", "Unix time of this snapshot.").set(epoch(parse_iso(snapshot.taken_at)))
+    for name, value in snapshot.measures.items():
+        if value is not None:
+            gauge(name, name.replace("_", " ").capitalize() + ".").set(value)
+    if snapshot.database_size_bytes is not None:
+        gauge("database_size_bytes", "Size of the database on disk.").set(snapshot.database_size_bytes)
+    gauge("query_latency_seconds", "Round trip of SELECT 1.").set(snapshot.latency_seconds)
+    gauge("snapshot_errors", "Tasks and tables the snapshot could not measure (missing table or column).").set(
+        len(snapshot.errors)
+    )
+
+    due = gauge("due_rows", "Rows the next run of the task would delete (an estimate past 10,000).", ("task",))
+    age = gauge("oldest_due_age_seconds", "How long the oldest due row has been due.", ("task",))
+    overdue = gauge("task_overdue", "1 when the task has had no success within two scheduled intervals.", ("task",))
+    for task in snapshot.tasks:
+        if task.due_rows is not None:
+            due.labels(task.name).set(task.due_rows)
+        if task.oldest_due_age_seconds is not None:
+            age.labels(task.name).set(task.oldest_due_age_seconds)
+        if task.overdue is not None:
+            overdue.labels(task.name).set(int(task.overdue))
+
+    rows = gauge("table_rows", "Rows in the table (planner estimate on PostgreSQL).", ("table",))
+    size = gauge("table_size_bytes", "Table size on disk, indexes and TOAST included.", ("table",))
+    dead = gauge("table_dead_tuples", "Dead tuples waiting for vacuum.", ("table",))
+    vacuumed = gauge("table_last_vacuum_timestamp_seconds", "Last (auto)vacuum of the table.", ("table",))
+    analyzed = gauge("table_last_analyze_timestamp_seconds", "Last (auto)analyze of the table.", ("table",))
+    for table in snapshot.tables:
+        for metric, value in ((rows, table.rows), (size, table.size_bytes), (dead, table.dead_tuples)):
+            if value is not None:
+                metric.labels(table.name).set(value)
+        for metric, moment in ((vacuumed, table.last_vacuum), (analyzed, table.last_analyze)):
+            if moment:
+                metric.labels(table.name).set(epoch(parse_iso(moment)))
+    return registry
+
+
+def push(url: str, registry: CollectorRegistry) -> None:
+    from prometheus_client import push_to_gateway
+
+    push_to_gateway(url, job=PREFIX, registry=registry, timeout=10)
