@@ -120,6 +120,7 @@ class Run:
         self.clock_started = time.monotonic()
         self.target: db.DatabaseTarget | None = None
         self.engine: sa.Engine | None = None
+        self.conn: sa.Connection | None = None
         self.log = get_logger()
 
     # -- the outer shell: logs, retries, history, pings ---------------------------------------
@@ -145,8 +146,12 @@ class Run:
             result = self._result(failure)
             try:
                 if self.target is not None:
-                    history.record_run(None if unreachable else self.engine, settings, result, self.target.display)
+                    # The run's own connection when it succeeded; a new one after a
+                    # failure (none when the database cannot be reached at all).
+                    bind = self.conn or (None if unreachable else self.engine)
+                    history.record_run(bind, settings, result, self.target.display)
             finally:
+                self._close()
                 if self.engine is not None:
                     self.engine.dispose()
             pinger.ping(str(result.exit_code), body=_ping_body(result))
@@ -193,29 +198,33 @@ class Run:
         """One connection, one chain of transactions. Idempotent: a retry after any
         failure resumes from what is still due, under the same cutoff."""
         assert self.engine is not None and self.target is not None
-        with self.engine.connect() as conn:
-            run = db.RunConnection(
-                conn,
-                self.settings,
-                self.task.name,
-                lock=None if self.dry_run else self.task.name,
-                read_only=self.dry_run,
-            )
+        conn = self.conn = self.engine.connect()
+        run = db.RunConnection(
+            conn, self.settings, self.task.name, lock=None if self.dry_run else self.task.name, read_only=self.dry_run
+        )
+        try:
             run.begin()
-            try:
-                table = db.bind_table(conn, self.settings, self.target.schema, self.task.table)
-                due = self.task.due(table.columns, self.cutoff)
-                if self.dry_run:
-                    self.progress.rows = int(
-                        conn.scalar(sa.select(sa.func.count()).select_from(table.table).where(due)) or 0
-                    )
-                elif self.batched:
-                    self._batches(run, table, due)
-                else:
-                    self.progress.rows = int(conn.execute(sa.delete(table.table).where(due)).rowcount)
-                run.commit()
-            finally:
-                run.rollback()
+            table = db.bind_table(conn, self.settings, self.target.schema, self.task.table)
+            due = self.task.due(table.columns, self.cutoff)
+            if self.dry_run:
+                self.progress.rows = int(
+                    conn.scalar(sa.select(sa.func.count()).select_from(table.table).where(due)) or 0
+                )
+            elif self.batched:
+                self._batches(run, table, due)
+            else:
+                self.progress.rows = int(conn.execute(sa.delete(table.table).where(due)).rowcount)
+            run.commit()
+        except BaseException:
+            # A retry starts on a new connection; this one may be broken.
+            run.rollback()
+            self._close()
+            raise
+
+    def _close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
     def _batches(self, run: db.RunConnection, table: db.BoundTable, due: sa.ColumnElement[bool]) -> None:
         """Delete in short committed batches, walking the index from a low-water mark.

@@ -10,10 +10,9 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from skybot_cleanup import db, history, metrics, prometheus, status
-from skybot_cleanup.check import Finding, run_checks
+from skybot_cleanup import db
 from skybot_cleanup.cleanup import ProgressCallback, RunResult, database_target, run_task
 from skybot_cleanup.clock import parse_iso, utc_now
 from skybot_cleanup.errors import EXIT_OK, Failure, classify
@@ -21,6 +20,10 @@ from skybot_cleanup.logs import get_logger
 from skybot_cleanup.retry import with_retries
 from skybot_cleanup.settings import CleanupSettings
 from skybot_cleanup.tasks import REGISTRY, Job, Registry, Task
+
+if TYPE_CHECKING:  # the reporting modules load only for the commands that use them
+    from skybot_cleanup import history, metrics, status
+    from skybot_cleanup.check import Finding
 
 T = TypeVar("T")
 ProgressFactory = Callable[[Task], AbstractContextManager[ProgressCallback | None]]
@@ -49,6 +52,8 @@ def write_run_textfiles(
     """After real runs: their node_exporter textfiles (dry runs leave them alone)."""
     if not settings.prom_file:
         return []
+    from skybot_cleanup import prometheus  # prometheus_client costs ~10 ms to import: only when used
+
     outcomes = [
         prometheus.RunOutcome(
             job=registry.task(result.task),
@@ -69,6 +74,8 @@ def record_failed_start(prom_file: str | None, jobs: Sequence[Job], exit_code: i
     still say it ran and failed, keeping their last success."""
     if not prom_file:
         return
+    from skybot_cleanup import prometheus
+
     now = utc_now()
     with contextlib.suppress(OSError):  # the configuration error is what gets reported
         prometheus.write_run_textfiles(
@@ -109,6 +116,8 @@ def _read(
 
 def snapshot(settings: CleanupSettings, registry: Registry = REGISTRY) -> metrics.Snapshot:
     """Take the metrics snapshot and record it in the history."""
+    from skybot_cleanup import history, metrics
+
     now = utc_now()
     with _reading(settings, "metrics") as (engine, target):
 
@@ -123,6 +132,8 @@ def snapshot(settings: CleanupSettings, registry: Registry = REGISTRY) -> metric
 
 
 def deliver_snapshot(taken: metrics.Snapshot, prom_file: str | None, pushgateway: str | None) -> None:
+    from skybot_cleanup import prometheus
+
     registry = prometheus.snapshot_registry(taken)
     if prom_file:
         prometheus.write_textfile(Path(prom_file), registry)
@@ -131,10 +142,14 @@ def deliver_snapshot(taken: metrics.Snapshot, prom_file: str | None, pushgateway
 
 
 def job_status(settings: CleanupSettings, registry: Registry = REGISTRY) -> status.Status:
+    from skybot_cleanup import status
+
     return _read(settings, "status", lambda run, schema, now: status.collect(run.conn, settings, schema, now, registry))
 
 
 def check(settings: CleanupSettings, registry: Registry = REGISTRY) -> list[Finding]:
+    from skybot_cleanup.check import run_checks
+
     return _read(settings, "check", lambda run, schema, now: run_checks(run, settings, schema, now, registry))
 
 
@@ -146,6 +161,8 @@ class HistoryView:
 
 
 def run_history(settings: CleanupSettings, query: history.HistoryQuery) -> HistoryView:
+    from skybot_cleanup import history
+
     def work(run: db.RunConnection, _schema: str | None, _now: datetime) -> HistoryView:
         spool = history.Spool(history.state_directory(settings) / "pending-runs")
         return HistoryView(

@@ -9,7 +9,6 @@ credential (anyone holding it can ping), so only its host is ever logged.
 from __future__ import annotations
 
 import time
-import urllib.request
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
@@ -73,6 +72,8 @@ class Pinger:
     def ping(self, suffix: str, body: str | None = None) -> bool:
         if self.url is None:
             return False
+        import urllib.request  # only when there is a ping to send
+
         url = f"{self.url}/{suffix}?rid={self.run_id}"
         # check_url() let only http and https through.
         request = urllib.request.Request(  # noqa: S310

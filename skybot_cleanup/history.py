@@ -16,6 +16,7 @@ records it with its real time and error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -135,12 +136,13 @@ def _missing_table(exc: sa.exc.DBAPIError) -> bool:
 
 
 def _write(
-    engine: Engine,
+    bind: Connection | Engine,
     settings: CleanupSettings,
     rows: list[dict[str, Any]] | None = None,
     snapshot: tuple[datetime, str] | None = None,
 ) -> None:
-    with engine.connect() as conn:
+    """Through the run's own connection when it has one (no second connect), else a new one."""
+    with bind.connect() if isinstance(bind, Engine) else contextlib.nullcontext(bind) as conn:
         run = db.RunConnection(conn, settings, "history")
         run.begin()
         try:
@@ -189,17 +191,17 @@ def _row(outcome: Outcome, host: str | None = None) -> dict[str, Any]:
     }
 
 
-def record_run(engine: Engine | None, settings: CleanupSettings, outcome: Outcome, database: str) -> bool:
+def record_run(bind: Connection | Engine | None, settings: CleanupSettings, outcome: Outcome, database: str) -> bool:
     """Write a run's row, with any spooled ones; spool it when the database cannot
-    take it (engine None: known unreachable). Never raises."""
+    take it (bind None: known unreachable). Never raises."""
     if not settings.history:
         return False
     row = _row(outcome)
-    if engine is not None:
+    if bind is not None:
         spool = Spool.for_settings(settings)
         claimed = spool.claim(database) if spool else []
         try:
-            _write(engine, settings, rows=[*(entry for _, entry in claimed), row])
+            _write(bind, settings, rows=[*(entry for _, entry in claimed), row])
             if spool:
                 spool.done(path for path, _ in claimed)
             return True
