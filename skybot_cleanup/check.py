@@ -213,6 +213,35 @@ def _index_advice(ctx: Context, task: Task, table: db.BoundTable, due: sa.Column
     )
 
 
+# Past this many rows a table is worth a look at time partitioning (docs/scaling.md).
+PARTITIONING_HINT_ROWS = 50_000_000
+
+
+def partitioning(ctx: Context) -> Iterator[Finding]:
+    """Partitioned tables work (deletes reach every partition, rows are picked by primary
+    key, never ctid); very large plain ones get a pointer to the partitioning design."""
+    if not ctx.on_postgres:
+        return
+    for spec in ctx.registry.tables:
+        table = ctx.bound[spec.key]
+        if isinstance(table, ConfigError):
+            continue
+        if table.info.partitioned:
+            yield Finding(
+                "info",
+                f"{_shown(table)} is partitioned: the tasks delete row by row in every partition; "
+                "detaching and dropping whole expired partitions is the app's migrations' job "
+                "(docs/scaling.md)",
+            )
+        elif (table.info.estimated_rows or 0) >= PARTITIONING_HINT_ROWS:
+            yield Finding(
+                "info",
+                f"{_shown(table)} holds ~{table.info.estimated_rows:,} rows: at this size vacuum "
+                "and WAL, not the DELETE, bound a row-by-row cleanup; docs/scaling.md weighs time "
+                "partitioning",
+            )
+
+
 def backlogs(ctx: Context) -> Iterator[Finding]:
     for task in ctx.registry.tasks:
         table = ctx.bound[task.table.key]
@@ -303,7 +332,7 @@ def _history_advice(ctx: Context, shown: str, error: str) -> Finding:
     )
 
 
-CHECKS: tuple[Check, ...] = (server, tables, privileges, indexes, backlogs, history_writable)
+CHECKS: tuple[Check, ...] = (server, tables, privileges, indexes, partitioning, backlogs, history_writable)
 
 
 def run_checks(

@@ -495,14 +495,15 @@ def delete_ties(
     conn: Connection, table: BoundTable, due: ColumnElement[bool], walk: ColumnElement[Any], value: Any, rows: int
 ) -> int:
     """Delete up to `rows` due rows whose walk value is exactly `value`: for a run of
-    equal values longer than a batch (a mass revocation writes one "revokedAt")."""
-    row_id: ColumnElement[Any] = sa.literal_column("ctid" if conn.dialect.name == "postgresql" else "rowid")
-    picked = sa.select(row_id).select_from(table.table).where(walk == value, due).limit(rows)
-    if conn.dialect.name == "postgresql":
-        chosen: ColumnElement[bool] = row_id == sa.func.any(sa.func.array(picked.scalar_subquery()))
-    else:
-        chosen = row_id.in_(picked.scalar_subquery())
-    return int(conn.execute(sa.delete(table.table).where(chosen, walk == value, due)).rowcount)
+    equal values longer than a batch (a mass revocation writes one "revokedAt").
+
+    By primary key, not ctid: on a partitioned table a ctid names a row in every
+    partition, so `ctid = ANY(...)` would delete the wrong ones."""
+    key = table.columns["id"]
+    picked = sa.select(key).select_from(table.table).where(walk == value, due).limit(rows)
+    return int(
+        conn.execute(sa.delete(table.table).where(key.in_(picked.scalar_subquery()), walk == value, due)).rowcount
+    )
 
 
 def count_capped(conn: Connection, table: BoundTable, where: ColumnElement[bool], cap: int) -> int:

@@ -25,11 +25,18 @@ from skybot_cleanup.tasks import REGISTRY, Registry, TableSpec, Task
 
 COUNT_CAP = 10_000
 
+# Summed over the leaves of pg_partition_tree (a plain table is its own only leaf): a
+# partitioned table has no storage or statistics of its own.
 PG_TABLE_HEALTH = sa.text("""
-    SELECT pg_total_relation_size(s.relid) AS size_bytes, s.n_dead_tup AS dead_tuples,
-           s.last_vacuum, s.last_autovacuum, s.last_analyze, s.last_autoanalyze
-    FROM pg_stat_user_tables s
-    WHERE s.schemaname = :schema AND s.relname = :name
+    SELECT sum(pg_total_relation_size(t.relid))::bigint AS size_bytes, sum(s.n_dead_tup)::bigint AS dead_tuples,
+           max(greatest(s.last_vacuum, s.last_autovacuum)) AS last_vacuum,
+           max(greatest(s.last_analyze, s.last_autoanalyze)) AS last_analyze,
+           CASE WHEN bool_and(c.reltuples >= 0) THEN sum(c.reltuples)::bigint END AS estimated_rows,
+           count(*) AS partitions
+    FROM pg_partition_tree(to_regclass(format('%I.%I', CAST(:schema AS text), CAST(:name AS text)))) t
+    JOIN pg_class c ON c.oid = t.relid
+    LEFT JOIN pg_stat_user_tables s ON s.relid = t.relid
+    WHERE t.isleaf
 """)
 PG_DATABASE_SIZE = sa.text("SELECT pg_database_size(current_database())")
 SQLITE_DATABASE_SIZE = sa.text("SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()")
@@ -64,6 +71,7 @@ class TableHealth:
     dead_tuples: int | None = None
     last_vacuum: str | None = None
     last_analyze: str | None = None
+    partitions: int | None = None  # a partitioned table: how many leaf partitions
     error: str | None = None
 
 
@@ -189,15 +197,14 @@ def _table_health(conn: sa.Connection, spec: TableSpec, table: db.BoundTable | C
     if conn.dialect.name != "postgresql":
         health.rows = int(conn.scalar(sa.select(sa.func.count()).select_from(table.table)) or 0)
         return health
-    if table.info.estimated_rows is not None:
-        health.rows, health.rows_estimated = table.info.estimated_rows, True
+    row = conn.execute(PG_TABLE_HEALTH, {"schema": table.info.schema, "name": table.info.name}).mappings().one()
+    if row["estimated_rows"] is not None:
+        health.rows, health.rows_estimated = row["estimated_rows"], True
     else:  # never analyzed: no estimate exists yet
         health.rows = count(conn, table, sa.true()).value
-    row = conn.execute(PG_TABLE_HEALTH, {"schema": table.info.schema, "name": table.info.name}).mappings().first()
-    if row is not None:
-        health.size_bytes, health.dead_tuples = row["size_bytes"], row["dead_tuples"]
-        health.last_vacuum = iso_utc(max(filter(None, (row["last_vacuum"], row["last_autovacuum"])), default=None))
-        health.last_analyze = iso_utc(max(filter(None, (row["last_analyze"], row["last_autoanalyze"])), default=None))
+    health.size_bytes, health.dead_tuples = row["size_bytes"], row["dead_tuples"]
+    health.last_vacuum, health.last_analyze = iso_utc(row["last_vacuum"]), iso_utc(row["last_analyze"])
+    health.partitions = row["partitions"] if table.info.partitioned else None
     return health
 
 

@@ -104,6 +104,8 @@ class Task(Job):
         for role in (self.walk_column, self.age_column):
             if role not in self.table.roles:
                 raise ValueError(f"{self.name}: {self.table.name} has no column with role {role!r}")
+        if "id" not in self.table.roles:  # batches of equal walk values go by primary key
+            raise ValueError(f"{self.name}: {self.table.name} needs its primary key column with role 'id'")
 
     @property
     def walk_bounded_by_cutoff(self) -> bool:

@@ -763,3 +763,23 @@ def test_metrics_snapshots_are_recorded(backend):
     assert len(stored) == 1
     assert stored[0]["measures"]["active_sessions"] == 2
     assert next(t for t in stored[0]["tasks"] if t["name"] == "refresh-tokens")["due_rows"] == 2
+
+
+def test_check_and_metrics_on_a_partitioned_table(postgres):
+    from conftest import NOW
+    from test_rules import PARTITIONED_REFRESH_TOKEN
+
+    postgres.execute(PARTITIONED_REFRESH_TOKEN.format(old=NOW - 60 * DAY, soon=NOW + DAY))
+    seed_operator_data(postgres)
+    findings = check_findings(invoke("check", "--json", env={"DATABASE_URL": postgres.url}))
+    assert (
+        "info",
+        '"public"."RefreshToken" is partitioned: the tasks delete row by row in every partition; '
+        "detaching and dropping whole expired partitions is the app's migrations' job "
+        "(docs/scaling.md)",
+    ) in findings
+    snapshot = json.loads(invoke("metrics", "--json", env={"DATABASE_URL": postgres.url}).stdout)
+    table = next(t for t in snapshot["tables"] if t["name"] == "RefreshToken")
+    assert (table["partitions"], table["rows"]) == (3, 6)
+    assert table["size_bytes"] > 0 and table["last_analyze"]
+    assert next(t for t in snapshot["tasks"] if t["name"] == "refresh-tokens")["due_rows"] == 2

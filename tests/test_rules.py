@@ -154,3 +154,56 @@ def test_predicate_can_use_the_index(postgres, task_name, index):
     column = "revokedAt" if task_name == "revoked-tokens" else "expiresAt"
     assert f'Index Scan using "{index}"' in plan or f'Bitmap Index Scan on "{index}"' in plan, plan
     assert f'Index Cond: ("{column}" < ' in plan, plan
+
+
+PARTITIONED_REFRESH_TOKEN = """
+DROP TABLE "RefreshToken";
+CREATE TABLE "RefreshToken" (
+    id text NOT NULL, token text NOT NULL, "userAccountId" text NOT NULL, "accountId" text NOT NULL,
+    "expiresAt" timestamp(3) NOT NULL, "revokedAt" timestamp(3), "revokedReason" text, "deviceInfo" jsonb,
+    "ipAddress" text, "userAgent" text, "lastUsedAt" timestamp(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    "createdAt" timestamp(3) NOT NULL DEFAULT CURRENT_TIMESTAMP, "updatedAt" timestamp(3) NOT NULL,
+    PRIMARY KEY (id, "expiresAt")
+) PARTITION BY RANGE ("expiresAt");
+CREATE INDEX ON "RefreshToken" ("expiresAt");
+CREATE INDEX ON "RefreshToken" ("revokedAt");
+CREATE TABLE "RefreshToken_old" PARTITION OF "RefreshToken" FOR VALUES FROM (MINVALUE) TO ('{old}');
+CREATE TABLE "RefreshToken_recent" PARTITION OF "RefreshToken" FOR VALUES FROM ('{old}') TO ('{soon}');
+CREATE TABLE "RefreshToken_future" PARTITION OF "RefreshToken" FOR VALUES FROM ('{soon}') TO (MAXVALUE);
+"""
+
+
+@pytest.mark.parametrize("batch_size", [None, 1, 10])
+@pytest.mark.parametrize("task_name", ["refresh-tokens", "revoked-tokens"])
+def test_a_partitioned_table_is_cleaned_exactly(postgres, task_name, batch_size):
+    """Every partition is reached, and a mass revocation spread over two partitions is
+    deleted in whole, exact batches."""
+    postgres.execute(PARTITIONED_REFRESH_TOKEN.format(old=NOW - 60 * DAY, soon=NOW + DAY))
+    mass = mass_revocation()
+    postgres.insert("RefreshToken", mass)
+    seeded = seed(postgres)
+    overrides = {"batch_size": batch_size} if batch_size else {}
+    result = run_task(DEFAULT.settings(postgres.url, **overrides), REGISTRY.task(task_name), now=NOW)
+    expected = DELETED[task_name] | ({row["id"] for row in mass} if task_name == "revoked-tokens" else set())
+    assert (result.status, result.rows) == ("ok", len(expected)), result.error
+    assert all_ids(postgres) == expected_after(seeded, expected)
+
+
+def mass_revocation() -> list[dict]:
+    """50 tokens revoked by one statement, half in the old partition and half in the
+    recent one: the same "revokedAt", and the same positions (ctids) in both."""
+    revoked_at = NOW - 100 * DAY
+    return [refresh_token_row(f"mass_old_{i:02d}", NOW - 200 * DAY, revoked=revoked_at) for i in range(25)] + [
+        refresh_token_row(f"mass_recent_{i:02d}", NOW - 30 * DAY, revoked=revoked_at) for i in range(25)
+    ]
+
+
+def test_batches_of_equal_values_stay_bounded_across_partitions(postgres):
+    """A ctid names a row in every partition: picking a batch by ctid would take twice
+    the rows asked for. By primary key, --max-rows 10 is 10."""
+    postgres.execute(PARTITIONED_REFRESH_TOKEN.format(old=NOW - 60 * DAY, soon=NOW + DAY))
+    postgres.insert("RefreshToken", mass_revocation())
+    settings = DEFAULT.settings(postgres.url, batch_size=10, max_rows=10)
+    result = run_task(settings, REGISTRY.task("revoked-tokens"), now=NOW)
+    assert (result.status, result.rows, result.remaining, result.stopped_by) == ("ok", 10, 40, "max_rows")
+    assert len(postgres.ids("RefreshToken")) == 40
