@@ -25,6 +25,7 @@ PROGRESS_LOG_INTERVAL_S = 5.0
 PROBE_LOCK_TIMEOUT_MS = 100
 # `remaining` after a run stopped by a cap is counted up to this many rows.
 REMAINING_COUNT_CAP = 1_000_000
+REMAINING_AFTER_MAX_RUNTIME_CAP = 10_000
 
 ProgressCallback = Callable[[int, int | None], None]  # (rows done, estimated total)
 
@@ -53,6 +54,16 @@ class RunResult:
 
 
 @dataclass
+class Batch:
+    """What one batch did, applied to the run's progress only once it has committed."""
+
+    low: db.LowWater
+    walked_to_end: bool = False
+    deleted: int = 0
+    held: set[Any] = field(default_factory=set)  # ids of due rows the app held
+
+
+@dataclass
 class Progress:
     """What a run has committed so far; survives a failure (and a retry) for the report."""
 
@@ -60,7 +71,7 @@ class Progress:
     batches: int = 0
     low: db.LowWater = field(default_factory=db.LowWater)  # where the next batch starts
     walked_to_end: bool = False
-    skipped: int = 0  # due rows left behind because the app held them
+    held: set[Any] = field(default_factory=set)  # ids of due rows left behind: the app held them
     remaining: int | None = None
     stopped_by: str | None = None
     estimated_total: int | None = None
@@ -233,8 +244,9 @@ class Run:
         scan `batch_size` rows ahead, so no batch re-reads what earlier ones deleted
         (even while a long transaction elsewhere keeps dead tuples around), and the
         delete itself is one index range scan. No FOR UPDATE: the role needs no
-        UPDATE privilege. A batch that meets a row the app holds is undone and
-        split until the held rows are isolated; they are left for a later run.
+        UPDATE privilege. A batch that meets a row the app holds is undone and redone
+        around it (_around_held_rows). The progress moves only once a batch has
+        committed, so a retry after a lost commit redoes that batch.
         """
         settings, progress = self.settings, self.progress
         assert settings.batch_size is not None
@@ -247,16 +259,19 @@ class Run:
             limit = settings.batch_size
             if settings.max_rows is not None:
                 limit = min(limit, settings.max_rows - progress.rows)
+                if limit <= 0:  # reached by an earlier attempt of this run
+                    progress.stopped_by = "max_rows"
+                    break
             batch_started = time.monotonic()
             end = db.batch_end(conn, table, walk, progress.low, limit, below)
             if end is not None and not progress.low.exclusive and end == progress.low.value:
-                deleted = self._delete_ties(run, table, due, walk, end, limit)
+                batch = self._delete_ties(run, table, due, walk, end, limit)
             else:
-                deleted = self._delete_range(run, table, due, walk, progress.low, end, limit)
-                progress.low = db.LowWater(end)
-                progress.walked_to_end = end is None
+                batch = self._delete_range(run, table, due, walk, progress.low, end, limit)
             run.commit_and_continue()
-            progress.rows += deleted
+            progress.rows += batch.deleted
+            progress.held |= batch.held
+            progress.low, progress.walked_to_end = batch.low, batch.walked_to_end
             progress.batches += 1
             progress.longest_batch_ms = max(progress.longest_batch_ms, (time.monotonic() - batch_started) * 1000)
             self._report_progress()
@@ -270,10 +285,13 @@ class Run:
                 break
             if settings.sleep_ms:
                 time.sleep(settings.sleep_ms / 1000)
-        progress.remaining = progress.skipped
+        progress.remaining = len(progress.held)
         if not progress.walked_to_end:
-            ahead = sa.and_(due, progress.low.clause(walk))
-            progress.remaining += db.count_capped(conn, table, ahead, REMAINING_COUNT_CAP)
+            # Counted, not estimated, but never far: after a --max-runtime stop, about ten batches' worth.
+            cap = REMAINING_COUNT_CAP
+            if progress.stopped_by == "max_runtime":
+                cap = max(10 * settings.batch_size, REMAINING_AFTER_MAX_RUNTIME_CAP)
+            progress.remaining += db.count_capped(conn, table, sa.and_(due, progress.low.clause(walk)), cap)
 
     def _delete_range(
         self,
@@ -284,52 +302,44 @@ class Run:
         low: db.LowWater,
         end: Any,
         rows: int,
-    ) -> int:
+    ) -> Batch:
+        after = Batch(low=db.LowWater(end), walked_to_end=end is None)
         try:
-            return db.delete_range(run.conn, table, due, walk, low, end)
+            after.deleted = db.delete_range(run.conn, table, due, walk, low, end)
+            return after
         except sa.exc.OperationalError as exc:
             if not (run.on_postgres and _is_lock_timeout(exc)):
                 raise
         run.undo_work()
         self.log.info("batch_met_held_rows", low=str(low.value), end=str(end))
-        return self._around_held_rows(run, table, due, walk, low, end, rows)
+        in_range = sa.and_(low.clause(walk), walk < end if end is not None else sa.true())
+        after.deleted, after.held = self._around_held_rows(
+            run, table, due, db.ids_where(run.conn, table, sa.and_(due, in_range), rows)
+        )
+        return after
 
     def _around_held_rows(
-        self,
-        run: db.RunConnection,
-        table: db.BoundTable,
-        due: sa.ColumnElement[bool],
-        walk: sa.ColumnElement[Any],
-        low: db.LowWater,
-        end: Any,
-        rows: int,
-    ) -> int:
-        """Split [low, end) until each part deletes without waiting; parts that still
-        meet a held row and cannot be split by the walk value are left behind."""
-        conn, deleted = run.conn, 0
-        bounded = sa.and_(low.clause(walk), walk < end if end is not None else sa.true())
-        pending = [(low, end, db.count_capped(conn, table, bounded, rows))]
+        self, run: db.RunConnection, table: db.BoundTable, due: sa.ColumnElement[bool], ids: list[Any]
+    ) -> tuple[int, set[Any]]:
+        """Delete these rows in halves, each with a short lock timeout, down to single
+        rows: only the rows the app holds are left (and counted in `remaining`)."""
+        deleted, held = 0, set()
         probe_ms = min(self.settings.lock_timeout_ms or PROBE_LOCK_TIMEOUT_MS, PROBE_LOCK_TIMEOUT_MS)
+        pending = [ids]
         while pending:
-            part_low, part_end, part_rows = pending.pop()
+            part = pending.pop()
             try:
                 with run.probe(probe_ms):
-                    deleted += db.delete_range(run.conn, table, due, walk, part_low, part_end)
+                    deleted += db.delete_ids(run.conn, table, due, part)
                 continue
             except sa.exc.OperationalError as exc:
                 if not _is_lock_timeout(exc):
                     raise
-            below = part_end if part_end is not None else (self.cutoff if self.task.walk_bounded_by_cutoff else None)
-            middle = db.batch_end(run.conn, table, walk, part_low, max(part_rows // 2, 1), below)
-            if part_rows > 1 and middle is not None and middle != part_low.value:
-                pending += [
-                    (db.LowWater(middle), part_end, part_rows - part_rows // 2),
-                    (part_low, middle, part_rows // 2),
-                ]
+            if len(part) == 1:
+                held.add(part[0])
             else:
-                left = sa.and_(due, part_low.clause(walk), walk < part_end if part_end is not None else sa.true())
-                self.progress.skipped += db.count_capped(run.conn, table, left, part_rows + 1)
-        return deleted
+                pending += [part[len(part) // 2 :], part[: len(part) // 2]]
+        return deleted, held
 
     def _delete_ties(
         self,
@@ -339,19 +349,23 @@ class Run:
         walk: sa.ColumnElement[Any],
         value: Any,
         limit: int,
-    ) -> int:
-        """More than a batch of rows share the low-water value: delete them in chunks."""
+    ) -> Batch:
+        """More than a batch of rows share the low-water value: delete them in chunks,
+        leaving out the rows found held by earlier chunks of this run."""
+        chunk = sa.and_(walk == value, due)
+        held = self.progress.held
+        batch = Batch(low=db.LowWater(value))
         try:
-            deleted = db.delete_ties(run.conn, table, due, walk, value, limit)
+            batch.deleted = db.delete_ties(run.conn, table, chunk, limit, held)
         except sa.exc.OperationalError as exc:
             if not (run.on_postgres and _is_lock_timeout(exc)):
                 raise
             run.undo_work()
-            self.progress.skipped += db.count_capped(run.conn, table, sa.and_(due, walk == value), limit)
-            deleted = 0
-        if deleted < limit:
-            self.progress.low = db.LowWater(value, exclusive=True)
-        return deleted
+            ids = db.ids_where(run.conn, table, chunk, limit, exclude=held)
+            batch.deleted, batch.held = self._around_held_rows(run, table, due, ids)
+        if batch.deleted + len(batch.held) < limit:  # every row of this value is done
+            batch.low = db.LowWater(value, exclusive=True)
+        return batch
 
     def _report_progress(self) -> None:
         progress = self.progress

@@ -178,12 +178,15 @@ def create_engine(target: DatabaseTarget, settings: CleanupSettings, label: str)
                 prepare_threshold=None,
             )
 
+        # pool_reset_on_return=None: closing must not send a ROLLBACK of its own, which
+        # would end the run's transaction without its unlock (see RunConnection).
         return sa.create_engine(
             "postgresql+psycopg://",
             creator=connect,
             poolclass=NullPool,
             hide_parameters=True,
             isolation_level="AUTOCOMMIT",
+            pool_reset_on_return=None,
         )
     # sqlite3's timeout is its busy timeout: how long BEGIN IMMEDIATE waits for the write lock.
     return sa.create_engine(
@@ -216,13 +219,16 @@ class RunConnection:
     """One connection for a whole run, as a chain of transactions.
 
     On PostgreSQL every transaction sets application_name, lock_timeout,
-    statement_timeout and idle_in_transaction_session_timeout locally, and, for a
-    run with a lock, takes pg_try_advisory_xact_lock. The lock is transaction-scoped,
-    so it dies with the transaction or connection whatever happens to the process,
-    and it survives PgBouncer's transaction pooling. Between batches, COMMIT AND CHAIN
-    and the new lock go in one message: the task stays locked for the whole run
-    while each batch commits, on a single server connection. The idle timeout makes
-    the server end a frozen run (SIGSTOP, a paused VM) and free its lock.
+    statement_timeout and idle_in_transaction_session_timeout locally. A run that
+    deletes takes the task's advisory lock in its first transaction, at session level,
+    so that it holds across every COMMIT AND CHAIN between batches (a transaction-level
+    lock would be free for an instant at each commit). The run is in a transaction from
+    its first statement to its last, so under PgBouncer's transaction pooling the server
+    connection stays pinned to it, and the unlock travels in the same message as the
+    final COMMIT or ROLLBACK: it can never be left behind on a pooled connection. If
+    the client dies or freezes instead, the server ends the session (a lost client, or
+    the idle timeout) and the lock with it; PgBouncer closes a server connection whose
+    client vanished mid-transaction.
 
     On SQLite, BEGIN IMMEDIATE (the database write lock) plays the lock's part.
     """
@@ -243,9 +249,10 @@ class RunConnection:
         self.read_only = read_only
         self.on_postgres = conn.dialect.name == "postgresql"
         self.in_transaction = False
+        self.locked = False  # PostgreSQL: this session holds the task's lock
 
     # PostgreSQL: the statement run at the start of every transaction of the chain.
-    def _prologue(self) -> str:
+    def _prologue(self, take_lock: bool) -> str:
         settings = self.settings
         idle = settings.idle_timeout_ms
         # Never weaken a DBA's shorter idle timeout: take the smaller of the two.
@@ -260,32 +267,39 @@ class RunConnection:
             f"set_config('idle_in_transaction_session_timeout', {idle_sql}, true)",
             "pg_is_in_recovery() OR current_setting('transaction_read_only')::boolean AS read_only",
         ]
-        if self.lock:
-            columns.append(f"pg_try_advisory_xact_lock(hashtextextended({_literal(lock_key(self.lock))}, 0))")
+        if take_lock:
+            columns.append(f"pg_try_advisory_lock(hashtextextended({_literal(lock_key(str(self.lock)))}, 0))")
         return "SELECT " + ", ".join(columns)
 
-    def _send(self, command: str) -> None:
-        """`command` (BEGIN, COMMIT AND CHAIN...), the prologue and a savepoint, in one
-        simple-protocol message. Any error aborts a transaction and frees its locks
-        at once; inside the savepoint it only undoes the batch, and the lock stays."""
+    def _driver_execute(self, sql: str) -> Any:
+        """Straight to psycopg, without parameters: its simple protocol, so several
+        statements travel in one message and no portal (snapshot) is left open."""
         driver = self.conn.connection.driver_connection
         assert driver is not None
-        cursor = driver.execute(f"{command}; {self._prologue()}; SAVEPOINT work")
+        return driver.execute(sql)
+
+    def _send(self, command: str, take_lock: bool = False) -> None:
+        """`command` (BEGIN, COMMIT AND CHAIN), the prologue and a savepoint in one
+        message. Any error aborts the transaction; inside the savepoint it only undoes
+        the batch."""
+        cursor = self._driver_execute(f"{command}; {self._prologue(take_lock)}; SAVEPOINT work")
         cursor.nextset()
         row = cursor.fetchone()
         assert row is not None
         self.in_transaction = True
+        if take_lock:
+            self.locked = bool(row[5])  # first: whatever is raised next, the unlock must follow
         if row[4] and not self.read_only:
             raise ConfigError(
                 "the database is read-only (a hot standby, or default_transaction_read_only is on): point "
                 "DATABASE_URL at the primary, or add target_session_attrs=read-write"
             )
-        if self.lock and not row[5]:
+        if take_lock and not self.locked:
             raise LockHeld(f"another {self.lock} run holds the lock; skipped")
 
     def begin(self) -> None:
         if self.on_postgres:
-            self._send("BEGIN READ ONLY" if self.read_only else "BEGIN")
+            self._send("BEGIN READ ONLY" if self.read_only else "BEGIN", take_lock=bool(self.lock) and not self.locked)
             return
         try:
             self.conn.exec_driver_sql("BEGIN DEFERRED" if self.read_only else "BEGIN IMMEDIATE")
@@ -297,28 +311,40 @@ class RunConnection:
             raise
         self.in_transaction = True
 
+    def _end(self, command: str) -> None:
+        """COMMIT or ROLLBACK, with the unlock in the same message. Sent by every run
+        that locks, even when it does not know it holds the lock (a signal may have cut
+        the BEGIN short): unlocking nothing is harmless, a lock left behind is not."""
+        self.in_transaction = False
+        if self.on_postgres and self.lock:
+            self.locked = False
+            self._driver_execute(f"{command}; SELECT pg_advisory_unlock_all()")
+        else:
+            self.conn.exec_driver_sql(command)
+
     def commit(self) -> None:
         if self.in_transaction:
-            self.in_transaction = False
-            self.conn.exec_driver_sql("COMMIT")
+            self._end("COMMIT")
 
     def rollback(self) -> None:
         if not self.in_transaction:
             return
-        self.in_transaction = False
-        if self.conn.invalidated:  # the connection is gone, and the transaction with it
+        if self.conn.invalidated:  # the connection is gone, and the transaction and lock with it
+            self.in_transaction = self.locked = False
             self.conn.rollback()
             return
-        # If even ROLLBACK fails, closing the connection rolls back all the same.
-        with contextlib.suppress(sa.exc.SQLAlchemyError, KeyboardInterrupt):
-            self.conn.exec_driver_sql("ROLLBACK")
+        # If even this fails, the connection is closed mid-transaction, which ends the
+        # session's transaction and lock all the same (PgBouncer drops such a connection).
+        with contextlib.suppress(Exception, KeyboardInterrupt):
+            self._end("ROLLBACK")
 
     def commit_and_continue(self) -> None:
-        """End this transaction, keeping its work, and start the next one still locked."""
+        """Commit this transaction's work and start the next one, still holding the lock."""
         if self.on_postgres:
             self._send("COMMIT AND CHAIN")
         else:
-            self.commit()
+            self.conn.exec_driver_sql("COMMIT")
+            self.in_transaction = False
             self.begin()
 
     def undo_work(self) -> None:
@@ -491,19 +517,42 @@ def delete_range(
     return int(conn.execute(statement).rowcount)
 
 
-def delete_ties(
-    conn: Connection, table: BoundTable, due: ColumnElement[bool], walk: ColumnElement[Any], value: Any, rows: int
-) -> int:
-    """Delete up to `rows` due rows whose walk value is exactly `value`: for a run of
-    equal values longer than a batch (a mass revocation writes one "revokedAt").
+def delete_ties(conn: Connection, table: BoundTable, chunk: ColumnElement[bool], rows: int, exclude: set[Any]) -> int:
+    """Delete up to `rows` rows of `chunk` (due rows sharing one walk value, when there
+    are more than a batch of them: a mass revocation writes one "revokedAt").
 
     By primary key, not ctid: on a partitioned table a ctid names a row in every
-    partition, so `ctid = ANY(...)` would delete the wrong ones."""
+    partition, so `ctid = ANY(...)` would take up to a batch per partition."""
     key = table.columns["id"]
-    picked = sa.select(key).select_from(table.table).where(walk == value, due).limit(rows)
-    return int(
-        conn.execute(sa.delete(table.table).where(key.in_(picked.scalar_subquery()), walk == value, due)).rowcount
-    )
+    picked = sa.select(key).select_from(table.table).where(chunk, *_excluding(conn, key, exclude)).limit(rows)
+    return int(conn.execute(sa.delete(table.table).where(key.in_(picked.scalar_subquery()), chunk)).rowcount)
+
+
+def ids_where(
+    conn: Connection, table: BoundTable, where: ColumnElement[bool], rows: int, exclude: set[Any] | None = None
+) -> list[Any]:
+    """The primary keys of at most `rows` rows: a batch to redo around rows the app holds."""
+    key = table.columns["id"]
+    query = sa.select(key).select_from(table.table).where(where, *_excluding(conn, key, exclude or set()))
+    return list(conn.scalars(query.order_by(key).limit(rows)))
+
+
+def delete_ids(conn: Connection, table: BoundTable, due: ColumnElement[bool], ids: list[Any]) -> int:
+    key = table.columns["id"]
+    return int(conn.execute(sa.delete(table.table).where(_any(conn, key, ids), due)).rowcount)
+
+
+def _any(conn: Connection, key: ColumnElement[Any], ids: list[Any] | set[Any]) -> ColumnElement[bool]:
+    """key = ANY(array) on PostgreSQL: one parameter, however many ids."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import ARRAY
+
+        return key == sa.func.any(sa.bindparam("ids", list(ids), type_=ARRAY(key.type), unique=True))
+    return key.in_(list(ids))
+
+
+def _excluding(conn: Connection, key: ColumnElement[Any], ids: set[Any]) -> list[ColumnElement[bool]]:
+    return [sa.not_(_any(conn, key, ids))] if ids else []
 
 
 def count_capped(conn: Connection, table: BoundTable, where: ColumnElement[bool], cap: int) -> int:

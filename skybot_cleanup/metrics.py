@@ -28,15 +28,20 @@ COUNT_CAP = 10_000
 # Summed over the leaves of pg_partition_tree (a plain table is its own only leaf): a
 # partitioned table has no storage or statistics of its own.
 PG_TABLE_HEALTH = sa.text("""
-    SELECT sum(pg_total_relation_size(t.relid))::bigint AS size_bytes, sum(s.n_dead_tup)::bigint AS dead_tuples,
+    WITH root AS (SELECT to_regclass(format('%I.%I', CAST(:schema AS text), CAST(:name AS text))) AS oid),
+    leaves AS (
+        SELECT t.relid FROM root, pg_partition_tree(root.oid) t WHERE t.isleaf
+        UNION
+        SELECT root.oid FROM root JOIN pg_class c ON c.oid = root.oid WHERE c.relkind <> 'p'
+    )
+    SELECT sum(pg_total_relation_size(l.relid))::bigint AS size_bytes, sum(s.n_dead_tup)::bigint AS dead_tuples,
            max(greatest(s.last_vacuum, s.last_autovacuum)) AS last_vacuum,
            max(greatest(s.last_analyze, s.last_autoanalyze)) AS last_analyze,
            CASE WHEN bool_and(c.reltuples >= 0) THEN sum(c.reltuples)::bigint END AS estimated_rows,
            count(*) AS partitions
-    FROM pg_partition_tree(to_regclass(format('%I.%I', CAST(:schema AS text), CAST(:name AS text)))) t
-    JOIN pg_class c ON c.oid = t.relid
-    LEFT JOIN pg_stat_user_tables s ON s.relid = t.relid
-    WHERE t.isleaf
+    FROM leaves l
+    JOIN pg_class c ON c.oid = l.relid
+    LEFT JOIN pg_stat_user_tables s ON s.relid = l.relid
 """)
 PG_DATABASE_SIZE = sa.text("SELECT pg_database_size(current_database())")
 SQLITE_DATABASE_SIZE = sa.text("SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -37,9 +38,10 @@ def env_for(backend, **settings: object) -> dict[str, str]:
 
 
 def start_cli(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    base = {"PATH": "/usr/bin:/bin", "XDG_STATE_HOME": os.environ["XDG_STATE_HOME"]}  # never the real ~/.local/state
     return subprocess.Popen(
         [str(CONSOLE_SCRIPT), *args],
-        env={"PATH": "/usr/bin:/bin", **env},
+        env={**base, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -475,3 +477,98 @@ def test_dry_run_in_batched_mode_reports_the_exact_total(postgres):
     completed = run_cli("refresh-tokens", "--batch-size", "5", "--dry-run", "--json", env=env_for(postgres))
     assert json.loads(completed.stdout)["rows"] == 12
     assert remaining_ids(postgres) == due | live
+
+
+def test_the_lock_holds_between_batches_against_a_competitor_polling_for_it(postgres):
+    """Another session tries the task's lock without pause for the whole run (the hourly
+    job firing during a manual drain, many times over): it never gets it, and the run
+    ends ok with every row."""
+    due, live = seed_due_and_live(postgres, due=400)
+    stop = threading.Event()
+    won: list[bool] = []
+
+    def competitor() -> None:
+        engine = sa.create_engine(postgres.engine.url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            while not stop.is_set():
+                got = conn.scalar(
+                    sa.text("SELECT pg_try_advisory_xact_lock(hashtextextended('skybot-cleanup:refresh-tokens', 0))")
+                )
+                won.append(bool(got))
+        engine.dispose()
+
+    process = start_cli("refresh-tokens", "--batch-size", "1", "--json", env=env_for(postgres))
+    wait_until(lambda: len(remaining_ids(postgres) & due) < 390, what="the first batches")
+    thread = threading.Thread(target=competitor)
+    thread.start()
+    try:
+        out, err = process.communicate(timeout=120)
+    finally:
+        stop.set()
+        thread.join()
+    assert process.returncode == 0, err
+    result = json.loads(out)
+    assert (result["status"], result["rows"], result["remaining"]) == ("ok", 400, 0)
+    assert len(won) > 100 and not any(won[: len(won) // 2])  # tried hard, never won while the run ran
+    assert remaining_ids(postgres) == live
+    assert not advisory_lock_held(postgres)
+
+
+FAIL_AT_COMMIT = """
+CREATE SEQUENCE fail_at;
+CREATE FUNCTION fail_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- Sequences ignore rollbacks: exactly one commit fails, the one that reaches row {row}.
+    IF nextval('fail_at') = {row} THEN
+        RAISE EXCEPTION 'injected failure at commit' USING ERRCODE = '40001';
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER fail_at_commit AFTER DELETE ON "RefreshToken"
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_at_commit();
+"""
+
+
+@pytest.mark.parametrize("failing_row", [1, 11, 21], ids=["first batch", "middle batch", "last batch"])
+def test_a_batch_whose_commit_fails_is_redone_by_the_retry(postgres, failing_row):
+    """The commit of one batch fails (a serialization failure at COMMIT): the retry
+    must redo that batch, not walk past it as if it had been deleted."""
+    _due, live = seed_due_and_live(postgres, due=30)
+    postgres.execute(FAIL_AT_COMMIT.format(row=failing_row))
+    completed = run_cli("refresh-tokens", "--batch-size", "10", "--json", env=env_for(postgres))
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout)
+    assert (result["rows"], result["remaining"]) == (30, 0)
+    assert [e["error_class"] for e in events(completed.stderr) if e["event"] == "retrying"] == ["SerializationFailure"]
+    assert remaining_ids(postgres) == live
+
+
+def test_a_row_the_app_holds_inside_a_run_of_equal_values_is_the_only_one_left(postgres):
+    now = utc_now()
+    same = now - HOUR
+    postgres.insert(
+        "RefreshToken",
+        [refresh_token_row(f"tie_{i:02d}", same) for i in range(30)] + [refresh_token_row("live", now + HOUR)],
+    )
+    with postgres.engine.connect() as app_conn:
+        app_conn.exec_driver_sql("""SELECT 1 FROM "RefreshToken" WHERE id = 'tie_13' FOR UPDATE""")
+        completed = run_cli("refresh-tokens", "--batch-size", "8", "--json", env=env_for(postgres, lock_timeout_ms=200))
+        app_conn.rollback()
+    result = json.loads(completed.stdout)
+    assert (completed.returncode, result["rows"], result["remaining"]) == (0, 29, 1), completed.stderr
+    assert remaining_ids(postgres) == {"live", "tie_13"}
+
+
+def test_no_lock_is_left_after_any_kind_of_run(postgres):
+    seed_due_and_live(postgres, due=5)
+    for args, code in (
+        (["--batch-size", "2"], 0),
+        ([], 0),
+        (["--batch-size", "2"], 2),
+    ):  # the last with a missing column: fails inside its first transaction
+        env = env_for(postgres)
+        if code == 2:
+            env["SKYBOT_CLEANUP_REFRESH_TOKEN_REVOKED_AT_COLUMN"] = "nope"
+        completed = run_cli("refresh-tokens", *args, env=env)
+        assert completed.returncode == code, completed.stderr
+        assert not advisory_lock_held(postgres)

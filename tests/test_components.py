@@ -50,7 +50,7 @@ def seed(backend, due: int = 12) -> None:
 def start_cli(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [str(CONSOLE_SCRIPT), *args],
-        env={"PATH": "/usr/bin:/bin", **env},
+        env={"PATH": "/usr/bin:/bin", "XDG_STATE_HOME": os.environ["XDG_STATE_HOME"], **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -401,3 +401,33 @@ def test_the_systemd_recipe_under_its_sandbox_feeds_node_exporter():
     assert 'skybot_cleanup_last_success_timestamp_seconds{task="refresh-tokens"}' in scraped
     assert 'skybot_cleanup_last_success_timestamp_seconds{task="idempotency-keys"}' in scraped
     assert 'skybot_cleanup_due_rows{task="refresh-tokens"} 0' in scraped
+
+
+@pgbouncer_group
+def test_no_lock_is_left_on_a_pooled_server_connection(postgres, pgbouncer):
+    """The run's session lock is released in the same message as its last COMMIT or
+    ROLLBACK, so the server connection PgBouncer hands to the next client holds none,
+    whether the run succeeded, failed inside its transaction, or was skipped."""
+    seed(postgres, due=6)
+    url = pgbouncer.url(postgres.database)
+    outcomes = [
+        run_cli("refresh-tokens", "--batch-size", "2", env={"DATABASE_URL": url}).returncode,
+        run_cli(
+            "refresh-tokens", env={"DATABASE_URL": url, "SKYBOT_CLEANUP_REFRESH_TOKEN_REVOKED_AT_COLUMN": "nope"}
+        ).returncode,
+    ]
+    with postgres.engine.connect() as holder:
+        holder.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtextextended('skybot-cleanup:refresh-tokens', 0))")
+        outcomes.append(run_cli("refresh-tokens", env={"DATABASE_URL": url}).returncode)
+        holder.rollback()
+    assert outcomes == [0, 2, 75]
+    with postgres.engine.connect() as conn:
+        held = conn.scalar(
+            sa.text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+                "(SELECT oid FROM pg_database WHERE datname = current_database())"
+            )
+        )
+    assert held == 0
+    again = run_cli("idempotency-keys", "--batch-size", "2", env={"DATABASE_URL": url})
+    assert again.returncode == 0, again.stderr
