@@ -47,6 +47,7 @@ class Context:
     registry: Registry
     role: str = ""
     read_only: bool = False
+    schema_unusable: bool = False
     bound: dict[str, db.BoundTable | ConfigError] = field(default_factory=dict)
 
     @property
@@ -87,6 +88,19 @@ def server(ctx: Context) -> Iterator[Finding]:
         f"connected as {ctx.role}: PostgreSQL {version}, session time zone {zone} "
         f"(cutoffs are computed in UTC whatever it is), {'TLS' if tls else 'no TLS'}",
     )
+    idle_ms = int(
+        ctx.conn.scalar(
+            sa.text("SELECT setting::bigint FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout'")
+        )
+        or 0
+    )
+    if 0 < idle_ms < ctx.settings.sleep_ms + 1000:
+        yield Finding(
+            "warning",
+            f"the server ends a transaction idle for {idle_ms} ms, less than SKYBOT_CLEANUP_SLEEP_MS "
+            f"({ctx.settings.sleep_ms} ms) plus a second: batched runs would be cut short after "
+            "one batch; lower SKYBOT_CLEANUP_SLEEP_MS",
+        )
     if standby or read_only_default:
         ctx.read_only = True
         what = "a hot standby" if standby else "read-only (default_transaction_read_only is on)"
@@ -97,18 +111,50 @@ def server(ctx: Context) -> Iterator[Finding]:
         )
 
 
+def schema_usage(ctx: Context) -> Iterator[Finding]:
+    """The role must be able to use the app's schema, or every table looks missing."""
+    if not ctx.on_postgres:
+        return
+    if ctx.schema:
+        names = [ctx.schema]
+    else:
+        path = str(ctx.conn.scalar(sa.text("SELECT current_setting('search_path')")))
+        names = [name.strip().strip('"').replace("$user", ctx.role) for name in path.split(",") if name.strip()]
+    rows = ctx.conn.execute(
+        sa.text("SELECT nspname, has_schema_privilege(nspname, 'USAGE') FROM pg_namespace WHERE nspname = ANY(:names)"),
+        {"names": names},
+    ).all()
+    usable = [name for name, ok in rows if ok]
+    if usable:
+        return
+    ctx.schema_unusable = True
+    if not rows:
+        where = f'schema "{ctx.schema}"' if ctx.schema else f"no schema of the search_path ({', '.join(names)})"
+        yield Finding("error", f"{where} exists: set the URL's ?schema= or SKYBOT_CLEANUP_SCHEMA to the app's schema")
+        return
+    first = rows[0][0]
+    yield Finding(
+        "error",
+        f'{ctx.role} may not use schema "{first}" (no USAGE), so none of its tables can be '
+        "seen: as its owner or a superuser, run",
+        (f"GRANT USAGE ON SCHEMA {_quote(first)} TO {_quote(ctx.role)};",),
+    )
+
+
 def tables(ctx: Context) -> Iterator[Finding]:
+    if ctx.schema_unusable:
+        return
     ctx.bound = metrics.bind_all(ctx.conn, ctx.settings, ctx.schema, ctx.registry)
     for spec in ctx.registry.tables:
-        table = ctx.bound[spec.key]
-        if isinstance(table, ConfigError):
+        table = ctx.bound.get(spec.key)
+        if table is None or isinstance(table, ConfigError):
             yield Finding("error", str(table))
             continue
         problems = []
         for role, column in spec.roles.items():
             name = ctx.settings.column_name(spec, role)
             found = table.info.columns[name].lower()
-            expected = db.SQL_TYPES[column.type][1]
+            expected = db.SQL_TYPES[column.type].catalog
             compatible = found.startswith(expected) and not found.endswith("with time zone")
             if ctx.on_postgres and not compatible:
                 why = (
@@ -134,8 +180,8 @@ def privileges(ctx: Context) -> Iterator[Finding]:
     if not ctx.on_postgres:
         return
     for spec in ctx.registry.tables:
-        table = ctx.bound[spec.key]
-        if isinstance(table, ConfigError):
+        table = ctx.bound.get(spec.key)
+        if table is None or isinstance(table, ConfigError):
             continue
         shown = _shown(table)
         can_select, can_delete = ctx.conn.execute(
@@ -160,8 +206,8 @@ def indexes(ctx: Context) -> Iterator[Finding]:
     if not ctx.on_postgres:
         return
     for task in ctx.registry.tasks:
-        table = ctx.bound[task.table.key]
-        if isinstance(table, ConfigError):
+        table = ctx.bound.get(task.table.key)
+        if table is None or isinstance(table, ConfigError):
             continue
         due = task.due(table.columns, metrics.cutoff_of(task, ctx.settings, ctx.now))
         if _can_use_index(ctx.conn, table, due):
@@ -187,7 +233,10 @@ def _index_advice(ctx: Context, task: Task, table: db.BoundTable, due: sa.Column
     used = [column.name for column in sa.sql.visitors.iterate(due) if isinstance(column, sa.Column)]
     indexed = set(task.table.indexes) | set(task.table.unique)
     wanted = [name for name in dict.fromkeys(used) if name not in indexed]
-    rows = table.info.estimated_rows or 0
+    # The planner's estimate, unless the table has grown since its last ANALYZE.
+    rows = max(
+        table.info.estimated_rows or 0, db.count_capped(ctx.conn, table, sa.true(), ctx.settings.index_advice_rows)
+    )
     model = table.info.name
     if rows < ctx.settings.index_advice_rows:
         return Finding(
@@ -207,7 +256,7 @@ def _index_advice(ctx: Context, task: Task, table: db.BoundTable, due: sa.Column
             *prisma,
             "then ship it as a Prisma migration (npx prisma migrate dev --name "
             f"{model.lower()}_cleanup_index; deploys apply it with prisma migrate deploy). "
-            "Prisma generates, for review:",
+            "Prisma writes this into the migration (for review; never run it by hand):",
             *sql,
         ),
     )
@@ -223,8 +272,8 @@ def partitioning(ctx: Context) -> Iterator[Finding]:
     if not ctx.on_postgres:
         return
     for spec in ctx.registry.tables:
-        table = ctx.bound[spec.key]
-        if isinstance(table, ConfigError):
+        table = ctx.bound.get(spec.key)
+        if table is None or isinstance(table, ConfigError):
             continue
         if table.info.partitioned:
             yield Finding(
@@ -244,20 +293,24 @@ def partitioning(ctx: Context) -> Iterator[Finding]:
 
 def backlogs(ctx: Context) -> Iterator[Finding]:
     for task in ctx.registry.tasks:
-        table = ctx.bound[task.table.key]
+        table = ctx.bound.get(task.table.key)
+        if table is None:
+            continue
         if isinstance(table, ConfigError):
             yield Finding("error", f"{task.name}: cannot run: {table}")
             continue
-        backlog = metrics.task_backlog(ctx.conn, task, table, metrics.cutoff_of(task, ctx.settings, ctx.now))
-        rows = f"{'~' if backlog.due.estimated else ''}{backlog.due.value:,}"
-        if backlog.due.value > ctx.settings.backlog_warning_rows:
+        # Counted up to the threshold, not estimated: stale statistics must not hide a backlog.
+        threshold = ctx.settings.backlog_warning_rows
+        due = task.due(table.columns, metrics.cutoff_of(task, ctx.settings, ctx.now))
+        counted = db.count_capped(ctx.conn, table, due, threshold + 1)
+        if counted > threshold:
             yield Finding(
                 "warning",
-                f"{task.name}: {rows} rows are due; drain them once in batches before scheduling:",
+                f"{task.name}: more than {threshold:,} rows are due; drain them once in batches before scheduling:",
                 (f"skybot-cleanup {task.name} --batch-size 10000 --max-runtime 1800",),
             )
         else:
-            yield Finding("ok", f"{task.name}: {rows} rows due")
+            yield Finding("ok", f"{task.name}: {counted:,} rows due")
 
 
 def history_writable(ctx: Context) -> Iterator[Finding]:
@@ -313,7 +366,7 @@ def _history_advice(ctx: Context, shown: str, error: str) -> Finding:
     role = _quote(ctx.role)
     statements: tuple[str, ...] = ()
     if ctx.on_postgres:
-        exists = ctx.conn.scalar(sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :s"), {"s": schema})
+        exists = db.schema_exists(ctx.conn, schema)
         statements = (
             (
                 f"GRANT USAGE, CREATE ON SCHEMA {_quote(schema)} TO {role};",
@@ -332,7 +385,16 @@ def _history_advice(ctx: Context, shown: str, error: str) -> Finding:
     )
 
 
-CHECKS: tuple[Check, ...] = (server, tables, privileges, indexes, partitioning, backlogs, history_writable)
+CHECKS: tuple[Check, ...] = (
+    server,
+    schema_usage,
+    tables,
+    privileges,
+    indexes,
+    partitioning,
+    backlogs,
+    history_writable,
+)
 
 
 def run_checks(

@@ -48,6 +48,7 @@ class RunResult:
     longest_batch_ms: int | None = None
     error_class: str | None = None
     error: str | None = None
+    signal: int | None = None  # a stop signal that arrived once the run's work was over
 
     def as_dict(self) -> dict[str, Any]:
         return {key: value for key, value in asdict(self).items() if value is not None}
@@ -138,12 +139,13 @@ class Run:
 
     def execute(self) -> RunResult:
         settings, task = self.settings, self.task
-        pinger = heartbeat.Pinger.from_settings(settings, task.name, self.run_id)
+        # A dry run tells the monitor nothing about the schedule: it does not ping.
+        pinger = heartbeat.Pinger.from_settings(settings, task.name, self.run_id, enabled=not self.dry_run)
         with structlog.contextvars.bound_contextvars(task=task.name, run_id=self.run_id):
-            pinger.ping("start")
             failure: Failure | None = None
             unreachable = False
             try:
+                pinger.ping("start")  # inside: a signal while it waits is this run's interruption
                 self.target = database_target(settings)
                 self.engine = db.create_engine(self.target, settings, task.name)
                 with_retries(settings, self._attempt, log=self.log)
@@ -155,17 +157,26 @@ class Run:
                     event, error_class=failure.error_class, error=failure.message, rows=self.progress.rows
                 )
             result = self._result(failure)
+            # A signal from here on comes after the work: the run keeps its outcome, the
+            # caller stops after it (result.signal), and no step of the record is skipped
+            # but the slow one, the end ping.
             try:
                 if self.target is not None:
                     # The run's own connection when it succeeded; a new one after a
                     # failure (none when the database cannot be reached at all).
                     bind = self.conn or (None if unreachable else self.engine)
-                    history.record_run(bind, settings, result, self.target.display)
+                    history.record_run(bind, settings, result, self.target.identity)
+            except Interrupted as exc:
+                result.signal = exc.signum
             finally:
                 self._close()
                 if self.engine is not None:
                     self.engine.dispose()
-            pinger.ping(str(result.exit_code), body=_ping_body(result))
+            if result.signal is None:
+                try:
+                    pinger.ping(str(result.exit_code), body=_ping_body(result))
+                except Interrupted as exc:
+                    result.signal = exc.signum
             self.log.info(
                 "run_finished",
                 **{
@@ -322,11 +333,18 @@ class Run:
         self, run: db.RunConnection, table: db.BoundTable, due: sa.ColumnElement[bool], ids: list[Any]
     ) -> tuple[int, set[Any]]:
         """Delete these rows in halves, each with a short lock timeout, down to single
-        rows: only the rows the app holds are left (and counted in `remaining`)."""
-        deleted, held = 0, set()
+        rows: only the rows the app holds are left (and counted in `remaining`), or
+        those not yet tried when --max-runtime is up."""
+        deleted, held = 0, set[Any]()
         probe_ms = min(self.settings.lock_timeout_ms or PROBE_LOCK_TIMEOUT_MS, PROBE_LOCK_TIMEOUT_MS)
+        deadline = self.clock_started + self.settings.max_runtime_s if self.settings.max_runtime_s else None
         pending = [ids]
         while pending:
+            if deadline is not None and time.monotonic() >= deadline:
+                # Many held rows cost a probe each: the time cap stops the splitting too, and
+                # the rows not yet tried are left (and counted) like the held ones.
+                held.update(row_id for part in pending for row_id in part)
+                break
             part = pending.pop()
             try:
                 with run.probe(probe_ms):

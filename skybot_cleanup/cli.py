@@ -136,17 +136,16 @@ def _fail(message: str, exit_code: int = EXIT_CONFIG, *, logged: bool = False) -
     raise typer.Exit(exit_code)
 
 
-def _load(jobs: Sequence[Job] = (), **overrides: Any) -> CleanupSettings:
+def _load(jobs: Sequence[Job] = (), dry_run: bool = False, **overrides: Any) -> CleanupSettings:
     """Settings, with logging configured and every load-time warning given; a bad
-    setting is one line, exit 2, and (for jobs) their textfiles say so."""
+    setting is one line, exit 2, and (for jobs) a trace in their textfiles, heartbeat
+    and history."""
     from skybot_cleanup import heartbeat, logs, settings
 
     try:
         loaded = settings.load(overrides)
     except ConfigError as exc:
-        if jobs:
-            _record_failed_start(jobs)
-        _fail(f"error: {exc}")
+        _failed_start(jobs, overrides, exc, dry_run=dry_run)
     logs.configure_logging(loaded.settings.log_format, loaded.settings.log_level)
     log = logs.get_logger()
     for variable, closest in loaded.unknown:
@@ -159,13 +158,13 @@ def _load(jobs: Sequence[Job] = (), **overrides: Any) -> CleanupSettings:
     return loaded.settings
 
 
-def _record_failed_start(jobs: Sequence[Job]) -> None:
-    """The prom file setting itself may be readable when another setting is not."""
-    import os
-
+def _failed_start(jobs: Sequence[Job], overrides: dict[str, Any], exc: ConfigError, *, dry_run: bool) -> NoReturn:
     from skybot_cleanup.commands import record_failed_start
+    from skybot_cleanup.settings import salvage
 
-    record_failed_start(os.environ.get(f"{ENV_PREFIX}PROM_FILE"), jobs, EXIT_CONFIG)
+    if jobs:
+        record_failed_start(salvage(overrides), jobs, EXIT_CONFIG, str(exc), dry_run=dry_run)
+    _fail(f"error: {exc}")
 
 
 def _report(result: RunResult, as_json: bool, quiet: bool) -> None:
@@ -189,14 +188,16 @@ def run_tasks(tasks: Sequence[Task], *, dry_run: bool, as_json: bool, quiet: boo
     from skybot_cleanup import commands
     from skybot_cleanup.cleanup import database_target
 
-    settings = _load(tasks, **overrides)
+    settings = _load(tasks, dry_run=dry_run, **overrides)
     try:
         database_target(settings)
     except ConfigError as exc:
-        commands.record_failed_start(settings.prom_file, tasks, EXIT_CONFIG)
-        _fail(f"error: {exc}")
+        _failed_start(tasks, overrides, exc, dry_run=dry_run)
+    from skybot_cleanup.logs import report_failure
+
     install_signal_handlers()
     results: list[RunResult] = []
+    codes: list[int] = []
     try:
         for result in commands.cleanup(
             settings,
@@ -206,19 +207,18 @@ def run_tasks(tasks: Sequence[Task], *, dry_run: bool, as_json: bool, quiet: boo
         ):
             results.append(result)
             _report(result, as_json, quiet)
-    except Interrupted as exc:  # a signal between runs, or while one was being recorded
-        from skybot_cleanup.logs import report_failure
-
+            if result.signal is not None:
+                codes.append(128 + result.signal)
+    except Interrupted as exc:  # a signal between two runs
         report_failure(f"interrupted by signal {exc.signum}")
-        return exc.exit_code
+        codes.append(exc.exit_code)
+    # Whatever stopped the command, the runs that ended have their textfiles.
     try:
         commands.write_run_textfiles(settings, results)
     except OSError as exc:
-        from skybot_cleanup.logs import report_failure
-
         report_failure(f"error: cannot write the textfile under {settings.prom_file}: {exc.strerror}")
-        return worst_exit_code([commands.exit_code_of(results), EXIT_FAILURE])
-    return commands.exit_code_of(results)
+        codes.append(EXIT_FAILURE)
+    return worst_exit_code([commands.exit_code_of(results), *codes])
 
 
 def install_signal_handlers() -> None:
@@ -347,8 +347,9 @@ def metrics_command(
             "--prom-file",
             metavar="PATH",
             show_default=False,
-            help="Write the node_exporter textfile to exactly PATH (default: SKYBOT_CLEANUP_PROM_FILE, "
-            "as skybot_cleanup_metrics.prom).",
+            help="Write the snapshot's node_exporter textfile to exactly PATH (default: under "
+            "SKYBOT_CLEANUP_PROM_FILE, as skybot_cleanup_snapshot.prom; the job's own run series go to "
+            "skybot_cleanup_metrics.prom there).",
         ),
     ] = None,
     pushgateway: Annotated[
@@ -360,24 +361,29 @@ def metrics_command(
 ) -> None:
     """Measure backlogs, active sessions and table health; delete nothing. Exit 1 if a task could not be measured."""
     from skybot_cleanup import commands, metrics, prometheus
-    from skybot_cleanup.logs import get_logger
+    from skybot_cleanup.logs import get_logger, report_failure
 
     settings = _load((REGISTRY.metrics,), database_url=database_url, history=False if no_history else None)
-    taken = _guarded("metrics", settings, lambda: commands.snapshot(settings))
-    get_logger().info("metrics", **{key: value for key, value in taken.as_dict().items() if key != "taken_at"})
-    if as_json:
-        typer.echo(json.dumps(taken.as_dict()))
-    elif sys.stdout.isatty() and not quiet:  # every 5 minutes under cron, the log event is enough
-        typer.echo(metrics.render_table(taken))
-    textfile = prom_file or (
-        str(prometheus.textfile_path(settings.prom_file, "metrics")) if settings.prom_file else None
+    install_signal_handlers()
+    snapshot_file = prom_file or (
+        str(prometheus.textfile_path(settings.prom_file, "snapshot")) if settings.prom_file else None
     )
+    run = commands.metrics_job(settings, snapshot_file, pushgateway)
+    if run.snapshot is not None:
+        taken = run.snapshot.as_dict()
+        get_logger().info("metrics", **{key: value for key, value in taken.items() if key != "taken_at"})
+        if as_json:
+            typer.echo(json.dumps(taken))
+        elif sys.stdout.isatty() and not quiet:  # every 5 minutes under cron, the log event is enough
+            typer.echo(metrics.render_table(run.snapshot))
     try:
-        commands.deliver_snapshot(taken, textfile, pushgateway)
-    except Exception as exc:  # a monitoring sink down is worth exit 1, not a traceback
-        _fail(f"error: metrics were collected but not delivered: {type(exc).__name__}: {exc}", EXIT_FAILURE)
-    if taken.errors:
-        _fail("metrics: " + "; ".join(taken.errors), EXIT_FAILURE)
+        commands.write_run_textfiles(settings, [run.result])
+    except OSError as exc:
+        report_failure(f"error: cannot write the textfile under {settings.prom_file}: {exc.strerror}")
+        raise typer.Exit(worst_exit_code([run.result.exit_code, EXIT_FAILURE])) from None
+    if run.result.status != "ok":
+        report_failure(f"metrics {run.result.status}: {run.result.error}", logged=True)
+    raise typer.Exit(run.result.exit_code)
 
 
 @app.command("status")
@@ -482,9 +488,12 @@ def history_command(
     start = None
     if since:
         try:
-            start = utc_now() - parse_duration(since) if since[-1:].isalpha() else parse_iso(since)
+            start = parse_iso(since)
         except ValueError:
-            _fail(f"error: --since takes a duration (90m, 6h, 7d) or an ISO time, not {since!r}")
+            try:
+                start = utc_now() - parse_duration(since)
+            except (ValueError, OverflowError):
+                _fail(f"error: --since takes a duration (90m, 6h, 7d) or an ISO time, not {since!r}")
     settings = _load(database_url=database_url)
     view = _guarded(
         "history",

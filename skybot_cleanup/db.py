@@ -8,6 +8,7 @@ PostgreSQL and on SQLite.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -41,15 +42,36 @@ PRISMA_ONLY_PARAMETERS = frozenset(
 # Prisma's TLS parameters, which mean something else (or nothing) to libpq.
 PRISMA_TLS_PARAMETERS = frozenset({"sslaccept", "sslcert", "sslidentity", "sslpassword"})
 
-# The registry's column types: SQLAlchemy's type, and what PostgreSQL's format_type()
-# must start with for the tool's comparisons to mean what they say.
-SQL_TYPES: dict[ColumnType, tuple[type[sa.types.TypeEngine[Any]], tuple[str, ...]]] = {
-    "timestamp": (sa.DateTime, ("timestamp without time zone", "timestamp(")),
-    "text": (sa.Text, ("text", "character varying")),
-    "integer": (sa.Integer, ("integer",)),
-    "boolean": (sa.Boolean, ("boolean",)),
-    "jsonb": (sa.JSON, ("jsonb", "json")),
-}
+
+@dataclass(frozen=True)
+class SqlType:
+    """A registry column type: how the tool binds it, how Prisma creates it (the test and
+    demo schema), and what PostgreSQL's format_type() must start with for the tool's
+    comparisons to mean what they say."""
+
+    bind: sa.types.TypeEngine[Any]
+    ddl: sa.types.TypeEngine[Any]
+    catalog: tuple[str, ...]
+
+
+def _sql_types() -> dict[ColumnType, SqlType]:
+    from sqlalchemy.dialects import postgresql
+
+    return {
+        # Prisma's DateTime: timestamp(3) without time zone, holding UTC.
+        "timestamp": SqlType(
+            sa.DateTime(),
+            sa.DateTime().with_variant(postgresql.TIMESTAMP(precision=3), "postgresql"),
+            ("timestamp without time zone", "timestamp("),
+        ),
+        "text": SqlType(sa.Text(), sa.Text(), ("text", "character varying")),
+        "integer": SqlType(sa.Integer(), sa.Integer(), ("integer",)),
+        "boolean": SqlType(sa.Boolean(), sa.Boolean(), ("boolean",)),
+        "jsonb": SqlType(sa.JSON(), sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), ("jsonb", "json")),
+    }
+
+
+SQL_TYPES = _sql_types()
 
 
 # -- URLs -------------------------------------------------------------------------------------
@@ -64,6 +86,9 @@ class DatabaseTarget:
     schema: str | None
     display: str  # for messages: the password masked
     secrets: tuple[str, ...] = field(default=(), repr=False)
+    # Which database a spooled run belongs to: user and database name (host and port may
+    # be what was wrong when it failed), or the file of a SQLite database.
+    identity: str = ""
 
     @property
     def is_postgres(self) -> bool:
@@ -87,7 +112,14 @@ def parse_database_url(raw: str | None, schema_override: str | None = None) -> D
     if not sep:
         raise ConfigError("DATABASE_URL is not a valid database URL (expected scheme://...)")
     if scheme == "sqlite":
-        return DatabaseTarget(kind="sqlite", conninfo=raw, schema=None, display=raw)
+        path = sa.make_url(raw).database or ""
+        return DatabaseTarget(
+            kind="sqlite",
+            conninfo=raw,
+            schema=None,
+            display=raw,
+            identity=f"sqlite:{os.path.abspath(path) if path else ':memory:'}",
+        )
     if scheme not in ("postgres", "postgresql"):
         raise ConfigError(
             f"DATABASE_URL scheme {scheme!r} is not supported: use postgres://, postgresql:// or sqlite:///"
@@ -116,10 +148,19 @@ def parse_database_url(raw: str | None, schema_override: str | None = None) -> D
         f"postgresql://{quote(user, safe='') + (':***' if password else '') + '@' if credentials else ''}{hosts}{path}"
     )
     if kept:
-        conninfo += "?" + urlencode(kept)
-        display += "?" + urlencode([(k, "***" if k == "password" else v) for k, v in kept], safe="*/")
+        # quote, not urlencode's default quote_plus: libpq reads "+" as a plus, not a space.
+        conninfo += "?" + urlencode(kept, quote_via=quote)
+        display += "?" + urlencode([(k, "***" if k == "password" else v) for k, v in kept], safe="*/", quote_via=quote)
     secrets = tuple(secret for secret in {password, quote(password, safe=""), values.get("password", "")} if secret)
-    return DatabaseTarget(kind="postgresql", conninfo=conninfo, schema=schema, display=display, secrets=secrets)
+    database = values.get("dbname") or unquote(path.lstrip("/")) or user
+    return DatabaseTarget(
+        kind="postgresql",
+        conninfo=conninfo,
+        schema=schema,
+        display=display,
+        secrets=secrets,
+        identity=f"postgresql:{values.get('user') or user}@{database}",
+    )
 
 
 def _tls_parameters(values: Mapping[str, str]) -> list[tuple[str, str]]:
@@ -431,6 +472,10 @@ def lookup_table(conn: Connection, schema: str | None, name: str) -> TableInfo |
     return TableInfo(schema=None, name=name, columns={row[1]: str(row[2]).lower() for row in rows}, estimated_rows=None)
 
 
+def schema_exists(conn: Connection, name: str) -> bool:
+    return conn.scalar(sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :name"), {"name": name}) is not None
+
+
 def qualified(schema: str | None, name: str) -> str:
     return f'"{schema}"."{name}"' if schema else f'"{name}"'
 
@@ -467,7 +512,7 @@ def bind_table(conn: Connection, settings: CleanupSettings, schema: str | None, 
                 f'column "{column_name}" not found in table {qualified(schema, name)} '
                 f"(setting {env_name(column_field(spec, role))})"
             )
-        columns.append((role, sa.Column(quoted_name(column_name, quote=True), SQL_TYPES[column.type][0]())))
+        columns.append((role, sa.Column(quoted_name(column_name, quote=True), SQL_TYPES[column.type].bind)))
     table = sa.Table(
         quoted_name(name, quote=True),
         sa.MetaData(),

@@ -3,6 +3,7 @@ an empty PostgreSQL database (or schema)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -149,6 +150,12 @@ def create(url: str, now: datetime, settings: CleanupSettings) -> DemoDatabase:
             engine.dispose()
         return DemoDatabase(url, target.schema, metadata)
     path = Path(sa.make_url(url).database or "skybot-demo.db").resolve()
+    foreign = _foreign_sqlite_tables(path, metadata)
+    if foreign:
+        raise ConfigError(
+            f"refusing to replace {path}: it holds tables the demo did not make ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); give a new file"
+        )
     path.unlink(missing_ok=True)
     sqlite_url = f"sqlite:///{path}"
     engine = sa.create_engine(sqlite_url)
@@ -159,6 +166,22 @@ def create(url: str, now: datetime, settings: CleanupSettings) -> DemoDatabase:
     finally:
         engine.dispose()
     return DemoDatabase(sqlite_url, None, metadata)
+
+
+def _foreign_sqlite_tables(path: Path, metadata: sa.MetaData) -> list[str]:
+    """Tables in an existing SQLite file that are neither the demo's nor the history's:
+    a demo run over the same file replaces it, anything else is someone's data."""
+    if not path.exists():
+        return []
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            names = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    except sqlite3.DatabaseError:
+        return [f"{path.name} is not a SQLite database"]
+    ours = set(metadata.tables)
+    return sorted(name for name in names if name not in ours and not name.startswith(("skybot_cleanup_", "sqlite_")))
 
 
 def _user_tables(conn: sa.Connection, schema: str | None) -> list[str]:

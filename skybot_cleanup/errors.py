@@ -149,12 +149,13 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def is_connection_failure(exc: BaseException) -> bool:
-    """The database could not be reached (or went away): nothing more can be written there."""
-    failure = classify(exc)
-    if not failure.transient:
-        return False
-    sqlstate = getattr(getattr(exc, "orig", None) or exc, "sqlstate", None) or ""
-    return not sqlstate or sqlstate.startswith(("08", "57P"))
+    """The database could not be reached, or would not let us in (a refused login, a
+    TLS failure): nothing can be written there, so the run's record goes to the spool."""
+    original = getattr(exc, "orig", None) or exc
+    sqlstate = getattr(original, "sqlstate", None)
+    if sqlstate:
+        return bool(sqlstate.startswith(("08", "57P")))
+    return type(original).__module__.split(".")[0] == "psycopg" and _is_connection_error(original)
 
 
 def _first_line(exc: BaseException) -> str:

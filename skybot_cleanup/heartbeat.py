@@ -59,8 +59,8 @@ class Pinger:
     run_id: str = ""
 
     @classmethod
-    def from_settings(cls, settings: CleanupSettings, task: str, run_id: str) -> Pinger:
-        if settings.ping_url is None:
+    def from_settings(cls, settings: CleanupSettings, task: str, run_id: str, *, enabled: bool = True) -> Pinger:
+        if settings.ping_url is None or not enabled:
             return cls(None)
         template = settings.ping_url.get_secret_value()
         if check_url(template):
@@ -99,3 +99,9 @@ class Pinger:
                 if attempt < ATTEMPTS:
                     time.sleep(0.5)
         return False
+
+
+def ping_once(template: str, task: str, suffix: str, run_id: str, body: str | None = None) -> bool:
+    """One ping outside a run (a command that could not start), same rules."""
+    url = template.replace("{task}", quote(task, safe="")).rstrip("/")
+    return Pinger(url, host=urlsplit(url).hostname or "", run_id=run_id).ping(suffix, body=body)

@@ -20,7 +20,7 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -121,8 +121,7 @@ def ensure_tables(conn: Connection, tables: HistoryTables, schema: str) -> None:
         conn.execute(
             sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": db.lock_key(_DDL_LOCK)}
         )
-        exists = conn.scalar(sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :schema"), {"schema": schema})
-        if not exists:
+        if not db.schema_exists(conn, schema):
             conn.execute(sa.schema.CreateSchema(schema))
     tables.runs.metadata.create_all(conn, checkfirst=True)
     seen = sa.select(tables.meta.c.key).where(tables.meta.c.key == "first_seen")
@@ -193,21 +192,24 @@ def _row(outcome: Outcome, host: str | None = None) -> dict[str, Any]:
 
 def record_run(bind: Connection | Engine | None, settings: CleanupSettings, outcome: Outcome, database: str) -> bool:
     """Write a run's row, with any spooled ones; spool it when the database cannot
-    take it (bind None: known unreachable). Never raises."""
+    take it (bind None: known unreachable). Never raises: the history is a record of
+    the run, never a reason for it to fail."""
     if not settings.history:
         return False
-    row = _row(outcome)
+    try:
+        row = _row(outcome)
+    except Exception as exc:
+        _warn_once("history_unavailable", exc)
+        return False
     if bind is not None:
         spool = Spool.for_settings(settings)
-        claimed = spool.claim(database) if spool else []
+        claimed = spool.claim(database)
         try:
             _write(bind, settings, rows=[*(entry for _, entry in claimed), row])
-            if spool:
-                spool.done(path for path, _ in claimed)
+            spool.done(path for path, _ in claimed)
             return True
-        except Exception as exc:  # best effort, by design
-            if spool:
-                spool.release(path for path, _ in claimed)
+        except Exception as exc:
+            spool.release(path for path, _ in claimed)
             _warn_once("history_unavailable", exc)
     _spool(settings, database, row)
     return False
@@ -232,18 +234,20 @@ def _warn_once(event: str, exc: BaseException) -> None:
             event,
             error_class=failure.error_class,
             error=failure.message,
-            hint="the cleanup itself is unaffected; runs are kept in the state directory "
-            "until the history can take them (SKYBOT_CLEANUP_HISTORY=false stops trying)",
+            hint="this run and the next are kept in the state directory until the history can take them "
+            "(`skybot-cleanup check` says why; SKYBOT_CLEANUP_HISTORY=false stops trying)",
         )
 
 
 # -- the local spool --------------------------------------------------------------------------
 
 
-def state_directory(settings: CleanupSettings, environ: Mapping[str, str] | None = None) -> Path:
+def state_directory(settings: CleanupSettings | str | None, environ: Mapping[str, str] | None = None) -> Path:
+    """SKYBOT_CLEANUP_STATE_DIR (a loaded setting, or its raw value), else systemd's, else the user's."""
     environ = os.environ if environ is None else environ
-    if settings.state_dir:
-        return Path(settings.state_dir)
+    configured = settings if isinstance(settings, str) or settings is None else settings.state_dir
+    if configured:
+        return Path(configured)
     if environ.get("STATE_DIRECTORY"):  # systemd's StateDirectory=; several are ':'-separated
         return Path(environ["STATE_DIRECTORY"].split(":")[0])
     base = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
@@ -251,16 +255,18 @@ def state_directory(settings: CleanupSettings, environ: Mapping[str, str] | None
 
 
 class Spool:
-    """Run rows waiting for the database, one JSON file each (atomic to write, and
-    claimed by rename so that two runs never record the same row twice)."""
+    """Run rows waiting for the database, one JSON file each: atomic to write, and
+    claimed by rename so that two runs never record the same row twice. Rows are
+    matched to a database by user and database name (not host or port, so a run that
+    failed on a wrong port is recorded once the URL is right). Every operation is best
+    effort: a state directory that cannot be read is no reason for a run to fail."""
 
     def __init__(self, directory: Path):
         self.directory = directory
 
     @classmethod
-    def for_settings(cls, settings: CleanupSettings) -> Spool | None:
-        directory = state_directory(settings) / "pending-runs"
-        return cls(directory) if directory.is_dir() else None
+    def for_settings(cls, settings: CleanupSettings) -> Spool:
+        return cls(state_directory(settings) / "pending-runs")
 
     def add(self, database: str, row: dict[str, Any]) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -271,33 +277,97 @@ class Spool:
         temporary.replace(path)
         return path
 
+    def _files(self, pattern: str) -> list[Path]:
+        try:
+            return sorted(self.directory.glob(pattern)) if self.directory.is_dir() else []
+        except OSError:
+            return []
+
+    def _reclaim_stale(self) -> None:
+        """Claims left by a process that died between claiming and recording."""
+        for path in self._files("*.json.claimed-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    path.rename(path.with_name(path.name.rsplit(".claimed-", 1)[0]))
+
+    def entries(self, database: str) -> list[dict[str, Any]]:
+        """The waiting rows of one database, unclaimed (for status and history)."""
+        found = []
+        for path in self._files("*.json"):
+            entry = _parse(path)
+            if entry is not None and entry.pop("database") == database:
+                found.append(entry)
+        return found
+
     def claim(self, database: str) -> list[tuple[Path, dict[str, Any]]]:
+        self._reclaim_stale()
         claimed = []
-        for path in sorted(self.directory.glob("*.json")):
+        for path in self._files("*.json"):
             mine = path.with_name(f"{path.name}.claimed-{os.getpid()}")
             try:
                 path.rename(mine)
-                entry = json.loads(mine.read_text())
-            except (OSError, ValueError):
-                continue  # another run claimed it first, or it is unreadable
-            if entry.pop("database", None) != database:
-                mine.rename(path)
+            except OSError:
+                continue  # another run claimed it first
+            entry = _parse(mine)
+            if entry is None:  # unreadable or malformed: set aside, never retried
+                with contextlib.suppress(OSError):
+                    mine.rename(path.with_name(f"{path.name}.bad"))
                 continue
-            for key in ("cutoff", "finished_at"):
-                entry[key] = parse_iso(entry[key])
+            if entry.pop("database") != database:
+                with contextlib.suppress(OSError):
+                    mine.rename(path)
+                continue
             claimed.append((mine, entry))
         return claimed
 
     def done(self, paths: Iterable[Path]) -> None:
         for path in paths:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
 
     def release(self, paths: Iterable[Path]) -> None:
         for path in paths:
-            path.rename(path.with_name(path.name.rsplit(".claimed-", 1)[0]))
+            with contextlib.suppress(OSError):
+                path.rename(path.with_name(path.name.rsplit(".claimed-", 1)[0]))
 
-    def pending(self) -> int:
-        return sum(1 for _ in self.directory.glob("*.json")) if self.directory.is_dir() else 0
+
+_SPOOLED_KEYS = (
+    "run_id",
+    "task",
+    "status",
+    "dry_run",
+    "rows",
+    "cutoff",
+    "finished_at",
+    "duration_ms",
+    "exit_code",
+    "host",
+    "error_class",
+    "error",
+    "database",
+)
+
+
+def _parse(path: Path) -> dict[str, Any] | None:
+    try:
+        entry = json.loads(path.read_text())
+        if not isinstance(entry, dict) or set(entry) != set(_SPOOLED_KEYS):
+            return None
+        entry["cutoff"], entry["finished_at"] = parse_iso(entry["cutoff"]), parse_iso(entry["finished_at"])
+        return entry
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def _spool(settings: CleanupSettings, database: str, row: dict[str, Any]) -> None:
@@ -332,6 +402,15 @@ class TaskHistory:
     last_failure_status: str | None = None
     last_failure_error: str | None = None
 
+    def add(self, run: dict[str, Any]) -> None:
+        """Take a run into account if it is newer than what is known."""
+        if run["status"] == "ok":
+            if self.last_success_at is None or run["finished_at"] > self.last_success_at:
+                self.last_success_at, self.last_success_rows = run["finished_at"], run["rows"]
+        elif self.last_failure_at is None or run["finished_at"] > self.last_failure_at:
+            self.last_failure_at, self.last_failure_status = run["finished_at"], run["status"]
+            self.last_failure_error = f"{run['error_class']}: {run['error']}"
+
     @property
     def last_status(self) -> str | None:
         """Status of the newest real run: the later of the last success and the last failure."""
@@ -354,35 +433,60 @@ def _readable(conn: Connection, table: sa.Table) -> bool:
     return db.lookup_table(conn, table.schema, table.name) is not None
 
 
-def read_state(conn: Connection, settings: CleanupSettings, task_names: list[str]) -> HistoryState:
-    """Last success and last failure of each task (dry runs and skips aside), when the
-    tool first saw the database, and the newest metrics snapshot."""
+def read_state(
+    conn: Connection, settings: CleanupSettings, task_names: list[str], spooled: Sequence[dict[str, Any]] = ()
+) -> HistoryState:
+    """Last success and last failure of each job (dry runs and skips aside), when the
+    tool first saw the database, and the newest metrics snapshot. Runs still waiting in
+    the local spool count too: a failure the database could not take is still news."""
     found = {name: TaskHistory() for name in task_names}
-    if not settings.history:
-        return HistoryState(False, None, found, None)
-    tables = _tables(conn, settings)
-    if not _readable(conn, tables.runs):
-        return HistoryState(False, None, found, None)
-    runs = tables.runs
-    real = sa.and_(runs.c.dry_run.is_(False), runs.c.status.in_(REAL_STATUSES))
-    for name in task_names:
-        newest = sa.select(runs).where(runs.c.task == name, real).order_by(runs.c.finished_at.desc()).limit(1)
-        success = conn.execute(newest.where(runs.c.status == "ok")).mappings().first()
-        failure = conn.execute(newest.where(runs.c.status != "ok")).mappings().first()
-        past = found[name]
-        if success:
-            past.last_success_at, past.last_success_rows = success["finished_at"], success["rows"]
-        if failure:
-            past.last_failure_at, past.last_failure_status = failure["finished_at"], failure["status"]
-            past.last_failure_error = f"{failure['error_class']}: {failure['error']}"
-    first_seen = None
-    if _readable(conn, tables.meta):
-        value = conn.scalar(sa.select(tables.meta.c.value).where(tables.meta.c.key == "first_seen"))
-        first_seen = parse_iso(value) if value else None
-    if first_seen is None:  # tables made by a version without `meta`: the oldest record will do
-        first_seen = conn.scalar(sa.select(sa.func.min(runs.c.finished_at)))
-    last_snapshot = conn.scalar(sa.select(sa.func.max(tables.snapshots.c.taken_at)))
-    return HistoryState(True, first_seen, found, last_snapshot)
+    available, first_seen, last_snapshot = False, None, None
+    if settings.history:
+        tables = _tables(conn, settings)
+        available = _readable(conn, tables.runs)
+    if available:
+        runs = tables.runs
+        real = sa.and_(runs.c.dry_run.is_(False), runs.c.status.in_(REAL_STATUSES))
+        for name in task_names:
+            newest = sa.select(runs).where(runs.c.task == name, real).order_by(runs.c.finished_at.desc()).limit(1)
+            for row in (
+                conn.execute(newest.where(runs.c.status == "ok")).mappings().first(),
+                conn.execute(newest.where(runs.c.status != "ok")).mappings().first(),
+            ):
+                if row:
+                    found[name].add(dict(row))
+        if _readable(conn, tables.meta):
+            value = conn.scalar(sa.select(tables.meta.c.value).where(tables.meta.c.key == "first_seen"))
+            first_seen = parse_iso(value) if value else None
+        if first_seen is None:  # tables made by a version without `meta`: the oldest record will do
+            first_seen = conn.scalar(sa.select(sa.func.min(runs.c.finished_at)))
+        last_snapshot = conn.scalar(sa.select(sa.func.max(tables.snapshots.c.taken_at)))
+    for entry in spooled:
+        if entry["task"] in found and not entry["dry_run"] and entry["status"] in REAL_STATUSES:
+            found[entry["task"]].add(entry)
+    return HistoryState(available, first_seen, found, last_snapshot)
+
+
+def ensure_seen(bind: Connection | Engine, settings: CleanupSettings) -> str | None:
+    """Record when the tool first saw this database (creating the history tables if need
+    be), so that `status` can tell a fresh install from one whose jobs never ran.
+    Returns why it could not, or None."""
+    try:
+        with bind.connect() if isinstance(bind, Engine) else contextlib.nullcontext(bind) as conn:
+            run = db.RunConnection(conn, settings, "history")
+            run.begin()
+            try:
+                tables = _tables(conn, settings)
+                if not (_readable(conn, tables.runs) and _readable(conn, tables.meta)):
+                    ensure_tables(conn, tables, settings.history_schema)
+                elif conn.scalar(sa.select(tables.meta.c.value).where(tables.meta.c.key == "first_seen")) is None:
+                    conn.execute(tables.meta.insert(), {"key": "first_seen", "value": iso_utc(utc_now())})
+                run.commit()
+            finally:
+                run.rollback()
+        return None
+    except Exception as exc:
+        return classify(exc).message
 
 
 @dataclass(frozen=True)
@@ -407,8 +511,10 @@ def summarize(conn: Connection, settings: CleanupSettings, query: HistoryQuery) 
     runs = _tables(conn, settings).runs
     if not _readable(conn, runs):
         return []
-    failed = sa.case((runs.c.status.in_(["failed", "interrupted"]), 1), else_=0)
-    deleted = sa.case((sa.and_(runs.c.status == "ok", runs.c.dry_run.is_(False)), runs.c.rows), else_=0)
+    real = runs.c.dry_run.is_(False)
+    failed = sa.case((sa.and_(real, runs.c.status.in_(["failed", "interrupted"])), 1), else_=0)
+    # A failed or interrupted batched run may have committed batches: its rows count.
+    deleted = sa.case((real, runs.c.rows), else_=0)
     statement = (
         sa.select(
             runs.c.task,

@@ -45,12 +45,27 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         # Not cached, so a reconfiguration (tests, a second CLI call) takes effect.
         cache_logger_on_first_use=False,
     )
+    root = logging.getLogger()
+    root.handlers = [_LibraryRecords()]
+    root.setLevel(logging.WARNING)
 
 
 def reset() -> None:
     """Forget the configured format (each CLI invocation configures its own)."""
     global _as_json
     _as_json = None
+
+
+class _LibraryRecords(logging.Handler):
+    """Warnings and errors of the libraries (SQLAlchemy's pool, say) as one event each,
+    the exception summed up in one line: never a multi-line traceback in the stream."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            fields["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        (get_logger().error if record.levelno >= logging.ERROR else get_logger().warning)("library_log", **fields)
 
 
 def logs_are_json() -> bool:

@@ -6,23 +6,12 @@ The tool itself never creates these: it only binds the columns it needs (db.bind
 
 from __future__ import annotations
 
-from typing import Any
-
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 
+from skybot_cleanup.db import SQL_TYPES
 from skybot_cleanup.settings import CleanupSettings
 from skybot_cleanup.tasks import PARENT_TABLES, REGISTRY, Column, Registry, TableSpec
 
-# Prisma's DateTime: timestamp(3) without time zone, holding UTC.
-PrismaDateTime = sa.DateTime().with_variant(postgresql.TIMESTAMP(precision=3), "postgresql")
-_TYPES: dict[str, sa.types.TypeEngine[Any]] = {
-    "timestamp": PrismaDateTime,
-    "text": sa.Text(),
-    "integer": sa.Integer(),
-    "boolean": sa.Boolean(),
-    "jsonb": sa.JSON().with_variant(postgresql.JSONB(), "postgresql"),
-}
 _DEFAULTS: dict[str, sa.TextClause] = {
     "CURRENT_TIMESTAMP": sa.text("CURRENT_TIMESTAMP"),
     "false": sa.text("false"),
@@ -61,7 +50,7 @@ def _table(metadata: sa.MetaData, spec: TableSpec, settings: CleanupSettings | N
     columns = [
         sa.Column(
             names[column.name],
-            _TYPES[column.type],
+            SQL_TYPES[column.type].ddl,
             nullable=column.nullable,
             server_default=_DEFAULTS[column.default] if column.default else None,
         )

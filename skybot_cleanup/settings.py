@@ -338,13 +338,14 @@ def _as_whom() -> str:
 
 @dataclass(frozen=True)
 class Source:
-    kind: Literal["option", "environment", "settings file", "app variable", "default"]
+    kind: Literal["option", "environment", "settings file", "default"]
     variable: str | None = None
 
     def __str__(self) -> str:
         if self.kind in ("option", "default"):
             return self.kind
-        return f"{self.kind} ({self.variable})"
+        app = ", the app's variable" if self.variable in APP_VARIABLES else ""
+        return f"{self.kind} ({self.variable}{app})"
 
 
 @dataclass
@@ -404,6 +405,29 @@ def load(
     )
 
 
+def salvage(overrides: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """When the settings do not validate, what can still be read of the few that record
+    the failure (textfile, heartbeat, history): raw, from option, environment or
+    settings file. Never raises."""
+    environ = os.environ if environ is None else environ
+    try:
+        env_file = _env_file(environ)
+        file_values = read_env_file(env_file, strict=False) if env_file else {}
+    except ConfigError:
+        file_values = {}
+    upper_environ = {key.upper(): value for key, value in environ.items()}
+    found: dict[str, str | None] = {}
+    for name in ("prom_file", "ping_url", "database_url", "schema_name", "state_dir", "history"):
+        try:
+            _source, value = _resolve(
+                Settings, name, {k: v for k, v in overrides.items() if v is not None}, upper_environ, file_values
+            )
+        except KeyError:
+            value = None
+        found[name] = None if value is None else str(value)
+    return found
+
+
 def load_settings(registry: Registry = REGISTRY, **overrides: Any) -> CleanupSettings:
     return load(overrides, registry=registry).settings
 
@@ -412,7 +436,11 @@ def _env_file(environ: Mapping[str, str]) -> Path | None:
     named = environ.get(ENV_FILE_VARIABLE)
     if named:
         path = Path(named)
-        if not path.is_file():
+        try:
+            exists = path.is_file()
+        except OSError as exc:  # a directory this user may not enter
+            raise ConfigError(f"cannot read settings file {named}: {exc.strerror}{_as_whom()}") from None
+        if not exists:
             raise ConfigError(f"{ENV_FILE_VARIABLE} names {named}, which is not a readable file")
         return path
     default = Path(".env")
@@ -436,8 +464,7 @@ def _resolve(
     for origin, values in (("environment", environ), ("settings file", upper_file)):
         for variable in variable_names(model, name):
             if variable in values:
-                kind = "app variable" if variable in APP_VARIABLES else origin
-                return Source(kind, variable), values[variable]  # type: ignore[arg-type]
+                return Source(origin, variable), values[variable]  # type: ignore[arg-type]
     return Source("default"), None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -13,7 +14,7 @@ from skybot_cleanup.clock import iso_utc
 from skybot_cleanup.errors import ConfigError
 from skybot_cleanup.schedule import health, next_runs
 from skybot_cleanup.settings import CleanupSettings
-from skybot_cleanup.tasks import REGISTRY, Registry
+from skybot_cleanup.tasks import REGISTRY, Registry, Task
 
 HEALTHY = ("OK", "PENDING")
 
@@ -22,7 +23,7 @@ HEALTHY = ("OK", "PENDING")
 class JobStatus:
     task: str
     schedule: str
-    health: str  # OK | PENDING | OVERDUE | FAILING
+    health: str  # OK | PENDING | OVERDUE | FAILING | UNKNOWN
     last_success_at: str | None
     last_success_rows: int | None
     last_failure_at: str | None
@@ -30,7 +31,7 @@ class JobStatus:
     next_run_at: str
     due_rows: int | None
     due_rows_estimated: bool = False
-    error: str | None = None  # the task could not be checked (missing table): FAILING
+    error: str | None = None  # why the job could not be judged, or its table is missing
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -41,6 +42,7 @@ class Status:
     jobs: list[JobStatus]
     grace_minutes: int
     history_available: bool
+    first_seen: datetime | None = None
 
     @property
     def healthy(self) -> bool:
@@ -48,68 +50,58 @@ class Status:
 
 
 def collect(
-    conn: sa.Connection, settings: CleanupSettings, schema: str | None, now: datetime, registry: Registry = REGISTRY
+    conn: sa.Connection,
+    settings: CleanupSettings,
+    schema: str | None,
+    now: datetime,
+    registry: Registry = REGISTRY,
+    spooled: Sequence[dict[str, Any]] = (),
+    unknown: str | None = None,
 ) -> Status:
-    state = history.read_state(conn, settings, [task.name for task in registry.tasks])
+    """Every job's health. `unknown` says why the history cannot tell (it is off, or
+    cannot be read or written): then a job is UNKNOWN, never green by default."""
+    names = [job.name for job in registry.jobs]
+    state = history.read_state(conn, settings, names, spooled)
     bound = metrics.bind_all(conn, settings, schema, registry)
     grace = timedelta(minutes=settings.grace_minutes)
-    # Without history nothing is known: no job may pass for PENDING forever.
-    first_seen = state.first_seen if settings.history else datetime(1970, 1, 1)
     jobs = []
-    for task in registry.tasks:
-        past = state.tasks[task.name]
+    for job in registry.jobs:
+        past = state.tasks[job.name]
+        if job is registry.metrics and past.last_success_at is None:
+            # Tables made before metrics runs were recorded: its newest snapshot is its last success.
+            past.last_success_at = state.last_snapshot_at
         judged = health(
-            task.schedule,
+            job.schedule,
             last_success=past.last_success_at,
             last_status=past.last_status,
-            first_seen=first_seen,
+            first_seen=state.first_seen,
             now=now,
             grace=grace,
         )
-        job = JobStatus(
-            task=task.name,
-            schedule=task.schedule,
+        entry = JobStatus(
+            task=job.name,
+            schedule=job.schedule,
             health=judged,
             last_success_at=iso_utc(past.last_success_at),
-            last_success_rows=past.last_success_rows,
+            last_success_rows=past.last_success_rows if job is not registry.metrics else None,
             last_failure_at=iso_utc(past.last_failure_at),
             last_failure_error=past.last_failure_error,
-            next_run_at=_next(task.schedule, now),
+            next_run_at=iso_utc(next_runs(job.schedule, now)[0]) or "",
             due_rows=None,
         )
-        table = bound[task.table.key]
-        if isinstance(table, ConfigError):
-            job.health, job.error = "FAILING", str(table)
-        else:
-            backlog = metrics.task_backlog(conn, task, table, metrics.cutoff_of(task, settings, now))
-            job.due_rows, job.due_rows_estimated = backlog.due.value, backlog.due.estimated
-        jobs.append(job)
-    # The metrics job succeeds when a snapshot is recorded: judge it by the newest one.
-    jobs.append(
-        JobStatus(
-            task=registry.metrics.name,
-            schedule=registry.metrics.schedule,
-            health=health(
-                registry.metrics.schedule,
-                last_success=state.last_snapshot_at,
-                last_status=None,
-                first_seen=first_seen,
-                now=now,
-                grace=grace,
-            ),
-            last_success_at=iso_utc(state.last_snapshot_at),
-            last_success_rows=None,
-            last_failure_at=None,
-            last_failure_error=None,
-            next_run_at=_next(registry.metrics.schedule, now),
-            due_rows=None,
-        )
+        if unknown and judged != "FAILING":
+            entry.health, entry.error = "UNKNOWN", unknown
+        if isinstance(job, Task):
+            table = bound[job.table.key]
+            if isinstance(table, ConfigError):
+                entry.health, entry.error = "FAILING", str(table)
+            else:
+                backlog = metrics.task_backlog(conn, job, table, metrics.cutoff_of(job, settings, now))
+                entry.due_rows, entry.due_rows_estimated = backlog.due.value, backlog.due.estimated
+        jobs.append(entry)
+    return Status(
+        jobs=jobs, grace_minutes=settings.grace_minutes, history_available=state.available, first_seen=state.first_seen
     )
-    return Status(jobs=jobs, grace_minutes=settings.grace_minutes, history_available=state.available)
-
-
-def _next(schedule: str, now: datetime) -> str:
-    return next_runs(schedule, now)[0].strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def render_table(status: Status) -> str:
@@ -133,6 +125,6 @@ def render_table(status: Status) -> str:
         )
     lines.append(
         f"(PENDING: never run yet, and not due before its first scheduled time plus a grace of "
-        f"{status.grace_minutes} min; SKYBOT_CLEANUP_GRACE_MINUTES)"
+        f"{status.grace_minutes} min, SKYBOT_CLEANUP_GRACE_MINUTES; UNKNOWN: no run history to judge by)"
     )
     return "\n".join(lines)

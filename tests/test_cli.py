@@ -559,14 +559,14 @@ def test_config_shows_every_setting_its_source_and_no_secret(tmp_path):
     settings = {entry["variable"]: entry for entry in view["settings"]}
     assert settings["SKYBOT_CLEANUP_DATABASE_URL"] == {
         "variable": "SKYBOT_CLEANUP_DATABASE_URL",
-        "source": "app variable (DATABASE_URL)",
+        "source": "environment (DATABASE_URL, the app's variable)",
         "value": "postgresql://app:***@db.internal:5432/skybot",
     }
     assert (settings["SKYBOT_CLEANUP_BATCH_SIZE"]["value"], settings["SKYBOT_CLEANUP_BATCH_SIZE"]["source"]) == (
         500,
         "settings file (SKYBOT_CLEANUP_BATCH_SIZE)",
     )
-    assert settings["SKYBOT_CLEANUP_MAX_RETRIES"]["source"] == "app variable (JOB_MAX_RETRIES)"
+    assert settings["SKYBOT_CLEANUP_MAX_RETRIES"]["source"] == "environment (JOB_MAX_RETRIES, the app's variable)"
     assert settings["SKYBOT_CLEANUP_SLEEP_MS"]["source"] == "environment (SKYBOT_CLEANUP_SLEEP_MS)"
     assert settings["SKYBOT_CLEANUP_LOCK_TIMEOUT_MS"] == {
         "variable": "SKYBOT_CLEANUP_LOCK_TIMEOUT_MS",

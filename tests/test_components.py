@@ -391,6 +391,7 @@ def test_the_systemd_recipe_under_its_sandbox_feeds_node_exporter():
             "skybot_cleanup_idempotency-keys.prom",
             "skybot_cleanup_metrics.prom",
             "skybot_cleanup_refresh-tokens.prom",
+            "skybot_cleanup_snapshot.prom",
         ]
         assert all(oct(path.stat().st_mode & 0o777) == "0o644" for path in textfiles.iterdir())
         scraped = scrape_node_exporter(textfiles)

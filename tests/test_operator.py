@@ -208,8 +208,8 @@ def test_metrics_pushgateway(sqlite, http_server):
 def test_unreachable_pushgateway_is_one_line_exit_1(sqlite):
     result = invoke("metrics", "--pushgateway", "http://127.0.0.1:1", env={"DATABASE_URL": sqlite.url})
     assert result.exit_code == 1
-    event = log_events(result.stderr)[-1]
-    assert event["error"].startswith("metrics were collected but not delivered")
+    failed = next(e for e in log_events(result.stderr) if e["event"] == "run_failed")
+    assert failed["error"].startswith("metrics were collected but not delivered: URLError")
 
 
 # -- heartbeats -------------------------------------------------------------------------------
@@ -326,7 +326,7 @@ def test_an_unreachable_database_run_reaches_the_history_with_the_next_run(postg
     record = json.loads(spooled[0].read_text())
     from skybot_cleanup.db import parse_database_url
 
-    record["database"] = parse_database_url(postgres.url).display
+    record["database"] = parse_database_url(postgres.url).identity
     spooled[0].write_text(json.dumps(record))
     up = run_cli("refresh-tokens", env=env)
     assert up.returncode == 0, up.stderr
@@ -503,7 +503,7 @@ def test_status_healthy_exits_0(backend):
         *((name, "OK", 7) for name in TASK_NAMES),
         ("metrics", "OK", None),
     ]
-    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:00Z", s["next_run_at"]) for s in statuses)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:00\.000Z", s["next_run_at"]) for s in statuses)
 
 
 def test_status_overdue_and_failing_exit_1(backend):
@@ -563,11 +563,14 @@ def test_status_with_one_table_dropped_exits_1_and_still_reports_the_others(back
     )
 
 
-def test_status_says_why_everything_is_overdue_without_history(sqlite):
+def test_status_without_history_is_unknown_never_green(sqlite):
     put_history(sqlite, *[(name, "ok", 10 * MINUTE) for name in TASK_NAMES])
     result = invoke("status", "--json", env={"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_HISTORY": "false"})
     assert result.exit_code == 1
-    assert {json.loads(line)["health"] for line in result.stdout.splitlines()} == {"OVERDUE"}
+    jobs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert {(job["health"], job["error"]) for job in jobs} == {
+        ("UNKNOWN", "run history is off (SKYBOT_CLEANUP_HISTORY=false)")
+    }
     (event,) = log_events(result.stderr)
     assert (event["event"], event["level"]) == ("history_disabled", "warning")
 
@@ -661,10 +664,10 @@ def test_check_warns_about_a_large_backlog(sqlite):
     seed_operator_data(sqlite)
     result = invoke("check", "--json", env={"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_BACKLOG_WARNING_ROWS": "1"})
     assert result.exit_code == 0
-    (warning,) = [json.loads(line) for line in result.stdout.splitlines() if "refresh-tokens: 2 rows" in line]
+    (warning,) = [json.loads(line) for line in result.stdout.splitlines() if "refresh-tokens: more than" in line]
     assert warning == {
         "level": "warning",
-        "message": "refresh-tokens: 2 rows are due; drain them once in batches before scheduling:",
+        "message": "refresh-tokens: more than 1 rows are due; drain them once in batches before scheduling:",
         "detail": ["skybot-cleanup refresh-tokens --batch-size 10000 --max-runtime 1800"],
     }
 
@@ -745,11 +748,13 @@ def test_metrics_and_runs_share_the_prom_file_directory_without_sharing_a_series
     assert invoke("metrics", env=env).exit_code == 0
     assert invoke("refresh-tokens", env=env).exit_code == 0
     assert sorted(p.name for p in tmp_path.glob("*.prom")) == [
-        "skybot_cleanup_metrics.prom",
+        "skybot_cleanup_metrics.prom",  # the metrics job's run series
         "skybot_cleanup_refresh-tokens.prom",
+        "skybot_cleanup_snapshot.prom",  # the metrics job's snapshot
     ]
-    series = [set(samples(p.read_text())) for p in tmp_path.glob("*.prom")]
-    assert not series[0] & series[1]
+    series = [set(samples(p.read_text())) for p in sorted(tmp_path.glob("*.prom"))]
+    assert not (series[0] & series[1]) and not (series[0] & series[2]) and not (series[1] & series[2])
+    assert ("skybot_cleanup_last_exit_code", (("task", "metrics"),)) in series[0]
 
 
 def test_metrics_snapshots_are_recorded(backend):
