@@ -145,9 +145,11 @@ class Run:
             failure: Failure | None = None
             unreachable = False
             try:
-                pinger.ping("start")  # inside: a signal while it waits is this run's interruption
+                # The engine first (it does not connect): a signal during the start ping is
+                # then recorded in the history like any interruption.
                 self.target = database_target(settings)
                 self.engine = db.create_engine(self.target, settings, task.name)
+                pinger.ping("start")  # inside: a signal while it waits is this run's interruption
                 with_retries(settings, self._attempt, log=self.log)
             except (Exception, Interrupted) as exc:
                 failure = classify(exc, secrets=self._secrets())

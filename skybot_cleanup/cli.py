@@ -383,7 +383,8 @@ def metrics_command(
         raise typer.Exit(worst_exit_code([run.result.exit_code, EXIT_FAILURE])) from None
     if run.result.status != "ok":
         report_failure(f"metrics {run.result.status}: {run.result.error}", logged=True)
-    raise typer.Exit(run.result.exit_code)
+    signalled = [] if run.result.signal is None else [128 + run.result.signal]
+    raise typer.Exit(worst_exit_code([run.result.exit_code, *signalled]))
 
 
 @app.command("status")
@@ -517,6 +518,8 @@ def history_command(
                     }
                 )
             )
+        if view.pending_local:
+            typer.echo(json.dumps({"pending_local": view.pending_local}))
         return
     typer.echo(
         f"{'finished (UTC)':<25}{'task':<18}{'status':<12}{'rows':>10}{'ms':>9}  {'host':<16}{'run id':<38}error"
@@ -534,7 +537,8 @@ def history_command(
             f"{line['task']}: {line['runs']} runs, {line['failures']} failed, {line['rows_deleted']:,} rows deleted"
         )
     if view.pending_local:
-        typer.echo(f"({view.pending_local} runs wait in the state directory for the database to take them)")
+        runs = "1 run waits" if view.pending_local == 1 else f"{view.pending_local} runs wait"
+        typer.echo(f"({runs} in the state directory until a run reaches this database)")
 
 
 @app.command("config")

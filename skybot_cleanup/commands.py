@@ -181,9 +181,9 @@ def metrics_job(
     failure: Failure | None = None
     unreachable = False
     try:
-        pinger.ping("start")
         target = database_target(settings)
         engine = db.create_engine(target, settings, job.name)
+        pinger.ping("start")
 
         def attempt() -> metrics.Snapshot:
             assert engine is not None and target is not None
@@ -222,14 +222,20 @@ def metrics_job(
     try:
         if target is not None:
             history.record_run(None if unreachable else engine, settings, result, target.identity)
+    except Interrupted as exc:
+        result.signal = exc.signum
     finally:
         if engine is not None:
             engine.dispose()
-    pinger.ping(
-        str(result.exit_code),
-        body=f"task={job.name} status={result.status} duration_ms={result.duration_ms}"
-        + (f" error={result.error}" if result.error else ""),
-    )
+    if result.status != "interrupted" and result.signal is None:
+        try:
+            pinger.ping(
+                str(result.exit_code),
+                body=f"task={job.name} status={result.status} duration_ms={result.duration_ms}"
+                + (f" error={result.error}" if result.error else ""),
+            )
+        except Interrupted as exc:
+            result.signal = exc.signum
     return MetricsRun(result, taken)
 
 

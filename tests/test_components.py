@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -320,6 +321,74 @@ def test_an_unreadable_settings_file_is_one_line_and_exit_2(tmp_path):
     assert completed.stderr == (
         f"skybot-cleanup: error: cannot read settings file {settings}: Permission denied (running as nobody)\n"
     )
+
+
+@os_user_group
+def test_a_settings_file_in_a_directory_the_user_cannot_enter_is_one_line_and_exit_2():
+    need_root()
+    private = Path(tempfile.mkdtemp(prefix="skybot-private-"))  # 0700, root's
+    settings = private / "env"
+    settings.write_text("DATABASE_URL=sqlite:////nonexistent.db\n")
+    settings.chmod(0o644)
+    try:
+        completed = run_cli(
+            "refresh-tokens",
+            user="nobody",
+            cwd=Path("/"),
+            env={"SKYBOT_CLEANUP_ENV_FILE": str(settings), "SKYBOT_CLEANUP_LOG_FORMAT": "console"},
+        )
+    finally:
+        shutil.rmtree(private)
+    assert completed.returncode == 2
+    assert completed.stderr == (
+        f"skybot-cleanup: error: cannot read settings file {settings}: Permission denied (running as nobody)\n"
+    )
+
+
+def sqlite_app(path: Path) -> Backend:
+    """The app's tables in a SQLite file anyone may write, with one live and two expired tokens."""
+    url = f"sqlite:///{path}"
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    metadata = app_metadata()
+    metadata.create_all(engine)
+    now = utc_now()
+    with engine.begin() as conn:
+        insert_rows(
+            conn,
+            metadata,
+            {
+                "RefreshToken": [
+                    refresh_token_row("live", now + HOUR),
+                    refresh_token_row("expired_1", now - HOUR),
+                    refresh_token_row("expired_2", now - 2 * HOUR),
+                ]
+            },
+        )
+    path.chmod(0o666)
+    return Backend("sqlite", url, engine)
+
+
+@os_user_group
+def test_a_state_directory_the_user_cannot_enter_never_fails_the_cleanup():
+    """HOME=/root for a service user (a common unit-file slip): the spool is out of
+    reach, the cleanup and its history are not."""
+    need_root()
+    shared = world_dir("skybot-db-")
+    app = sqlite_app(shared / "app.db")
+    try:
+        completed = run_cli(
+            "refresh-tokens",
+            "--json",
+            user="nobody",
+            cwd=shared,
+            env={"DATABASE_URL": app.url, "HOME": "/root", "XDG_STATE_HOME": ""},
+        )
+        assert completed.returncode == 0, completed.stderr
+        assert json.loads(completed.stdout)["rows"] == 2
+        assert app.ids("RefreshToken") == {"live"}
+    finally:
+        app.engine.dispose()
+        shutil.rmtree(shared)
 
 
 SANDBOXED = """
