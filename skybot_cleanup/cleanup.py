@@ -14,7 +14,15 @@ import structlog
 
 from skybot_cleanup import db, heartbeat, history
 from skybot_cleanup.clock import iso_utc, utc_now
-from skybot_cleanup.errors import EXIT_OK, EXIT_SKIPPED, Failure, Interrupted, classify, is_connection_failure
+from skybot_cleanup.errors import (
+    EXIT_OK,
+    EXIT_SKIPPED,
+    Failure,
+    Interrupted,
+    classify,
+    is_connection_failure,
+    print_traceback_when_debugging,
+)
 from skybot_cleanup.logs import get_logger
 from skybot_cleanup.retry import with_retries
 from skybot_cleanup.settings import CleanupSettings
@@ -152,6 +160,7 @@ class Run:
                 pinger.ping("start")  # inside: a signal while it waits is this run's interruption
                 with_retries(settings, self._attempt, log=self.log)
             except (Exception, Interrupted) as exc:
+                print_traceback_when_debugging(exc)
                 failure = classify(exc, secrets=self._secrets())
                 unreachable = is_connection_failure(exc)
                 event = {"skipped": "run_skipped", "interrupted": "interrupted"}.get(failure.status, "run_failed")

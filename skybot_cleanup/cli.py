@@ -325,6 +325,9 @@ def _guarded(label: str, settings: CleanupSettings, work: Any) -> Any:
     except Interrupted as exc:
         raise typer.Exit(exc.exit_code) from None
     except Exception as exc:
+        from skybot_cleanup.errors import print_traceback_when_debugging
+
+        print_traceback_when_debugging(exc)
         failure = failure_of(exc, settings)
         _fail(f"{label} failed: {failure.message}", failure.exit_code)
 
@@ -393,13 +396,13 @@ def status_command(
         bool,
         _flag(
             "--json",
-            "One JSON object per job: health (OK, PENDING, OVERDUE, FAILING), "
+            "One JSON object per job: health (OK, PENDING, OVERDUE, FAILING, UNKNOWN), "
             "last success and failure, next run, rows due.",
         ),
     ] = False,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Per job: health, last success and failure, next run, rows due. Exit 1 if any is OVERDUE or FAILING."""
+    """Per job: health, last success and failure, next run, rows due. Exit 1 if any is OVERDUE, FAILING or UNKNOWN."""
     from skybot_cleanup import commands
     from skybot_cleanup.logs import get_logger
     from skybot_cleanup.status import render_table
@@ -407,7 +410,7 @@ def status_command(
     settings = _load(database_url=database_url)
     if not settings.history:
         get_logger().warning(
-            "history_disabled", hint="SKYBOT_CLEANUP_HISTORY is off: no run is known, so every job shows OVERDUE"
+            "history_disabled", hint="SKYBOT_CLEANUP_HISTORY is off: no run is known, so every job shows UNKNOWN"
         )
     status = _guarded("status", settings, lambda: commands.job_status(settings))
     if as_json:
@@ -583,7 +586,10 @@ def schedule_command(
     exec_path: Annotated[
         Optional[str],
         typer.Option(
-            "--exec", metavar="PATH", show_default=False, help="Absolute path of the installed skybot-cleanup."
+            "--exec",
+            metavar="PATH",
+            show_default=False,
+            help="The installed skybot-cleanup: an absolute path, or a bare command name on the scheduler's PATH.",
         ),
     ] = None,
     image: Annotated[
@@ -674,12 +680,10 @@ def main() -> None:
     try:
         app()
     except Exception as exc:
-        import os
-
-        from skybot_cleanup.errors import redact
+        from skybot_cleanup.errors import debugging, redact
         from skybot_cleanup.logs import report_failure
 
-        if os.environ.get(f"{ENV_PREFIX}DEBUG", "").lower() in ("1", "true", "yes", "on"):
+        if debugging():
             raise
         report_failure(
             f"unexpected error: {type(exc).__name__}: {redact(str(exc))} (set {ENV_PREFIX}DEBUG=1 for a traceback)"

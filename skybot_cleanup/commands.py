@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from skybot_cleanup import db
 from skybot_cleanup.cleanup import ProgressCallback, RunResult, database_target, run_task
 from skybot_cleanup.clock import iso_utc, parse_iso, utc_now
-from skybot_cleanup.errors import EXIT_OK, CleanupError, Failure, Interrupted, classify, is_connection_failure
+from skybot_cleanup.errors import (
+    EXIT_OK,
+    CleanupError,
+    Failure,
+    Interrupted,
+    classify,
+    is_connection_failure,
+    print_traceback_when_debugging,
+)
 from skybot_cleanup.logs import get_logger
 from skybot_cleanup.retry import with_retries
 from skybot_cleanup.settings import CleanupSettings
@@ -200,6 +208,7 @@ def metrics_job(
         if taken.errors:
             raise CleanupError("; ".join(taken.errors))
     except (Exception, Interrupted) as exc:
+        print_traceback_when_debugging(exc)
         failure = failure_of(exc, settings)
         unreachable = is_connection_failure(exc)
         get_logger().error(

@@ -144,6 +144,23 @@ _SQLSTATE_HINTS = {
 }
 
 
+def debugging() -> bool:
+    """SKYBOT_CLEANUP_DEBUG, read from the environment alone: it must work when the
+    settings themselves are what fails."""
+    import os
+
+    return os.environ.get("SKYBOT_CLEANUP_DEBUG", "").lower() in ("1", "true", "yes", "on")
+
+
+def print_traceback_when_debugging(exc: BaseException) -> None:
+    """A failure turned into one line keeps its traceback for whoever asks for it."""
+    if debugging():
+        import sys
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+
+
 def is_transient(exc: BaseException) -> bool:
     return classify(exc).transient
 

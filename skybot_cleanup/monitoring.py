@@ -58,7 +58,7 @@ def rules(registry: Registry) -> dict[str, Any]:
             },
         },
     ]
-    for job in registry.tasks:
+    for job in registry.jobs:  # the metrics job's run series too
         wait = _duration(2 * schedule.interval(job.schedule).total_seconds())
         alerts.append(
             {
@@ -152,6 +152,7 @@ def rule_tests(registry: Registry) -> dict[str, Any]:
     on_host = {**host, "task": hourly.name}
     labels = 'instance="db-host:9100", job="node", task="' + hourly.name + '"'
     other_labels = 'instance="db-host:9100", job="node", task="' + other.name + '"'
+    metrics_labels = 'instance="db-host:9100", job="node", task="' + registry.metrics.name + '"'
     steps = 12 * 6  # six hours of 5-minute samples
 
     def expect(alert: str, alert_labels: dict[str, str], **values: str) -> dict[str, Any]:
@@ -201,7 +202,8 @@ def rule_tests(registry: Registry) -> dict[str, Any]:
             "name": "a task whose last-success series is missing alerts after two intervals",
             "interval": "5m",
             "input_series": [
-                {"series": f"{P}_last_success_timestamp_seconds{{{other_labels}}}", "values": f"0x{steps}"}
+                {"series": f"{P}_last_success_timestamp_seconds{{{other_labels}}}", "values": f"0x{steps}"},
+                {"series": f"{P}_last_success_timestamp_seconds{{{metrics_labels}}}", "values": f"0x{steps}"},
             ],
             "alert_rule_test": [
                 {"eval_time": "1h50m", "alertname": "SkybotCleanupLastSuccessMissing", "exp_alerts": []},

@@ -1,10 +1,11 @@
 """Prometheus exposition: node_exporter textfiles and the Pushgateway.
 
 Two kinds of file, never sharing a series (node_exporter rejects duplicates):
-- one per job run (`skybot_cleanup_<task>.prom`): the batch-job series, led by
+- one per job run (`skybot_cleanup_<task>.prom`, the metrics job's as
+  `skybot_cleanup_metrics.prom`): the batch-job series, led by
   skybot_cleanup_last_success_timestamp_seconds, which survives any failure, an
   unreachable database and dry runs (a dry run writes nothing);
-- the metrics job's snapshot (`skybot_cleanup_metrics.prom`).
+- the metrics job's snapshot (`skybot_cleanup_snapshot.prom`).
 Files are written to a temporary file, made 0644 whatever the umask (node_exporter
 reads them as another user), and renamed into place.
 """

@@ -128,7 +128,8 @@ class CleanupSettings(BaseSettings):
     state_dir: str | None = Field(
         default=None,
         description="Local directory for runs the database history could not take (recorded at the next "
-        "run that can write). Default: $STATE_DIRECTORY (systemd), else ~/.local/state/skybot-cleanup.",
+        "run that can write). Default: $STATE_DIRECTORY (systemd), else $XDG_STATE_HOME/skybot-cleanup "
+        "(~/.local/state/skybot-cleanup).",
     )
     grace_minutes: int = Field(
         default=30,

@@ -430,3 +430,14 @@ def test_a_library_error_with_a_traceback_is_one_json_event(capsys):
         "message": "Exception during reset or similar",
         "error": "OSError: the connection is lost",
     }
+
+
+def test_debug_shows_the_traceback_of_a_failed_run_and_still_its_one_line(sqlite):
+    env = {"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_MAGIC_LINK_TABLE": "Nope"}
+    env["SKYBOT_CLEANUP_LOG_FORMAT"] = "console"
+    quiet = run_cli("magic-links", env=env)
+    debugging = run_cli("magic-links", env={**env, "SKYBOT_CLEANUP_DEBUG": "1"})
+    assert quiet.returncode == debugging.returncode == 2
+    assert "Traceback (most recent call last)" not in quiet.stderr
+    assert "Traceback (most recent call last)" in debugging.stderr
+    assert 'magic-links failed: table "Nope" not found' in debugging.stderr.splitlines()[-1]

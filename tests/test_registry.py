@@ -112,5 +112,5 @@ def test_the_fifth_tasks_settings_schedules_and_alerts_come_from_the_registry():
     missing = [
         rule for rule in rules(REGISTRY5)["groups"][0]["rules"] if rule["alert"] == "SkybotCleanupLastSuccessMissing"
     ]
-    assert [rule["labels"]["task"] for rule in missing] == [task.name for task in REGISTRY5.tasks]
+    assert [rule["labels"]["task"] for rule in missing] == [job.name for job in REGISTRY5.jobs]
     assert next(rule for rule in missing if rule["labels"]["task"] == FIFTH.name)["for"] == "12h"
