@@ -4,6 +4,8 @@
     python benchmarks/bench.py startup                  # the hourly no-op run vs the stack's import
     python benchmarks/bench.py variants --size 1000000  # batch statement shapes, as raw SQL
     python benchmarks/bench.py scaling --sizes 10000 100000 1000000 5000000 10000000
+    python benchmarks/bench.py aftermath --size 1000000 # what the delete leaves for VACUUM (--shuffled: rows
+                                                        # in random order, one due row per page at worst)
     python benchmarks/bench.py chart                    # docs/img/scaling.png from the saved results
 
 Every measurement is repeated (--reps, default 3) and reported as the median with its
@@ -60,7 +62,7 @@ SELECT 'c' || substr(md5(g::text || kind), 1, 24), encode(sha256((g::text || kin
 FROM (SELECT g, 'due' AS kind FROM generate_series(1, %(due)s) g
       UNION ALL SELECT g, 'live' FROM generate_series(1, %(live)s) g
       UNION ALL SELECT g, 'revoked' FROM generate_series(1, %(revoked)s) g) rows
-ORDER BY 5
+ORDER BY {order}
 """
 DUE = """"expiresAt" < %(cutoff)s AND "revokedAt" IS NULL"""
 FLOOR_SQL = f"""DELETE FROM "RefreshToken" WHERE {DUE}"""
@@ -92,11 +94,13 @@ def percentile(values: list[float], q: int) -> float:
 # -- data -------------------------------------------------------------------------------------
 
 
-def build_template(admin_url: str, due: int, live: int, revoked: int, now: datetime) -> str:
-    """The app's tables from the tool's own schema module, then the rows."""
+def build_template(admin_url: str, due: int, live: int, revoked: int, now: datetime, *, shuffled: bool = False) -> str:
+    """The app's tables from the tool's own schema module, then the rows: in expiry
+    order as the app writes them, or shuffled, as a heap whose freed space has been
+    refilled for months ends up (each due row on a page of its own, the worst case)."""
     from skybot_cleanup.schema import app_metadata
 
-    name = f"skybot_bench_tpl_{due}"
+    name = f"skybot_bench_tpl_{due}{'_shuffled' if shuffled else ''}"
     with admin(admin_url) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -110,7 +114,8 @@ def build_template(admin_url: str, due: int, live: int, revoked: int, now: datet
         conn.execute("""INSERT INTO "UserAccount" SELECT 'ua_' || g, 'acc_' || (mod(g, 200) + 1)
                         FROM generate_series(1, 2000) g""")
         # Due rows spread over the last 30 days, whatever their number.
-        conn.execute(SEED, {"now": now, "due": due, "live": live, "revoked": revoked, "due_span": 30 * 86400})
+        seed = SEED.format(order="random()" if shuffled else "5")
+        conn.execute(seed, {"now": now, "due": due, "live": live, "revoked": revoked, "due_span": 30 * 86400})
         conn.execute("VACUUM ANALYZE")
     print(f"  seeded {due + live + revoked:,} rows in {time.monotonic() - started:.0f} s", file=sys.stderr)
     return name
@@ -194,13 +199,14 @@ def measured(command: list[str], env: dict[str, str]) -> dict[str, Any]:
 
 
 def wal_position(conn: psycopg.Connection[Any]) -> str:
-    row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    # The insert position: with synchronous_commit off the flushed position lags behind.
+    row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
     assert row is not None
     return str(row[0])
 
 
 def wal_since(conn: psycopg.Connection[Any], start: str) -> int:
-    row = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)", (start,)).fetchone()
+    row = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), %s::pg_lsn)", (start,)).fetchone()
     assert row is not None
     return int(row[0])
 
@@ -427,6 +433,8 @@ def print_scaling(results: list[dict[str, Any]]) -> None:
                 f"| {statistics.median(r['writer_p50_ms'] for r in runs):.1f} "
                 f"| {statistics.median(r['writer_p99_ms'] for r in runs):.1f} |"
             )
+    if not any(r["method"] == "reporting" for r in results):
+        return
     print()
     print("| due rows | metrics SQL ms | status SQL ms |")
     print("|---|---|---|")
@@ -510,6 +518,70 @@ def startup(args: argparse.Namespace) -> None:
         print(f"| {label} | {fmt(values, 0)} | {statistics.median(values) - floor_ms:+.0f} |")
 
 
+RELATION_SIZES = """
+SELECT c.relname, pg_relation_size(c.oid) FROM pg_class c
+WHERE c.oid = '"RefreshToken"'::regclass
+   OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = '"RefreshToken"'::regclass)
+ORDER BY 1
+"""
+
+
+def aftermath(args: argparse.Namespace) -> None:
+    """What a big delete leaves for VACUUM: its time and WAL, and the table and index
+    sizes before and after (autovacuum off on the copy, so the VACUUM measured is ours)."""
+    now = datetime.now(UTC).replace(tzinfo=None)
+    template = build_template(args.admin_url, args.size, args.live, args.revoked, now, shuffled=args.shuffled)
+    results = []
+    try:
+        for _rep, compression in [(rep, c) for rep in range(args.reps) for c in ("off", "lz4")]:
+            name = fresh_copy(args.admin_url, template)
+            try:
+                with psycopg.connect(database_url(args.admin_url, name), autocommit=True) as conn:
+                    # Full-page images dominate a delete's WAL: how much does compressing them save?
+                    conn.execute(f"SET wal_compression = {compression}")
+                    conn.execute('ALTER TABLE "RefreshToken" SET (autovacuum_enabled = off)')
+                    before = dict(conn.execute(RELATION_SIZES).fetchall())
+                    steps = {}
+                    for step, sql, params in (
+                        ("delete", FLOOR_SQL, {"cutoff": now}),
+                        ("vacuum", 'VACUUM "RefreshToken"', None),
+                    ):
+                        start, started = wal_position(conn), time.perf_counter()
+                        conn.execute(sql, params)
+                        steps[step] = {"s": time.perf_counter() - started, "wal_bytes": wal_since(conn, start)}
+                    after = dict(conn.execute(RELATION_SIZES).fetchall())
+                results.append(
+                    {"due": args.size, "wal_compression": compression, "steps": steps, "before": before, "after": after}
+                )
+                print(
+                    f"  wal_compression={compression}: delete {steps['delete']['s']:.2f} s, "
+                    f"vacuum {steps['vacuum']['s']:.2f} s",
+                    file=sys.stderr,
+                )
+            finally:
+                drop(args.admin_url, name)
+    finally:
+        drop(args.admin_url, template)
+    save(f"aftermath-{args.size}" + ("-shuffled" if args.shuffled else ""), results)
+    print("| step | wal_compression | seconds | WAL MB | WAL bytes per deleted row |")
+    print("|---|---|---|---|---|")
+    for step in ("delete", "vacuum"):
+        for compression in ("off", "lz4"):
+            runs = [r for r in results if r["wal_compression"] == compression]
+            seconds = [r["steps"][step]["s"] for r in runs]
+            wal = [r["steps"][step]["wal_bytes"] for r in runs]
+            per_row = [w / args.size for w in wal]
+            print(f"| {step} | {compression} | {fmt(seconds)} | {fmt([w / 1e6 for w in wal], 0)} | {fmt(per_row, 0)} |")
+    print()
+    print("| relation | MB before | MB after VACUUM |")
+    print("|---|---|---|")
+    for relation in results[0]["before"]:
+        print(
+            f"| {relation} | {results[0]['before'][relation] / 1e6:.0f} "
+            f"| {statistics.median(r['after'][relation] for r in results) / 1e6:.0f} |"
+        )
+
+
 def save(mode: str, results: list[dict[str, Any]]) -> None:
     RESULTS.mkdir(exist_ok=True)
     meta = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count()}
@@ -574,19 +646,22 @@ def main() -> None:
     sub = parser.add_subparsers(dest="mode", required=True)
     start = sub.add_parser("startup")
     start.add_argument("--runs", type=int, default=20)
-    for name in ("scaling", "variants"):
+    for name in ("scaling", "variants", "aftermath"):
         mode = sub.add_parser(name)
         mode.add_argument("--reps", type=int, default=3)
         mode.add_argument("--live", type=int, default=500_000, help="live tokens beside the due ones")
         mode.add_argument("--revoked", type=int, default=100_000, help="revoked tokens (kept by this task)")
         mode.add_argument("--batch-size", type=int, default=10_000)
+        if name == "aftermath":
+            mode.add_argument("--shuffled", action="store_true", help="rows in random order, not expiry order")
         if name == "scaling":
             mode.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
         else:
             mode.add_argument("--size", type=int, default=1_000_000)
     sub.add_parser("chart")
     args = parser.parse_args()
-    {"startup": startup, "scaling": scaling, "variants": variants, "chart": chart}[args.mode](args)
+    modes = {"startup": startup, "scaling": scaling, "variants": variants, "aftermath": aftermath, "chart": chart}
+    modes[args.mode](args)
 
 
 if __name__ == "__main__":
