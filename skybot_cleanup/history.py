@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from skybot_cleanup import db
+from skybot_cleanup import db, schedule
 from skybot_cleanup.clock import iso_utc, parse_iso, utc_now
 from skybot_cleanup.errors import classify
 from skybot_cleanup.logs import get_logger
@@ -427,6 +427,18 @@ class HistoryState:
     first_seen: datetime | None
     tasks: dict[str, TaskHistory]
     last_snapshot_at: datetime | None
+
+    def health(self, name: str, job_schedule: str, now: datetime, grace: timedelta) -> str:
+        """The job's health by its recorded runs (schedule.health)."""
+        past = self.tasks[name]
+        return schedule.health(
+            job_schedule,
+            last_success=past.last_success_at,
+            last_status=past.last_status,
+            first_seen=self.first_seen,
+            now=now,
+            grace=grace,
+        )
 
 
 def _readable(conn: Connection, table: sa.Table) -> bool:

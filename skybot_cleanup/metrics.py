@@ -19,7 +19,6 @@ import sqlalchemy as sa
 from skybot_cleanup import db, history
 from skybot_cleanup.clock import human_age, iso_utc
 from skybot_cleanup.errors import ConfigError
-from skybot_cleanup.schedule import health
 from skybot_cleanup.settings import CleanupSettings
 from skybot_cleanup.tasks import REGISTRY, Registry, TableSpec, Task
 
@@ -168,14 +167,7 @@ def collect(
     grace = timedelta(minutes=settings.grace_minutes)
     for task in registry.tasks:
         past = state.tasks[task.name]
-        judged = health(
-            task.schedule,
-            last_success=past.last_success_at,
-            last_status=past.last_status,
-            first_seen=state.first_seen,
-            now=now,
-            grace=grace,
-        )
+        judged = state.health(task.name, task.schedule, now, grace)
         entry = TaskSnapshot(
             name=task.name,
             schedule=task.schedule,

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from skybot_cleanup import history, metrics
 from skybot_cleanup.clock import iso_utc
 from skybot_cleanup.errors import ConfigError
-from skybot_cleanup.schedule import health, next_runs
+from skybot_cleanup.schedule import next_runs
 from skybot_cleanup.settings import CleanupSettings
 from skybot_cleanup.tasks import REGISTRY, Registry, Task
 
@@ -70,14 +70,7 @@ def collect(
         if job is registry.metrics and past.last_success_at is None:
             # Tables made before metrics runs were recorded: its newest snapshot is its last success.
             past.last_success_at = state.last_snapshot_at
-        judged = health(
-            job.schedule,
-            last_success=past.last_success_at,
-            last_status=past.last_status,
-            first_seen=state.first_seen,
-            now=now,
-            grace=grace,
-        )
+        judged = state.health(job.name, job.schedule, now, grace)
         entry = JobStatus(
             task=job.name,
             schedule=job.schedule,
