@@ -168,26 +168,10 @@ class Run:
                     event, error_class=failure.error_class, error=failure.message, rows=self.progress.rows
                 )
             result = self._result(failure)
-            # A signal from here on comes after the work: the run keeps its outcome, the
-            # caller stops after it (result.signal), and no step of the record is skipped
-            # but the slow one, the end ping.
-            try:
-                if self.target is not None:
-                    # The run's own connection when it succeeded; a new one after a
-                    # failure (none when the database cannot be reached at all).
-                    bind = self.conn or (None if unreachable else self.engine)
-                    history.record_run(bind, settings, result, self.target.identity)
-            except Interrupted as exc:
-                result.signal = exc.signum
-            finally:
-                self._close()
-                if self.engine is not None:
-                    self.engine.dispose()
-            if result.signal is None:
-                try:
-                    pinger.ping(str(result.exit_code), body=_ping_body(result))
-                except Interrupted as exc:
-                    result.signal = exc.signum
+            # The run's own connection when it succeeded; a new one after a failure
+            # (none when the database cannot be reached at all).
+            bind = self.conn or (None if unreachable else self.engine)
+            finish(settings, result, self.target, bind, pinger, self._release)
             self.log.info(
                 "run_finished",
                 **{
@@ -258,6 +242,11 @@ class Run:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+
+    def _release(self) -> None:
+        self._close()
+        if self.engine is not None:
+            self.engine.dispose()
 
     def _batches(self, run: db.RunConnection, table: db.BoundTable, due: sa.ColumnElement[bool]) -> None:
         """Delete in short committed batches, walking the index from a low-water mark.
@@ -421,6 +410,33 @@ def _estimate(conn: sa.Connection, table: db.BoundTable, due: sa.ColumnElement[b
     if conn.dialect.name == "postgresql":
         return db.estimate_rows(conn, table, due)
     return int(conn.scalar(sa.select(sa.func.count()).select_from(table.table).where(due)) or 0)
+
+
+def finish(
+    settings: CleanupSettings,
+    result: RunResult,
+    target: db.DatabaseTarget | None,
+    bind: sa.Connection | sa.Engine | None,
+    pinger: heartbeat.Pinger,
+    release: Callable[[], None] | None = None,
+) -> None:
+    """The end of every recorded run (a cleanup, the metrics job): its history row, the
+    connections released, then the end ping. A signal from here on comes after the work:
+    the run keeps its outcome, the caller stops after it (result.signal), and no step
+    of the record is skipped but the slow one, the end ping."""
+    try:
+        if target is not None:
+            history.record_run(bind, settings, result, target.identity)
+    except Interrupted as exc:
+        result.signal = exc.signum
+    finally:
+        if release is not None:
+            release()
+    if result.signal is None:
+        try:
+            pinger.ping(str(result.exit_code), body=_ping_body(result))
+        except Interrupted as exc:
+            result.signal = exc.signum
 
 
 def _ping_body(result: RunResult) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from skybot_cleanup import db
-from skybot_cleanup.cleanup import ProgressCallback, RunResult, database_target, run_task
+from skybot_cleanup.cleanup import ProgressCallback, RunResult, database_target, finish, run_task
 from skybot_cleanup.clock import iso_utc, parse_iso, utc_now
 from skybot_cleanup.errors import (
     EXIT_OK,
@@ -228,23 +228,7 @@ def metrics_job(
         error_class=failure.error_class if failure else None,
         error=failure.message if failure else None,
     )
-    try:
-        if target is not None:
-            history.record_run(None if unreachable else engine, settings, result, target.identity)
-    except Interrupted as exc:
-        result.signal = exc.signum
-    finally:
-        if engine is not None:
-            engine.dispose()
-    if result.status != "interrupted" and result.signal is None:
-        try:
-            pinger.ping(
-                str(result.exit_code),
-                body=f"task={job.name} status={result.status} duration_ms={result.duration_ms}"
-                + (f" error={result.error}" if result.error else ""),
-            )
-        except Interrupted as exc:
-            result.signal = exc.signum
+    finish(settings, result, target, None if unreachable else engine, pinger, engine.dispose if engine else None)
     return MetricsRun(result, taken)
 
 
