@@ -10,7 +10,7 @@
 
 Every measurement is repeated (--reps, default 3) and reported as the median with its
 spread (min-max). Data: the app's own "RefreshToken" (and its parent tables, indexes and
-foreign keys) from skybot_cleanup.schema, seeded into a template database per size, in
+foreign keys) from skybot_cleanup.app_schema, seeded into a template database per size, in
 expiry order as the app writes it, with live and revoked rows beside the due ones. Every
 method runs on its own copy (CREATE DATABASE ... TEMPLATE, then CHECKPOINT), with an app
 writer inserting and refreshing tokens ~100 times a second, and the script asserts that
@@ -98,7 +98,7 @@ def build_template(admin_url: str, due: int, live: int, revoked: int, now: datet
     """The app's tables from the tool's own schema module, then the rows: in expiry
     order as the app writes them, or shuffled, as a heap whose freed space has been
     refilled for months ends up (each due row on a page of its own, the worst case)."""
-    from skybot_cleanup.schema import app_metadata
+    from skybot_cleanup.app_schema import app_metadata
 
     name = f"skybot_bench_tpl_{due}{'_shuffled' if shuffled else ''}"
     with admin(admin_url) as conn:
@@ -351,14 +351,14 @@ def reporting_sql_time(url: str) -> dict[str, float]:
     from skybot_cleanup.settings import load
 
     settings = load({"database_url": url, "history": False}).settings
-    engine = db.create_engine(db.parse_database_url(url), settings, "bench")
+    engine = db.create_engine(db.parse_database_url(url), settings.session(), "bench")
     timings: dict[str, float] = {}
     try:
         for name, collect in (("metrics_ms", metrics.collect), ("status_ms", status.collect)):
-            with db.run_transaction(engine, settings, "bench", read_only=True) as run:
-                collect(run.conn, settings, None, utc_now())  # warm: connection and catalog caches
+            with db.run_transaction(engine, settings.session(), "bench", read_only=True) as run:
+                collect(run.conn, settings, "public", utc_now())  # warm: connection and catalog caches
                 started = time.perf_counter()
-                collect(run.conn, settings, None, utc_now())
+                collect(run.conn, settings, "public", utc_now())
                 timings[name] = (time.perf_counter() - started) * 1000
     finally:
         engine.dispose()
@@ -474,7 +474,7 @@ def startup(args: argparse.Namespace) -> None:
     with admin(args.admin_url) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = database_url(args.admin_url, name)
-    from skybot_cleanup.schema import app_metadata
+    from skybot_cleanup.app_schema import app_metadata
 
     engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"), poolclass=sa.pool.NullPool)
     app_metadata().create_all(engine)

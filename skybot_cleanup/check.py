@@ -13,6 +13,7 @@ Privileges the tool needs, by mode (what `check` verifies):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -20,10 +21,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from skybot_cleanup import db, history, metrics
+from skybot_cleanup import db, history
+from skybot_cleanup.cutoff import cutoff
 from skybot_cleanup.errors import ConfigError
+from skybot_cleanup.registry import REGISTRY, Registry, Task
+from skybot_cleanup.results import build_result
 from skybot_cleanup.settings import CleanupSettings, column_field, env_name
-from skybot_cleanup.tasks import REGISTRY, Registry, Task
 
 
 @dataclass(frozen=True)
@@ -115,11 +118,7 @@ def schema_usage(ctx: Context) -> Iterator[Finding]:
     """The role must be able to use the app's schema, or every table looks missing."""
     if not ctx.on_postgres:
         return
-    if ctx.schema:
-        names = [ctx.schema]
-    else:
-        path = str(ctx.conn.scalar(sa.text("SELECT current_setting('search_path')")))
-        names = [name.strip().strip('"').replace("$user", ctx.role) for name in path.split(",") if name.strip()]
+    names = [ctx.schema]
     rows = ctx.conn.execute(
         sa.text("SELECT nspname, has_schema_privilege(nspname, 'USAGE') FROM pg_namespace WHERE nspname = ANY(:names)"),
         {"names": names},
@@ -129,8 +128,11 @@ def schema_usage(ctx: Context) -> Iterator[Finding]:
         return
     ctx.schema_unusable = True
     if not rows:
-        where = f'schema "{ctx.schema}"' if ctx.schema else f"no schema of the search_path ({', '.join(names)})"
-        yield Finding("error", f"{where} exists: set the URL's ?schema= or SKYBOT_CLEANUP_SCHEMA to the app's schema")
+        yield Finding(
+            "error",
+            f'schema "{ctx.schema}" does not exist: set the URL\'s ?schema= or SKYBOT_CLEANUP_SCHEMA '
+            "to the app's schema",
+        )
         return
     first = rows[0][0]
     yield Finding(
@@ -144,7 +146,7 @@ def schema_usage(ctx: Context) -> Iterator[Finding]:
 def tables(ctx: Context) -> Iterator[Finding]:
     if ctx.schema_unusable:
         return
-    ctx.bound = metrics.bind_all(ctx.conn, ctx.settings, ctx.schema, ctx.registry)
+    ctx.bound = db.bind_all(ctx.conn, ctx.schema, ctx.registry, ctx.settings.all_table_names(ctx.registry))
     for spec in ctx.registry.tables:
         table = ctx.bound.get(spec.key)
         if table is None or isinstance(table, ConfigError):
@@ -209,7 +211,7 @@ def indexes(ctx: Context) -> Iterator[Finding]:
         table = ctx.bound.get(task.table.key)
         if table is None or isinstance(table, ConfigError):
             continue
-        due = task.due(table.columns, metrics.cutoff_of(task, ctx.settings, ctx.now))
+        due = task.due(table.columns, cutoff(task, ctx.now, ctx.settings))
         if _can_use_index(ctx.conn, table, due):
             yield Finding("ok", f"{task.name}: the planner can use an index for its predicate")
             continue
@@ -301,7 +303,7 @@ def backlogs(ctx: Context) -> Iterator[Finding]:
             continue
         # Counted up to the threshold, not estimated: stale statistics must not hide a backlog.
         threshold = ctx.settings.backlog_warning_rows
-        due = task.due(table.columns, metrics.cutoff_of(task, ctx.settings, ctx.now))
+        due = task.due(table.columns, cutoff(task, ctx.now, ctx.settings))
         counted = db.count_capped(ctx.conn, table, due, threshold + 1)
         if counted > threshold:
             yield Finding(
@@ -332,21 +334,8 @@ def history_writable(ctx: Context) -> Iterator[Finding]:
             exists = db.lookup_table(ctx.conn, tables.runs.schema, tables.runs.name) is not None
             if not exists:
                 history.ensure_tables(ctx.conn, tables, settings.history_schema)
-            ctx.conn.execute(
-                tables.runs.insert(),
-                {
-                    "run_id": "check",
-                    "task": "check",
-                    "status": "ok",
-                    "dry_run": True,
-                    "rows": 0,
-                    "cutoff": ctx.now,
-                    "finished_at": ctx.now,
-                    "duration_ms": 0,
-                    "exit_code": 0,
-                    "host": "check",
-                },
-            )
+            probe = build_result("check", "check", started_at=ctx.now, clock_started=time.monotonic(), failure=None)
+            ctx.conn.execute(tables.runs.insert(), history.history_row(probe, host="check"))
             ctx.conn.execute(sa.delete(tables.runs).where(tables.runs.c.run_id == "check"))
         except sa.exc.DBAPIError as exc:
             if run.on_postgres:

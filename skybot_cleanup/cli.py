@@ -6,10 +6,9 @@ Heavy imports (SQLAlchemy, psycopg, prometheus_client) happen inside the verbs, 
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
@@ -17,13 +16,21 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 import typer
 
 from skybot_cleanup import __version__
-from skybot_cleanup.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, Interrupted, worst_exit_code
+from skybot_cleanup.errors import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    ConfigError,
+    Interrupted,
+    exit_code_for_signal,
+    worst_exit_code,
+)
+from skybot_cleanup.registry import REGISTRY, Job, Task
 from skybot_cleanup.schedule import describe
 from skybot_cleanup.settings import ENV_PREFIX, column_field, env_name, table_field
-from skybot_cleanup.tasks import REGISTRY, Job, Task
 
 if TYPE_CHECKING:
-    from skybot_cleanup.cleanup import ProgressCallback, RunResult
+    from skybot_cleanup.results import RunResult
+    from skybot_cleanup.run import ProgressCallback
     from skybot_cleanup.settings import CleanupSettings
 
 EXIT_CODES = (
@@ -163,34 +170,34 @@ def _failed_start(jobs: Sequence[Job], overrides: dict[str, Any], exc: ConfigErr
     from skybot_cleanup.settings import salvage
 
     if jobs:
-        record_failed_start(salvage(overrides), jobs, EXIT_CONFIG, str(exc), dry_run=dry_run)
+        record_failed_start(salvage(overrides), jobs, exc, dry_run=dry_run)
     _fail(f"error: {exc}")
 
 
+def _echo(lines: Iterable[str]) -> None:
+    for line in lines:
+        typer.echo(line)
+
+
 def _report(result: RunResult, as_json: bool, quiet: bool) -> None:
+    from skybot_cleanup import views
+
     if as_json:
-        typer.echo(json.dumps(result.as_dict()))
+        typer.echo(views.as_json(result.as_dict()))
     elif result.status == "ok" and not quiet:
-        verb = "would delete" if result.dry_run else "deleted"
-        batches = "" if result.batches is None else f" in {result.batches} batches, {result.remaining} due rows remain"
-        stopped = f" (stopped by {result.stopped_by})" if result.stopped_by else ""
-        typer.echo(
-            f"{result.task}: {verb} {result.rows} rows{batches}{stopped} "
-            f"(cutoff {result.cutoff}, {result.duration_ms} ms)"
-        )
+        typer.echo(views.result_line(result))
     if result.status != "ok":
         from skybot_cleanup.logs import report_failure
 
-        report_failure(f"{result.task} {result.status}: {result.error}", logged=True)
+        report_failure(views.failure_line(result), logged=True)
 
 
 def run_tasks(tasks: Sequence[Task], *, dry_run: bool, as_json: bool, quiet: bool = False, **overrides: Any) -> int:
     from skybot_cleanup import commands
-    from skybot_cleanup.cleanup import database_target
 
     settings = _load(tasks, dry_run=dry_run, **overrides)
     try:
-        database_target(settings)
+        settings.database_target()
     except ConfigError as exc:
         _failed_start(tasks, overrides, exc, dry_run=dry_run)
     from skybot_cleanup.logs import report_failure
@@ -208,13 +215,13 @@ def run_tasks(tasks: Sequence[Task], *, dry_run: bool, as_json: bool, quiet: boo
             results.append(result)
             _report(result, as_json, quiet)
             if result.signal is not None:
-                codes.append(128 + result.signal)
+                codes.append(exit_code_for_signal(result.signal))
     except Interrupted as exc:  # a signal between two runs
         report_failure(f"interrupted by signal {exc.signum}")
         codes.append(exc.exit_code)
     # Whatever stopped the command, the runs that ended have their textfiles.
     try:
-        commands.write_run_textfiles(settings, results)
+        commands.write_run_textfiles(settings.prom_file, results)
     except OSError as exc:
         report_failure(f"error: cannot write the textfile under {settings.prom_file}: {exc.strerror}")
         codes.append(EXIT_FAILURE)
@@ -363,30 +370,30 @@ def metrics_command(
     quiet: Quiet = False,
 ) -> None:
     """Measure backlogs, active sessions and table health; delete nothing. Exit 1 if a task could not be measured."""
-    from skybot_cleanup import commands, metrics, prometheus
+    from skybot_cleanup import commands, textfiles, views
     from skybot_cleanup.logs import get_logger, report_failure
 
     settings = _load((REGISTRY.metrics,), database_url=database_url, history=False if no_history else None)
     install_signal_handlers()
     snapshot_file = prom_file or (
-        str(prometheus.textfile_path(settings.prom_file, "snapshot")) if settings.prom_file else None
+        str(textfiles.textfile_path(settings.prom_file, "snapshot")) if settings.prom_file else None
     )
     run = commands.metrics_job(settings, snapshot_file, pushgateway)
     if run.snapshot is not None:
         taken = run.snapshot.as_dict()
         get_logger().info("metrics", **{key: value for key, value in taken.items() if key != "taken_at"})
         if as_json:
-            typer.echo(json.dumps(taken))
+            typer.echo(views.as_json(taken))
         elif sys.stdout.isatty() and not quiet:  # every 5 minutes under cron, the log event is enough
-            typer.echo(metrics.render_table(run.snapshot))
+            typer.echo(views.snapshot_table(run.snapshot))
     try:
-        commands.write_run_textfiles(settings, [run.result])
+        commands.write_run_textfiles(settings.prom_file, [run.result])
     except OSError as exc:
         report_failure(f"error: cannot write the textfile under {settings.prom_file}: {exc.strerror}")
         raise typer.Exit(worst_exit_code([run.result.exit_code, EXIT_FAILURE])) from None
     if run.result.status != "ok":
-        report_failure(f"metrics {run.result.status}: {run.result.error}", logged=True)
-    signalled = [] if run.result.signal is None else [128 + run.result.signal]
+        report_failure(views.failure_line(run.result), logged=True)
+    signalled = [] if run.result.signal is None else [exit_code_for_signal(run.result.signal)]
     raise typer.Exit(worst_exit_code([run.result.exit_code, *signalled]))
 
 
@@ -403,9 +410,8 @@ def status_command(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Per job: health, last success and failure, next run, rows due. Exit 1 if any is OVERDUE, FAILING or UNKNOWN."""
-    from skybot_cleanup import commands
+    from skybot_cleanup import commands, views
     from skybot_cleanup.logs import get_logger
-    from skybot_cleanup.status import render_table
 
     settings = _load(database_url=database_url)
     if not settings.history:
@@ -413,11 +419,7 @@ def status_command(
             "history_disabled", hint="SKYBOT_CLEANUP_HISTORY is off: no run is known, so every job shows UNKNOWN"
         )
     status = _guarded("status", settings, lambda: commands.job_status(settings))
-    if as_json:
-        for job in status.jobs:
-            typer.echo(json.dumps(job.as_dict()))
-    else:
-        typer.echo(render_table(status))
+    _echo(views.status_json(status) if as_json else [views.status_table(status)])
     raise typer.Exit(0 if status.healthy else 1)
 
 
@@ -434,17 +436,11 @@ def check_command(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Pre-flight: server, tables, column types, privileges, indexes, backlogs, history. Exit 1 on errors."""
-    from skybot_cleanup import commands
+    from skybot_cleanup import commands, views
 
     settings = _load(database_url=database_url)
     findings = _guarded("check", settings, lambda: commands.check(settings))
-    for finding in findings:
-        if as_json:
-            typer.echo(json.dumps(finding.as_dict()))
-            continue
-        typer.echo(f"{finding.level.upper():<8}{finding.message}")
-        for line in finding.detail:
-            typer.echo(f"{'':<8}    {line}")
+    _echo(views.findings_lines(findings, as_json))
     raise typer.Exit(1 if any(finding.level == "error" for finding in findings) else 0)
 
 
@@ -480,8 +476,8 @@ def history_command(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Recorded runs, newest first, and a per-task summary: runs, failures, rows deleted."""
-    from skybot_cleanup import commands
-    from skybot_cleanup.clock import iso_utc, parse_duration, parse_iso, utc_now
+    from skybot_cleanup import commands, views
+    from skybot_cleanup.clock import parse_duration, parse_iso, utc_now
     from skybot_cleanup.history import HistoryQuery
 
     known = [job.name for job in REGISTRY.jobs]
@@ -504,44 +500,7 @@ def history_command(
         settings,
         lambda: commands.run_history(settings, HistoryQuery(task=task, status=status, since=start, limit=limit)),
     )
-    if as_json:
-        for run in view.runs:
-            typer.echo(
-                json.dumps({**run, "cutoff": iso_utc(run["cutoff"]), "finished_at": iso_utc(run["finished_at"])})
-            )
-        for line in view.summary:
-            typer.echo(
-                json.dumps(
-                    {
-                        "summary": line["task"],
-                        "runs": line["runs"],
-                        "failures": line["failures"],
-                        "rows_deleted": line["rows_deleted"],
-                        "last_run_at": iso_utc(line["last"]),
-                    }
-                )
-            )
-        if view.pending_local:
-            typer.echo(json.dumps({"pending_local": view.pending_local}))
-        return
-    typer.echo(
-        f"{'finished (UTC)':<25}{'task':<18}{'status':<12}{'rows':>10}{'ms':>9}  {'host':<16}{'run id':<38}error"
-    )
-    for run in view.runs:
-        status_text = run["status"] + (" (dry)" if run["dry_run"] else "")
-        error = f"{run['error_class']}: {run['error']}" if run["error"] else ""
-        typer.echo(
-            f"{iso_utc(run['finished_at']) or '':<25}{run['task']:<18}{status_text:<12}{run['rows']:>10,}"
-            f"{run['duration_ms']:>9,}  {run['host'][:15]:<16}{run['run_id']:<38}{error}"
-        )
-    typer.echo("")
-    for line in view.summary:
-        typer.echo(
-            f"{line['task']}: {line['runs']} runs, {line['failures']} failed, {line['rows_deleted']:,} rows deleted"
-        )
-    if view.pending_local:
-        runs = "1 run waits" if view.pending_local == 1 else f"{view.pending_local} runs wait"
-        typer.echo(f"({runs} in the state directory until a run reaches this database)")
+    _echo(views.history_lines(view, as_json))
 
 
 @app.command("config")
@@ -553,22 +512,14 @@ def config_command(
 ) -> None:
     """Every setting in effect and where it came from; secrets redacted."""
     from skybot_cleanup import settings as settings_module
+    from skybot_cleanup import views
     from skybot_cleanup.settings import describe_settings
 
     try:
         loaded = settings_module.load({"database_url": database_url})
     except ConfigError as exc:
         _fail(f"error: {exc}")
-    view = describe_settings(loaded)
-    if as_json:
-        typer.echo(json.dumps(view))
-        return
-    width = max(len(entry["variable"]) for entry in view["settings"])
-    typer.echo(f"settings file: {view['settings_file'] or '(none)'}")
-    for entry in view["settings"]:
-        typer.echo(f"{entry['variable']:<{width}}  {entry['value']!s:<40}  {entry['source']}")
-    for entry in view["unknown"]:
-        typer.echo(f"unknown: {entry['variable']} (did you mean {entry['closest'] or '?'})")
+    _echo(views.config_lines(describe_settings(loaded), as_json))
 
 
 @app.command("schedule")
@@ -598,7 +549,8 @@ def schedule_command(
     ] = None,
 ) -> None:
     """Render deployment and monitoring files from the registry: every schedule, UTC."""
-    from skybot_cleanup.deploy import FORMATS, render_files, write_files
+    from skybot_cleanup import views
+    from skybot_cleanup.generate.deploy import FORMATS, render_files, write_files
 
     if fmt not in FORMATS:
         _fail(f"error: --format must be one of {', '.join(FORMATS)}, not {fmt!r}")
@@ -607,8 +559,8 @@ def schedule_command(
     except ValueError as exc:
         _fail(f"error: {exc}")
     if output is None:
-        for name, text in files.items():
-            typer.echo(f"# ---- {name}\n{text}" if len(files) > 1 else text, nl=False)
+        for text in views.generated_files(files):
+            typer.echo(text, nl=False)
         return
     try:
         written = write_files(files, output)
@@ -635,6 +587,7 @@ def demo(
 ) -> None:
     """Seed the app's tables and run every task on them: a SQLite file by default, no server needed."""
     from skybot_cleanup import demo as demo_module
+    from skybot_cleanup import views
     from skybot_cleanup.clock import utc_now
     from skybot_cleanup.db import parse_database_url
 
@@ -651,27 +604,13 @@ def demo(
         _fail(f"error: cannot create the demo database: {failure_of(exc, settings).message}", EXIT_FAILURE)
     shown = (database_url and parse_database_url(url).display) or str(path)
     if not as_json:
-        counts = ", ".join(f"{len(ids)} {table}" for table, ids in demo_module.ids_by_table(database, settings).items())
-        typer.echo(f"Demo database {shown} seeded with {counts} rows.\n")
+        typer.echo(views.demo_seeded(shown, demo_module.ids_by_table(database, settings)))
     exit_codes = []
     for step in demo_module.run(database, settings, now):
         exit_codes.append(step.result.exit_code)
-        if as_json:
-            typer.echo(json.dumps({**step.result.as_dict(), "removed": step.removed}))
-            continue
-        typer.echo(f"{step.result.task}: deleted {step.result.rows} ({step.rule})")
-        for row_id in step.removed:
-            typer.echo(f"    - {row_id}")
-        if step.result.status != "ok":
-            typer.echo(f"    {step.result.status}: {step.result.error}")
+        _echo(views.demo_step_lines(step, as_json))
     if not as_json:
-        remaining = "\n".join(
-            f"    {table}: {', '.join(sorted(ids))}"
-            for table, ids in demo_module.ids_by_table(database, settings).items()
-        )
-        typer.echo(f"\nStill there (live, or revoked within the audit window):\n{remaining}")
-        example = shown if database_url else url
-        typer.echo(f"\nTry it yourself: skybot-cleanup refresh-tokens --dry-run --database-url {example}")
+        _echo(views.demo_left(demo_module.ids_by_table(database, settings), shown if database_url else url))
     raise typer.Exit(worst_exit_code(exit_codes))
 
 

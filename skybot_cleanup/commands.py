@@ -13,21 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from skybot_cleanup import db
-from skybot_cleanup.cleanup import ProgressCallback, RunResult, database_target, finish, run_task
-from skybot_cleanup.clock import iso_utc, parse_iso, utc_now
-from skybot_cleanup.errors import (
-    EXIT_OK,
-    CleanupError,
-    Failure,
-    Interrupted,
-    classify,
-    is_connection_failure,
-    print_traceback_when_debugging,
-)
+from skybot_cleanup.clock import utc_now
+from skybot_cleanup.errors import EXIT_OK, CleanupError, ConfigError, Failure, classify, worst_exit_code
 from skybot_cleanup.logs import get_logger
+from skybot_cleanup.registry import REGISTRY, Job, Registry, Task
+from skybot_cleanup.results import RunResult, build_result
 from skybot_cleanup.retry import with_retries
+from skybot_cleanup.run import ProgressCallback, run_task
 from skybot_cleanup.settings import CleanupSettings
-from skybot_cleanup.tasks import REGISTRY, Job, Registry, Task
 
 if TYPE_CHECKING:  # the reporting modules load only for the commands that use them
     from skybot_cleanup import history, metrics, status
@@ -54,55 +47,43 @@ def cleanup(
 
 
 def write_run_textfiles(
-    settings: CleanupSettings, results: Sequence[RunResult], registry: Registry = REGISTRY
+    prom_file: str | None, results: Sequence[RunResult], registry: Registry = REGISTRY
 ) -> list[Path]:
-    """After real runs: their node_exporter textfiles (dry runs leave them alone)."""
-    if not settings.prom_file:
+    """After real runs: their node_exporter textfiles. Raises OSError."""
+    if not prom_file:
         return []
-    from skybot_cleanup import prometheus  # prometheus_client costs ~10 ms to import: only when used
+    from skybot_cleanup import textfiles  # prometheus_client costs ~10 ms to import: only when used
 
-    jobs = {job.name: job for job in registry.jobs}
-    outcomes = [
-        prometheus.RunOutcome(
-            job=jobs[result.task],
-            exit_code=result.exit_code,
-            succeeded=result.status == "ok",
-            finished=parse_iso(result.finished_at) if result.finished_at else utc_now(),
-            duration_s=result.duration_ms / 1000,
-            rows=result.rows,
-        )
-        for result in results
-        if not result.dry_run
-    ]
-    return prometheus.write_run_textfiles(settings.prom_file, outcomes)
+    return textfiles.write_run_textfiles(prom_file, results, {job.name: job for job in registry.jobs})
 
 
 def record_failed_start(
-    salvaged: dict[str, str | None], jobs: Sequence[Job], exit_code: int, error: str, *, dry_run: bool = False
+    salvaged: dict[str, str | None], jobs: Sequence[Job], error: ConfigError, *, dry_run: bool = False
 ) -> None:
     """A command that could not even start (an invalid setting or URL) still leaves its
     traces, with what can be read of the settings: each job's textfile says it ran and
     failed (keeping its last success), the heartbeat gets the exit code, and the history
     gets a failed run, spooled until a run reaches the database. Never raises."""
-    import socket
+    import time
     import uuid
 
     from skybot_cleanup.heartbeat import check_url, ping_once
+    from skybot_cleanup.recording import ping_body
 
-    now = utc_now()
-    if salvaged.get("prom_file") and not dry_run:
-        from skybot_cleanup import prometheus
-
-        with contextlib.suppress(OSError):
-            prometheus.write_run_textfiles(
-                str(salvaged["prom_file"]),
-                [prometheus.RunOutcome(job=job, exit_code=exit_code, succeeded=False, finished=now) for job in jobs],
-            )
+    now, started = utc_now(), time.monotonic()
+    failure = classify(error)
+    results = [
+        build_result(job.name, str(uuid.uuid4()), started_at=now, clock_started=started, failure=failure)
+        for job in jobs
+    ]
+    for result in results:
+        result.dry_run = dry_run
+    with contextlib.suppress(OSError):
+        write_run_textfiles(salvaged.get("prom_file"), results)
     ping_url = salvaged.get("ping_url")
-    run_ids = {job.name: str(uuid.uuid4()) for job in jobs}
     if ping_url and not dry_run and check_url(ping_url) is None:
-        for job in jobs:
-            ping_once(ping_url, job.name, str(exit_code), run_ids[job.name], body=f"status=failed error={error}")
+        for result in results:
+            ping_once(ping_url, result.task, str(result.exit_code), result.run_id, body=ping_body(result))
     if (salvaged.get("history") or "true").lower() in ("0", "false", "no", "off"):
         return
     try:
@@ -111,24 +92,10 @@ def record_failed_start(
         return
     from skybot_cleanup import history
 
-    spool = history.Spool(history.state_directory(salvaged.get("state_dir")) / "pending-runs")
-    for job in jobs:
-        row = {
-            "run_id": run_ids[job.name],
-            "task": job.name,
-            "status": "failed",
-            "dry_run": dry_run,
-            "rows": 0,
-            "cutoff": now,
-            "finished_at": now,
-            "duration_ms": 0,
-            "exit_code": exit_code,
-            "host": socket.gethostname(),
-            "error_class": "ConfigError",
-            "error": error,
-        }
+    spool = history.spool_for(salvaged.get("state_dir"))
+    for result in results:
         with contextlib.suppress(OSError):
-            spool.add(identity, row)
+            history.spool_row(spool, identity, history.history_row(result))
 
 
 # -- reporting commands -----------------------------------------------------------------------
@@ -136,8 +103,8 @@ def record_failed_start(
 
 @contextmanager
 def _reading(settings: CleanupSettings, label: str) -> Iterator[tuple[Any, db.DatabaseTarget]]:
-    target = database_target(settings)
-    engine = db.create_engine(target, settings, label)
+    target = settings.database_target()
+    engine = db.create_engine(target, settings.session(), label)
     try:
         yield engine, target
     finally:
@@ -155,7 +122,7 @@ def _read(
     with _reading(settings, label) as (engine, target):
 
         def attempt() -> T:
-            with db.run_transaction(engine, settings, label, read_only=read_only) as run:
+            with db.run_transaction(engine, settings.session(), label, read_only=read_only) as run:
                 return work(run, target.schema, utc_now())
 
         return with_retries(settings, attempt, log=get_logger(), reporting=True)
@@ -176,70 +143,43 @@ def metrics_job(
     """Take the snapshot, record it, deliver it; the job's own outcome is recorded like a
     cleanup run's (history row, heartbeat, textfile), failed when a task could not be
     measured or the snapshot could not be delivered."""
-    import time
-    import uuid
+    from skybot_cleanup import history, metrics
+    from skybot_cleanup.recording import RecordedRun
 
-    from skybot_cleanup import heartbeat, history, metrics
+    recorded = RecordedRun(settings, registry.metrics.name)
+    taken: list[metrics.Snapshot] = []
 
-    job, run_id, now, started = registry.metrics, str(uuid.uuid4()), utc_now(), time.monotonic()
-    pinger = heartbeat.Pinger.from_settings(settings, job.name, run_id)
-    taken: metrics.Snapshot | None = None
-    target: db.DatabaseTarget | None = None
-    engine = None
-    failure: Failure | None = None
-    unreachable = False
-    try:
-        target = database_target(settings)
-        engine = db.create_engine(target, settings, job.name)
-        pinger.ping("start")
+    def work() -> None:
+        assert recorded.engine is not None and recorded.target is not None
+        engine, schema, now = recorded.engine, recorded.target.schema, recorded.started_at
 
         def attempt() -> metrics.Snapshot:
-            assert engine is not None and target is not None
-            with db.run_transaction(engine, settings, job.name, read_only=True) as run:
-                return metrics.collect(run.conn, settings, target.schema, now, registry)
+            with db.run_transaction(engine, settings.session(), recorded.job, read_only=True) as run:
+                return metrics.collect(run.conn, settings, schema, now, registry)
 
-        taken = with_retries(settings, attempt, log=get_logger(), reporting=True)
+        snapshot = with_retries(settings, attempt, log=recorded.log, reporting=True)
+        taken.append(snapshot)
         # After the read transaction: on SQLite an open reader would block this write.
-        history.record_snapshot(engine, settings, now, json.dumps(taken.as_dict()))
+        history.record_snapshot(engine, settings, now, json.dumps(snapshot.as_dict()))
         try:
-            deliver_snapshot(taken, snapshot_file, pushgateway)
+            deliver_snapshot(snapshot, snapshot_file, pushgateway)
         except Exception as exc:  # a monitoring sink down: the job failed, and says which sink
             raise CleanupError(f"metrics were collected but not delivered: {type(exc).__name__}: {exc}") from None
-        if taken.errors:
-            raise CleanupError("; ".join(taken.errors))
-    except (Exception, Interrupted) as exc:
-        print_traceback_when_debugging(exc)
-        failure = failure_of(exc, settings)
-        unreachable = is_connection_failure(exc)
-        get_logger().error(
-            "run_failed", task=job.name, run_id=run_id, error_class=failure.error_class, error=failure.message
-        )
-    result = RunResult(
-        task=job.name,
-        status=failure.status if failure else "ok",
-        dry_run=False,
-        rows=0,
-        cutoff=iso_utc(now) or "",
-        duration_ms=round((time.monotonic() - started) * 1000),
-        run_id=run_id,
-        exit_code=failure.exit_code if failure else EXIT_OK,
-        started_at=iso_utc(now),
-        finished_at=iso_utc(utc_now()),
-        error_class=failure.error_class if failure else None,
-        error=failure.message if failure else None,
-    )
-    finish(settings, result, target, None if unreachable else engine, pinger, engine.dispose if engine else None)
-    return MetricsRun(result, taken)
+        if snapshot.errors:
+            raise CleanupError("; ".join(snapshot.errors))
+
+    result = recorded.execute(work)
+    return MetricsRun(result, taken[0] if taken else None)
 
 
 def deliver_snapshot(taken: metrics.Snapshot, prom_file: str | None, pushgateway: str | None) -> None:
-    from skybot_cleanup import prometheus
+    from skybot_cleanup import textfiles
 
-    registry = prometheus.snapshot_registry(taken)
+    registry = textfiles.snapshot_registry(taken)
     if prom_file:
-        prometheus.write_textfile(Path(prom_file), registry)
+        textfiles.write_textfile(Path(prom_file), registry)
     if pushgateway:
-        prometheus.push(pushgateway, registry)
+        textfiles.push(pushgateway, registry)
 
 
 def job_status(settings: CleanupSettings, registry: Registry = REGISTRY) -> status.Status:
@@ -249,11 +189,11 @@ def job_status(settings: CleanupSettings, registry: Registry = REGISTRY) -> stat
     from skybot_cleanup import history, status
 
     with _reading(settings, "status") as (engine, target):
-        spooled = history.Spool.for_settings(settings).entries(target.identity)
+        spooled = history.spool_for(settings.state_dir).entries(target.identity)
 
         def read(unknown: str | None) -> status.Status:
             def attempt() -> status.Status:
-                with db.run_transaction(engine, settings, "status", read_only=True) as run:
+                with db.run_transaction(engine, settings.session(), "status", read_only=True) as run:
                     return status.collect(run.conn, settings, target.schema, utc_now(), registry, spooled, unknown)
 
             return with_retries(settings, attempt, log=get_logger(), reporting=True)
@@ -286,11 +226,11 @@ def run_history(settings: CleanupSettings, query: history.HistoryQuery) -> Histo
     from skybot_cleanup import history
 
     def work(run: db.RunConnection, _schema: str | None, _now: datetime) -> HistoryView:
-        spool = history.Spool(history.state_directory(settings) / "pending-runs")
+        spool = history.spool_for(settings.state_dir)
         return HistoryView(
             list(history.list_runs(run.conn, settings, query)),
             history.summarize(run.conn, settings, query),
-            len(spool.entries(database_target(settings).identity)),
+            len(spool.entries(settings.database_target().identity)),
         )
 
     return _read(settings, "history", work)
@@ -300,13 +240,11 @@ def failure_of(exc: BaseException, settings: CleanupSettings | None = None) -> F
     secrets: tuple[str, ...] = settings.secrets() if settings else ()
     try:
         if settings is not None:
-            secrets += database_target(settings).secrets
+            secrets += settings.database_target().secrets
     except Exception:  # noqa: S110 - the URL itself may be what is wrong
         pass
     return classify(exc, secrets)
 
 
 def exit_code_of(results: Sequence[RunResult]) -> int:
-    from skybot_cleanup.errors import worst_exit_code
-
     return worst_exit_code(result.exit_code for result in results) if results else EXIT_OK

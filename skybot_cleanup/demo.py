@@ -13,11 +13,12 @@ from typing import Any
 import sqlalchemy as sa
 
 from skybot_cleanup import db
-from skybot_cleanup.cleanup import RunResult, run_task
+from skybot_cleanup.app_schema import app_metadata
 from skybot_cleanup.errors import ConfigError
-from skybot_cleanup.schema import app_metadata
+from skybot_cleanup.registry import REGISTRY
+from skybot_cleanup.results import RunResult
+from skybot_cleanup.run import run_task
 from skybot_cleanup.settings import CleanupSettings
-from skybot_cleanup.tasks import REGISTRY
 
 DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)
@@ -130,7 +131,7 @@ def create(url: str, now: datetime, settings: CleanupSettings) -> DemoDatabase:
     target = db.parse_database_url(url, settings.schema_name)
     metadata = app_metadata(settings, schema=target.schema)
     if target.is_postgres:
-        engine = db.create_engine(target, settings, "demo")
+        engine = db.create_engine(target, settings.session(), "demo")
         try:
             with engine.connect() as conn:
                 found = _user_tables(conn, target.schema)
@@ -196,7 +197,7 @@ def _user_tables(conn: sa.Connection, schema: str | None) -> list[str]:
 
 def ids_by_table(demo: DemoDatabase, settings: CleanupSettings) -> dict[str, set[str]]:
     target = db.parse_database_url(demo.url, demo.schema)
-    engine = db.create_engine(target, settings, "demo")
+    engine = db.create_engine(target, settings.session(), "demo")
     try:
         with engine.connect() as conn:
             prefix = f"{demo.schema}." if demo.schema else ""

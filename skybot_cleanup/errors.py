@@ -11,6 +11,29 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_SKIPPED = 75  # EX_TEMPFAIL: schedulers treat it as "try again later"
+EXIT_SIGNAL_BASE = 128  # a process stopped by signal N exits 128 + N, as shells report it
+
+
+def exit_code_for_signal(signum: int) -> int:
+    return EXIT_SIGNAL_BASE + signum
+
+
+class SqlState:
+    """The SQLSTATEs the tool acts on by name (the rest are classified by class below)."""
+
+    LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout, or NOWAIT
+    QUERY_CANCELED = "57014"  # statement_timeout (or a cancel request)
+    UNDEFINED_TABLE = "42P01"
+    UNDEFINED_COLUMN = "42703"
+    INVALID_SCHEMA_NAME = "3F000"
+    INSUFFICIENT_PRIVILEGE = "42501"
+    READ_ONLY_SQL_TRANSACTION = "25006"
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE of a driver error, whether SQLAlchemy wrapped it or not."""
+    original = getattr(exc, "orig", None) or exc
+    return getattr(original, "sqlstate", None)
 
 
 class CleanupError(Exception):
@@ -42,7 +65,7 @@ class Interrupted(KeyboardInterrupt):
 
     @property
     def exit_code(self) -> int:
-        return 128 + self.signum
+        return exit_code_for_signal(self.signum)
 
 
 @dataclass(frozen=True)
@@ -57,11 +80,20 @@ class Failure:
 # SQLSTATEs that mean the configuration does not match the database, which retrying
 # cannot fix: undefined table/column/schema, privileges, authentication, unknown
 # database, a read-only transaction (a hot standby, or default_transaction_read_only).
-_CONFIG_SQLSTATES = {"42P01", "42703", "3F000", "42501", "28P01", "28000", "3D000", "25006"}
+_CONFIG_SQLSTATES = {
+    SqlState.UNDEFINED_TABLE,
+    SqlState.UNDEFINED_COLUMN,
+    SqlState.INVALID_SCHEMA_NAME,
+    SqlState.INSUFFICIENT_PRIVILEGE,
+    "28P01",
+    "28000",
+    "3D000",
+    SqlState.READ_ONLY_SQL_TRANSACTION,
+}
 # Worth retrying: serialization failure, deadlock, lock timeout, server shutting down
 # or restarting, a terminated backend, too many connections, and class 08
 # (connection exceptions). A statement timeout (57014) is not: it would recur.
-_TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300"}
+_TRANSIENT_SQLSTATES = {"40001", "40P01", SqlState.LOCK_NOT_AVAILABLE, "57P01", "57P02", "57P03", "53300"}
 
 # psycopg's connection errors carry no SQLSTATE: the server's FATAL text (or libpq's
 # own) says what went wrong. These are configuration, each with the fix.
@@ -138,9 +170,9 @@ def _is_connection_error(exc: BaseException) -> bool:
 
 
 _SQLSTATE_HINTS = {
-    "25006": " (the database is read-only: a hot standby, or default_transaction_read_only is on; "
-    "point DATABASE_URL at the primary, or add target_session_attrs=read-write)",
-    "42501": " (`skybot-cleanup check` prints the GRANT this role needs)",
+    SqlState.READ_ONLY_SQL_TRANSACTION: " (the database is read-only: a hot standby, or "
+    "default_transaction_read_only is on; point DATABASE_URL at the primary, or add target_session_attrs=read-write)",
+    SqlState.INSUFFICIENT_PRIVILEGE: " (`skybot-cleanup check` prints the GRANT this role needs)",
 }
 
 
@@ -169,7 +201,7 @@ def is_connection_failure(exc: BaseException) -> bool:
     """The database could not be reached, or would not let us in (a refused login, a
     TLS failure): nothing can be written there, so the run's record goes to the spool."""
     original = getattr(exc, "orig", None) or exc
-    sqlstate = getattr(original, "sqlstate", None)
+    sqlstate = sqlstate_of(exc)
     if sqlstate:
         return bool(sqlstate.startswith(("08", "57P")))
     return type(original).__module__.split(".")[0] == "psycopg" and _is_connection_error(original)
@@ -206,7 +238,7 @@ def worst_exit_code(codes: Iterable[int]) -> int:
     for wanted in (EXIT_CONFIG, EXIT_FAILURE):
         if wanted in found:
             return wanted
-    interrupted = [code for code in found if code > 128]
+    interrupted = [code for code in found if code > EXIT_SIGNAL_BASE]
     if interrupted:
         return interrupted[0]
     return EXIT_SKIPPED if EXIT_SKIPPED in found else EXIT_OK

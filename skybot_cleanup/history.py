@@ -17,14 +17,11 @@ records it with its real time and error.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import socket
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -33,26 +30,28 @@ from skybot_cleanup import db, schedule
 from skybot_cleanup.clock import iso_utc, parse_iso, utc_now
 from skybot_cleanup.errors import classify
 from skybot_cleanup.logs import get_logger
+from skybot_cleanup.results import RunResult
 from skybot_cleanup.settings import CleanupSettings
+from skybot_cleanup.spool import Spool
 
 _warned: set[str] = set()
 REAL_STATUSES = ("ok", "failed", "interrupted")  # what a scheduled run can end as (skips aside)
-
-
-class Outcome(Protocol):
-    """What history needs of a run's result (cleanup.RunResult)."""
-
-    task: str
-    status: str
-    dry_run: bool
-    rows: int
-    cutoff: str
-    duration_ms: int
-    run_id: str
-    exit_code: int
-    finished_at: str | None
-    error_class: str | None
-    error: str | None
+# A run's history row: its result's fields of these names, plus the host it ran on.
+RESULT_COLUMNS = (
+    "run_id",
+    "task",
+    "status",
+    "dry_run",
+    "rows",
+    "cutoff",
+    "finished_at",
+    "duration_ms",
+    "exit_code",
+    "error_class",
+    "error",
+)
+TIMESTAMP_COLUMNS = ("cutoff", "finished_at")
+ROW_COLUMNS = (*RESULT_COLUMNS, "host")
 
 
 @dataclass(frozen=True)
@@ -109,6 +108,43 @@ def _tables(conn: Connection, settings: CleanupSettings) -> HistoryTables:
     return history_tables(conn.dialect.name, settings.history_schema)
 
 
+# -- the row ------------------------------------------------------------------------------------
+
+
+def history_row(result: RunResult, host: str | None = None) -> dict[str, Any]:
+    """The one mapping from a run's result to its history row (and spool entry)."""
+    row: dict[str, Any] = {name: getattr(result, name) for name in RESULT_COLUMNS}
+    for name in TIMESTAMP_COLUMNS:
+        row[name] = parse_iso(row[name]) if row[name] else utc_now()
+    row["host"] = host or socket.gethostname()
+    return row
+
+
+def _encode(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as JSON can hold it (the spool's form)."""
+    return {name: iso_utc(row[name]) if name in TIMESTAMP_COLUMNS else row[name] for name in ROW_COLUMNS}
+
+
+def _decode(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """A spool entry back into a row, or None when it is not one the tool wrote."""
+    if set(entry) != set(ROW_COLUMNS):
+        return None
+    try:
+        return {name: parse_iso(entry[name]) if name in TIMESTAMP_COLUMNS else entry[name] for name in ROW_COLUMNS}
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def spool_for(state_dir: str | None) -> Spool:
+    """This host's spool of run rows, in the state directory (a setting, or its raw value)."""
+    return Spool.in_state_directory(state_dir, _decode)
+
+
+def spool_row(spool: Spool, database: str, row: dict[str, Any]) -> None:
+    """Raises OSError when the state directory cannot take it."""
+    spool.add(database, f"{row['finished_at']:%Y%m%dT%H%M%S%f}-{row['run_id']}", _encode(row))
+
+
 # -- writing ----------------------------------------------------------------------------------
 
 _DDL_LOCK = "history-ddl"
@@ -142,7 +178,7 @@ def _write(
 ) -> None:
     """Through the run's own connection when it has one (no second connect), else a new one."""
     with bind.connect() if isinstance(bind, Engine) else contextlib.nullcontext(bind) as conn:
-        run = db.RunConnection(conn, settings, "history")
+        run = db.RunConnection(conn, settings.session(), "history")
         run.begin()
         try:
             tables = _tables(conn, settings)
@@ -173,36 +209,19 @@ def _write(
             run.rollback()
 
 
-def _row(outcome: Outcome, host: str | None = None) -> dict[str, Any]:
-    return {
-        "run_id": outcome.run_id,
-        "task": outcome.task,
-        "status": outcome.status,
-        "dry_run": outcome.dry_run,
-        "rows": outcome.rows,
-        "cutoff": parse_iso(outcome.cutoff),
-        "finished_at": parse_iso(outcome.finished_at) if outcome.finished_at else utc_now(),
-        "duration_ms": outcome.duration_ms,
-        "exit_code": outcome.exit_code,
-        "host": host or socket.gethostname(),
-        "error_class": outcome.error_class,
-        "error": outcome.error,
-    }
-
-
-def record_run(bind: Connection | Engine | None, settings: CleanupSettings, outcome: Outcome, database: str) -> bool:
+def record_run(bind: Connection | Engine | None, settings: CleanupSettings, result: RunResult, database: str) -> bool:
     """Write a run's row, with any spooled ones; spool it when the database cannot
     take it (bind None: known unreachable). Never raises: the history is a record of
     the run, never a reason for it to fail."""
     if not settings.history:
         return False
     try:
-        row = _row(outcome)
+        row = history_row(result)
     except Exception as exc:
         _warn_once("history_unavailable", exc)
         return False
+    spool = spool_for(settings.state_dir)
     if bind is not None:
-        spool = Spool.for_settings(settings)
         claimed = spool.claim(database)
         try:
             _write(bind, settings, rows=[*(entry for _, entry in claimed), row])
@@ -211,7 +230,17 @@ def record_run(bind: Connection | Engine | None, settings: CleanupSettings, outc
         except Exception as exc:
             spool.release(path for path, _ in claimed)
             _warn_once("history_unavailable", exc)
-    _spool(settings, database, row)
+    try:
+        spool_row(spool, database, row)
+    except OSError as exc:
+        if "spool" not in _warned:
+            _warned.add("spool")
+            get_logger().warning(
+                "run_not_recorded",
+                error=f"cannot write {spool.directory}: {exc.strerror}",
+                hint="set SKYBOT_CLEANUP_STATE_DIR to a writable directory; until then the "
+                "logs and the heartbeat are this run's only record",
+            )
     return False
 
 
@@ -237,158 +266,6 @@ def _warn_once(event: str, exc: BaseException) -> None:
             hint="this run and the next are kept in the state directory until the history can take them "
             "(`skybot-cleanup check` says why; SKYBOT_CLEANUP_HISTORY=false stops trying)",
         )
-
-
-# -- the local spool --------------------------------------------------------------------------
-
-
-def state_directory(settings: CleanupSettings | str | None, environ: Mapping[str, str] | None = None) -> Path:
-    """SKYBOT_CLEANUP_STATE_DIR (a loaded setting, or its raw value), else systemd's, else the user's."""
-    environ = os.environ if environ is None else environ
-    configured = settings if isinstance(settings, str) or settings is None else settings.state_dir
-    if configured:
-        return Path(configured)
-    if environ.get("STATE_DIRECTORY"):  # systemd's StateDirectory=; several are ':'-separated
-        return Path(environ["STATE_DIRECTORY"].split(":")[0])
-    base = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "skybot-cleanup"
-
-
-class Spool:
-    """Run rows waiting for the database, one JSON file each: atomic to write, and
-    claimed by rename so that two runs never record the same row twice. Rows are
-    matched to a database by user and database name (not host or port, so a run that
-    failed on a wrong port is recorded once the URL is right). Every operation is best
-    effort: a state directory that cannot be read is no reason for a run to fail."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-
-    @classmethod
-    def for_settings(cls, settings: CleanupSettings) -> Spool:
-        return cls(state_directory(settings) / "pending-runs")
-
-    def add(self, database: str, row: dict[str, Any]) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        name = f"{row['finished_at']:%Y%m%dT%H%M%S%f}-{row['run_id']}.json"
-        temporary = self.directory / f".{name}.tmp"
-        temporary.write_text(json.dumps({"database": database, **row}, default=_json_default))
-        path = self.directory / name
-        temporary.replace(path)
-        return path
-
-    def _files(self, pattern: str) -> list[Path]:
-        try:
-            return sorted(self.directory.glob(pattern)) if self.directory.is_dir() else []
-        except OSError:
-            return []
-
-    def _reclaim_stale(self) -> None:
-        """Claims left by a process that died between claiming and recording."""
-        for path in self._files("*.json.claimed-*"):
-            pid = path.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
-                with contextlib.suppress(OSError):
-                    path.rename(path.with_name(path.name.rsplit(".claimed-", 1)[0]))
-
-    def entries(self, database: str) -> list[dict[str, Any]]:
-        """The waiting rows of one database, unclaimed (for status and history)."""
-        found = []
-        for path in self._files("*.json"):
-            entry = _parse(path)
-            if entry is not None and entry.pop("database") == database:
-                found.append(entry)
-        return found
-
-    def claim(self, database: str) -> list[tuple[Path, dict[str, Any]]]:
-        self._reclaim_stale()
-        claimed = []
-        for path in self._files("*.json"):
-            mine = path.with_name(f"{path.name}.claimed-{os.getpid()}")
-            try:
-                path.rename(mine)
-            except OSError:
-                continue  # another run claimed it first
-            entry = _parse(mine)
-            if entry is None:  # unreadable or malformed: set aside, never retried
-                with contextlib.suppress(OSError):
-                    mine.rename(path.with_name(f"{path.name}.bad"))
-                continue
-            if entry.pop("database") != database:
-                with contextlib.suppress(OSError):
-                    mine.rename(path)
-                continue
-            claimed.append((mine, entry))
-        return claimed
-
-    def done(self, paths: Iterable[Path]) -> None:
-        for path in paths:
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-
-    def release(self, paths: Iterable[Path]) -> None:
-        for path in paths:
-            with contextlib.suppress(OSError):
-                path.rename(path.with_name(path.name.rsplit(".claimed-", 1)[0]))
-
-
-_SPOOLED_KEYS = (
-    "run_id",
-    "task",
-    "status",
-    "dry_run",
-    "rows",
-    "cutoff",
-    "finished_at",
-    "duration_ms",
-    "exit_code",
-    "host",
-    "error_class",
-    "error",
-    "database",
-)
-
-
-def _parse(path: Path) -> dict[str, Any] | None:
-    try:
-        entry = json.loads(path.read_text())
-        if not isinstance(entry, dict) or set(entry) != set(_SPOOLED_KEYS):
-            return None
-        entry["cutoff"], entry["finished_at"] = parse_iso(entry["cutoff"]), parse_iso(entry["finished_at"])
-        return entry
-    except (OSError, ValueError, TypeError, AttributeError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
-
-
-def _spool(settings: CleanupSettings, database: str, row: dict[str, Any]) -> None:
-    directory = state_directory(settings) / "pending-runs"
-    try:
-        Spool(directory).add(database, row)
-    except OSError as exc:
-        if "spool" not in _warned:
-            _warned.add("spool")
-            get_logger().warning(
-                "run_not_recorded",
-                error=f"cannot write {directory}: {exc.strerror}",
-                hint="set SKYBOT_CLEANUP_STATE_DIR to a writable directory; until then the "
-                "logs and the heartbeat are this run's only record",
-            )
-
-
-def _json_default(value: object) -> str:
-    if isinstance(value, datetime):
-        return iso_utc(value) or ""
-    raise TypeError(type(value).__name__)
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -485,7 +362,7 @@ def ensure_seen(bind: Connection | Engine, settings: CleanupSettings) -> str | N
     Returns why it could not, or None."""
     try:
         with bind.connect() if isinstance(bind, Engine) else contextlib.nullcontext(bind) as conn:
-            run = db.RunConnection(conn, settings, "history")
+            run = db.RunConnection(conn, settings.session(), "history")
             run.begin()
             try:
                 tables = _tables(conn, settings)

@@ -16,20 +16,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from skybot_cleanup.errors import ConfigError
-from skybot_cleanup.tasks import REGISTRY, Registry, TableSpec, Task
+from skybot_cleanup.registry import IDENTIFIER_PATTERN, REGISTRY, Registry, TableSpec, Task
+
+if TYPE_CHECKING:  # the db layer loads SQLAlchemy: only for the commands that connect
+    from skybot_cleanup import db
 
 ENV_PREFIX = "SKYBOT_CLEANUP_"
 # Where the settings file is, for cron and scripts (systemd passes the same file as EnvironmentFile).
 ENV_FILE_VARIABLE = f"{ENV_PREFIX}ENV_FILE"
-# Quoted identifiers could hold anything, but Prisma names (and their @@map
-# renames) never need more than this, and a strict pattern keeps typos obvious.
-IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$"
 DEFAULT_BATCH_SIZE = 10_000
 DAY_MS = 86_400_000
 
@@ -238,6 +238,39 @@ class CleanupSettings(BaseSettings):
 
     def secrets(self) -> tuple[str, ...]:
         return tuple(secret.get_secret_value() for secret in (self.database_url, self.ping_url) if secret)
+
+    def database_target(self) -> db.DatabaseTarget:
+        """The configured database; raises ConfigError when there is none or it is malformed."""
+        from skybot_cleanup.db.urls import parse_database_url
+
+        url = self.database_url.get_secret_value() if self.database_url else None
+        return parse_database_url(url, self.schema_name)
+
+    def session(self) -> db.SessionSettings:
+        from skybot_cleanup.db.connection import SessionSettings
+
+        return SessionSettings(
+            application_name=self.application_name,
+            connect_timeout_s=self.connect_timeout_s,
+            lock_timeout_ms=self.lock_timeout_ms,
+            statement_timeout_ms=self.statement_timeout_ms,
+            idle_timeout_ms=self.idle_timeout_ms,
+        )
+
+    def table_names(self, table: TableSpec) -> db.TableNames:
+        """The table's configured names, with the variables that set them."""
+        from skybot_cleanup.db.catalog import TableNames
+
+        model = type(self)
+        return TableNames(
+            table=self.table_name(table),
+            columns={role: self.column_name(table, role) for role in table.roles},
+            table_variable=env_name(table_field(table), model),
+            column_variables={role: env_name(column_field(table, role), model) for role in table.roles},
+        )
+
+    def all_table_names(self, registry: Registry = REGISTRY) -> dict[str, db.TableNames]:
+        return {table.key: self.table_names(table) for table in registry.tables}
 
 
 def table_field(table: TableSpec) -> str:
@@ -494,7 +527,7 @@ def describe_settings(loaded: Loaded) -> dict[str, Any]:
 
 
 def _redacted_url(url: str) -> str:
-    from skybot_cleanup.db import parse_database_url
+    from skybot_cleanup.db.urls import parse_database_url
 
     try:
         return parse_database_url(url).display

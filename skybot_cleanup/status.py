@@ -9,12 +9,13 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from skybot_cleanup import history, metrics
+from skybot_cleanup import db, history
 from skybot_cleanup.clock import iso_utc
+from skybot_cleanup.cutoff import cutoff
 from skybot_cleanup.errors import ConfigError
+from skybot_cleanup.registry import REGISTRY, Registry, Task
 from skybot_cleanup.schedule import next_runs
 from skybot_cleanup.settings import CleanupSettings
-from skybot_cleanup.tasks import REGISTRY, Registry, Task
 
 HEALTHY = ("OK", "PENDING")
 
@@ -62,7 +63,7 @@ def collect(
     cannot be read or written): then a job is UNKNOWN, never green by default."""
     names = [job.name for job in registry.jobs]
     state = history.read_state(conn, settings, names, spooled)
-    bound = metrics.bind_all(conn, settings, schema, registry)
+    bound = db.bind_all(conn, schema, registry, settings.all_table_names(registry))
     grace = timedelta(minutes=settings.grace_minutes)
     jobs = []
     for job in registry.jobs:
@@ -89,35 +90,9 @@ def collect(
             if isinstance(table, ConfigError):
                 entry.health, entry.error = "FAILING", str(table)
             else:
-                backlog = metrics.task_backlog(conn, job, table, metrics.cutoff_of(job, settings, now))
+                backlog = db.task_backlog(conn, job, table, cutoff(job, now, settings))
                 entry.due_rows, entry.due_rows_estimated = backlog.due.value, backlog.due.estimated
         jobs.append(entry)
     return Status(
         jobs=jobs, grace_minutes=settings.grace_minutes, history_available=state.available, first_seen=state.first_seen
     )
-
-
-def render_table(status: Status) -> str:
-    header = (
-        f"{'job':<18}{'schedule':<13}{'health':<9}{'last success':<26}{'rows':>8}  "
-        f"{'next run':<22}{'due now':>9}  last failure"
-    )
-    lines = [header]
-    for job in status.jobs:
-        if job.error:
-            failure = job.error
-        elif job.last_failure_at:
-            failure = f"{job.last_failure_at} {job.last_failure_error}"
-        else:
-            failure = "-"
-        rows = "-" if job.last_success_rows is None else f"{job.last_success_rows:,}"
-        due = "-" if job.due_rows is None else f"{'~' if job.due_rows_estimated else ''}{job.due_rows:,}"
-        lines.append(
-            f"{job.task:<18}{job.schedule:<13}{job.health:<9}{job.last_success_at or 'never':<26}"
-            f"{rows:>8}  {job.next_run_at:<22}{due:>9}  {failure}"
-        )
-    lines.append(
-        f"(PENDING: never run yet, and not due before its first scheduled time plus a grace of "
-        f"{status.grace_minutes} min, SKYBOT_CLEANUP_GRACE_MINUTES; UNKNOWN: no run history to judge by)"
-    )
-    return "\n".join(lines)

@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from conftest import unavailable
+from helpers import unavailable
 
 IS_ROOT = os.geteuid() == 0
 
@@ -64,6 +65,21 @@ def executable(name: str, *candidates: str) -> str:
             return str(path)
     unavailable(f"{name} is not installed (Debian: apt-get install {name.replace('prometheus-', 'prometheus-')})")
     raise AssertionError  # unreachable
+
+
+def need_root() -> None:
+    """Running as another OS user (setpriv) needs root, and an interpreter others can run."""
+    if not IS_ROOT:
+        unavailable("running as another OS user needs root (setpriv)")
+    # The interpreter the virtualenv links to must be reachable by other users: one
+    # under /root (pyenv) is not, whatever a probe run may show on a machine that
+    # papers over it (the sandboxed test then fails inside its exec).
+    interpreter = Path(sys.executable).resolve()
+    if any(not directory.stat().st_mode & 0o001 for directory in interpreter.parents):
+        unavailable(
+            f"{interpreter} cannot be run by another user (a directory on its path is closed to "
+            "others): make the virtualenv from a system Python, as .ci/run does"
+        )
 
 
 # -- PgBouncer --------------------------------------------------------------------------------

@@ -11,46 +11,21 @@ by skipping.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
 import sqlalchemy as sa
+from helpers import Backend, as_role, database_url, sqlalchemy_url, unavailable
 
-from skybot_cleanup.demo import insert_rows
-from skybot_cleanup.schema import app_metadata
+from skybot_cleanup.app_schema import app_metadata
 
 TEST_URL_ENV = "SKYBOT_TEST_DATABASE_URL"
-CONSOLE_SCRIPT = Path(sys.executable).with_name("skybot-cleanup")
-# Fixed "now" for exact-boundary tests: millisecond precision like Prisma's columns.
-NOW = datetime(2026, 11, 28, 12, 0, 0, 500_000)
-IN_CI = bool(os.environ.get("CI"))
-
-
-def unavailable(reason: str) -> None:
-    """Skip, or fail under CI: a missing component must not pass for a green run."""
-    if IN_CI:
-        pytest.fail(f"{reason} (CI is set: a missing component fails the run)", pytrace=False)
-    pytest.skip(reason)
-
-
-def with_query(url: str, **parameters: str) -> str:
-    """The URL with query parameters merged in (a socket URL already has ?host=)."""
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query, keep_blank_values=True)) | parameters
-    return urlunsplit(parts._replace(query=urlencode(query)))
-
-
-def sqlalchemy_url(url: str) -> sa.URL:
-    return sa.make_url(url).set(drivername="postgresql+psycopg")
 
 
 def _docker_postgres() -> Iterator[str] | None:
@@ -127,12 +102,6 @@ def pg_admin(pg_server: sa.URL) -> Iterator[sa.Engine]:
     engine.dispose()
 
 
-def database_url(server_url: str, database: str) -> str:
-    """The same server, another database, in the form Render hands out."""
-    parts = urlsplit(server_url)
-    return urlunsplit(parts._replace(scheme="postgresql", path=f"/{database}"))
-
-
 @pytest.fixture(scope="session")
 def pg_template(pg_admin: sa.Engine, pg_server_url: str) -> Iterator[str]:
     """A database with the app's tables, copied for each test (faster than DDL each time)."""
@@ -145,36 +114,6 @@ def pg_template(pg_admin: sa.Engine, pg_server_url: str) -> Iterator[str]:
     yield name
     with pg_admin.connect() as conn:
         conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@dataclass
-class Backend:
-    """A throwaway database with the app's tables, and the URL the tool is given."""
-
-    kind: str
-    url: str
-    engine: sa.Engine
-
-    metadata: sa.MetaData = field(default_factory=app_metadata)
-
-    def __post_init__(self) -> None:
-        self.tables = self.metadata.tables
-
-    def insert(self, table: str, rows: list[dict[str, Any]]) -> None:
-        with self.engine.begin() as conn:
-            insert_rows(conn, self.metadata, {table: rows})
-
-    def ids(self, table: str) -> set[str]:
-        with self.engine.connect() as conn:
-            return set(conn.scalars(sa.select(self.tables[table].c.id)))
-
-    def execute(self, sql: str) -> None:
-        with self.engine.begin() as conn:
-            conn.exec_driver_sql(sql)
-
-    @property
-    def database(self) -> str:
-        return str(self.engine.url.database)
 
 
 @pytest.fixture
@@ -240,23 +179,51 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.postgres)
 
 
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60, cwd: Path | None = None, user: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    """The installed console script, run the way cron runs it: a bare environment."""
-    assert CONSOLE_SCRIPT.exists(), f"{CONSOLE_SCRIPT} missing: pip install -e '.[test]'"
-    base = {
-        "PATH": "/usr/bin:/bin",
-        "LANG": "C.UTF-8",
-        "HOME": os.environ.get("HOME", "/root"),
-        "XDG_STATE_HOME": os.environ.get("XDG_STATE_HOME", ""),
-    }
-    command = [str(CONSOLE_SCRIPT), *args]
-    if user is not None:
-        import pwd
+@pytest.fixture
+def limited_role(postgres, pg_admin):
+    """A role that may read the app's tables but not delete from two, nor create schemas."""
+    role = f"skybot_limited_{uuid.uuid4().hex[:8]}"
+    with pg_admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
+        conn.exec_driver_sql(f'REVOKE CREATE ON DATABASE "{postgres.database}" FROM PUBLIC')
+    postgres.execute(f'GRANT SELECT ON "IdempotencyKey", "RefreshToken", "MagicLink" TO "{role}"')
+    postgres.execute(f'GRANT DELETE ON "IdempotencyKey", "MagicLink" TO "{role}"')
+    yield role, as_role(postgres.url, role)
+    postgres.execute(f'DROP OWNED BY "{role}"')
+    with pg_admin.connect() as conn:
+        postgres.engine.dispose()
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{postgres.database}" WITH (FORCE)')
+        conn.exec_driver_sql(f'DROP ROLE "{role}"')
 
-        entry = pwd.getpwnam(user)
-        command = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups", "--", *command]
-    return subprocess.run(
-        command, env={**base, **(env or {})}, capture_output=True, text=True, timeout=timeout, cwd=cwd
-    )
+
+class _Recorder(BaseHTTPRequestHandler):
+    """A heartbeat monitor or Pushgateway: records (method, path, body) and answers 200,
+    or never answers a path the test says hangs."""
+
+    def _record(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.server.requests.append((self.command, self.path, self.rfile.read(length).decode()))  # type: ignore[attr-defined]
+        if self.server.hang(self.path):  # type: ignore[attr-defined]
+            self.server.released.wait(60)  # type: ignore[attr-defined]
+            return
+        self.send_response(200)
+        self.end_headers()
+
+    do_GET = do_POST = do_PUT = _record
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def monitor() -> Iterator[Any]:
+    """An HTTP server on 127.0.0.1 that records every request (.requests)."""
+    server: Any = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    server.daemon_threads = True
+    server.requests, server.released, server.hang = [], threading.Event(), lambda path: False
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.released.set()
+    server.shutdown()
+    server.server_close()

@@ -1,4 +1,4 @@
-"""The deploy/ files: generated from the registry, verified by the schedulers' own tools."""
+"""Deployment files generated from the registry: cron, systemd, Render, Kubernetes (generate/deploy.py)."""
 
 from __future__ import annotations
 
@@ -7,31 +7,121 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import yaml
-from conftest import CONSOLE_SCRIPT, run_cli, unavailable
+from components import need_root, scrape_node_exporter, world_dir
 from cronsim import CronSim
+from helpers import (
+    BASE,
+    CONSOLE_SCRIPT,
+    DEPLOY,
+    Backend,
+    need,
+    os_user_group,
+    run_cli,
+    seed_operator_data,
+    seed_tokens_and_keys,
+    unavailable,
+)
 from typer.main import get_command
 
 from skybot_cleanup import schedule
+from skybot_cleanup.app_schema import app_metadata
 from skybot_cleanup.cli import app
-from skybot_cleanup.deploy import DEFAULT_EXEC, FORMATS, deadline_s, render_files
-from skybot_cleanup.tasks import REGISTRY
+from skybot_cleanup.generate.deploy import DEFAULT_EXEC, FORMATS, deadline_s, render_files
+from skybot_cleanup.registry import REGISTRY
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
-BASE = datetime(2026, 11, 28, 22, 31, tzinfo=UTC)
+SANDBOXED = """
+import ctypes, os, subprocess, sys
+os.umask(0o077)  # the unit's UMask=0077
+# prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN): what MemoryDenyWriteExecute=yes applies; inherited.
+if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:
+    sys.exit(f"prctl(PR_SET_MDWE) failed: errno {ctypes.get_errno()}")
+for job in sys.argv[2:]:
+    code = subprocess.call([sys.argv[1], job])
+    if code:
+        sys.exit(code)
+"""
+
+
+@os_user_group
+def test_the_systemd_recipe_under_its_sandbox_feeds_node_exporter():
+    """The unit's conditions, reproduced: an unprivileged dynamic-style user in the
+    prometheus group, UMask=0077, a read-only system but for ReadWritePaths= and the
+    state directory, MemoryDenyWriteExecute. node_exporter, as its own user, must
+    read every file the runs write. (The database is a SQLite file in the state
+    directory, so that any test server's socket permissions stay out of it.)"""
+    need_root()
+    if shutil.which("unshare") is None:
+        unavailable("unshare (util-linux) is not installed")
+    textfiles = world_dir("skybot-textfile-")
+    state = world_dir("skybot-state-")
+    database = state / "app.db"
+    engine = sa.create_engine(f"sqlite:///{database}", poolclass=sa.pool.NullPool)
+    app_metadata().create_all(engine)
+    seed_tokens_and_keys(Backend("sqlite", f"sqlite:///{database}", engine), due=3)
+    engine.dispose()
+    database.chmod(0o666)
+    shutil.chown(textfiles, "root", "prometheus")
+    textfiles.chmod(0o2775)  # the README's one-time step: chgrp prometheus, chmod 2775
+    uid = 61_234  # no such user, like a DynamicUser
+    script = Path(world_dir("skybot-mdwe-")) / "sandboxed.py"
+    script.write_text(SANDBOXED)
+    script.chmod(0o755)
+    environment = {
+        "PATH": "/usr/bin:/bin",
+        "DATABASE_URL": f"sqlite:///{database}",
+        "SKYBOT_CLEANUP_PROM_FILE": str(textfiles),
+        "STATE_DIRECTORY": str(state),
+        "SKYBOT_CLEANUP_LOG_FORMAT": "json",
+        "HOME": "/nonexistent",
+    }
+    inner = " && ".join(
+        [
+            f"mount --bind {textfiles} {textfiles}",
+            f"mount --bind {state} {state}",
+            "mount -o remount,bind,ro /",  # ProtectSystem=strict, roughly: nothing else is writable
+            f"exec setpriv --reuid={uid} --regid={uid} --groups=prometheus -- {sys.executable} {script} "
+            f"{CONSOLE_SCRIPT} refresh-tokens idempotency-keys metrics",
+        ]
+    )
+    try:
+        completed = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", inner],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd="/",
+        )
+        assert completed.returncode == 0, completed.stderr
+        names = sorted(path.name for path in textfiles.iterdir())
+        assert names == [
+            "skybot_cleanup_idempotency-keys.prom",
+            "skybot_cleanup_metrics.prom",
+            "skybot_cleanup_refresh-tokens.prom",
+            "skybot_cleanup_snapshot.prom",
+        ]
+        assert all(oct(path.stat().st_mode & 0o777) == "0o644" for path in textfiles.iterdir())
+        scraped = scrape_node_exporter(textfiles)
+    finally:
+        for directory in (textfiles, state, script.parent):
+            shutil.rmtree(directory, ignore_errors=True)
+    assert "node_textfile_scrape_error 0" in scraped
+    assert 'skybot_cleanup_last_success_timestamp_seconds{task="refresh-tokens"}' in scraped
+    assert 'skybot_cleanup_last_success_timestamp_seconds{task="idempotency-keys"}' in scraped
+    assert 'skybot_cleanup_due_rows{task="refresh-tokens"} 0' in scraped
+
+
 SUBCOMMANDS = set(get_command(app).commands)  # type: ignore[attr-defined]
+
+
 JOBS = REGISTRY.jobs
-
-
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        unavailable(f"{tool} is not installed (Debian: apt-get install {'prometheus' if tool == 'promtool' else tool})")
-    return str(path)
 
 
 def expected_runs(job, count=6) -> list[datetime]:
@@ -167,7 +257,6 @@ def test_crontab_line_gives_syslog_one_json_record_per_event_through_the_real_lo
     """The metrics event is over 1 KiB, logger's default record size: it must still
     arrive whole, and nothing but JSON may reach syslog."""
     need("logger")
-    from test_operator import seed_operator_data
 
     seed_operator_data(sqlite)
     sock_path = str(tmp_path / "syslog.sock")
@@ -272,43 +361,6 @@ def assert_calendar_runs(calendar: str, expected: list[datetime]) -> None:
     assert [datetime.fromisoformat(e).replace(tzinfo=UTC) for e in elapses] == expected
 
 
-@pytest.mark.parametrize("cron", ["*/7 1-5 * 2 *", "15 3 * * 1-5", "0 0 1,15 * 1", "30 */6 * * sun", "0 12 L * *"])
-def test_any_five_field_schedule_converts_to_oncalendar_or_is_refused(cron):
-    """Cron's day-of-month OR weekday rule becomes two OnCalendar lines; systemd
-    agrees with cronsim on the next runs of the union."""
-    need("systemd-analyze")
-    if "L" in cron.split()[2]:
-        with pytest.raises(ValueError, match="L, W or #"):
-            schedule.to_oncalendar(cron)
-        return
-    calendars = schedule.to_oncalendar(cron)
-    runs: set[datetime] = set()
-    for calendar in calendars:
-        completed = subprocess.run(
-            ["systemd-analyze", "calendar", "--iterations=12", f"--base-time={BASE:%Y-%m-%d %H:%M:%S} UTC", calendar],
-            capture_output=True,
-            text=True,
-            env={"TZ": "UTC", "PATH": "/usr/bin:/bin"},
-        )
-        assert completed.returncode == 0, completed.stderr
-        runs |= {
-            datetime.fromisoformat(e).replace(tzinfo=UTC)
-            for e in re.findall(
-                r"(?:Next elapse|Iter\. #\d+): \w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC", completed.stdout
-            )
-        }
-    assert sorted(runs)[:12] == schedule.next_runs(cron, BASE, 12)
-
-
-def test_a_registry_schedule_with_an_extension_is_refused_at_load():
-    from skybot_cleanup.tasks import Job
-
-    with pytest.raises(ValueError, match="uses L, W or #"):
-        Job(name="x", schedule="0 0 L * *", summary="")
-    with pytest.raises(ValueError, match="exactly five fields"):
-        Job(name="x", schedule="0 0 * * * *", summary="")
-
-
 def test_service_hardening_exposure_is_at_most_2():
     need("systemd-analyze")
     completed = subprocess.run(
@@ -399,59 +451,3 @@ def test_kubernetes_image_is_an_option():
 
 def test_every_job_has_a_subcommand():
     assert {job.name for job in JOBS} <= SUBCOMMANDS
-
-
-# -- the monitoring pack ----------------------------------------------------------------------
-
-
-def test_promtool_checks_the_rules(tmp_path):
-    promtool = need("promtool")
-    completed = subprocess.run(
-        [promtool, "check", "rules", str(DEPLOY / "monitoring" / "rules.yml")], capture_output=True, text=True
-    )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    assert (
-        f"SUCCESS: {len(yaml.safe_load((DEPLOY / 'monitoring' / 'rules.yml').read_text())['groups'][0]['rules'])}"
-        " rules found" in completed.stdout
-    )
-
-
-def test_promtool_runs_the_rule_unit_tests():
-    promtool = need("promtool")
-    completed = subprocess.run(
-        [promtool, "test", "rules", "rules.test.yml"], capture_output=True, text=True, cwd=DEPLOY / "monitoring"
-    )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    assert "SUCCESS" in completed.stdout
-
-
-def test_rules_and_dashboard_read_only_series_the_tool_writes(postgres, tmp_path):
-    """Every skybot_cleanup_* name the pack queries is one a run or a snapshot writes."""
-    from test_operator import seed_operator_data
-
-    seed_operator_data(postgres)
-    env = {"DATABASE_URL": postgres.url, "SKYBOT_CLEANUP_PROM_FILE": str(tmp_path)}
-    assert run_cli("all", env=env).returncode == 0
-    assert run_cli("metrics", env=env).returncode == 0
-    from prometheus_client.parser import text_string_to_metric_families
-
-    written = {
-        sample.name
-        for path in tmp_path.glob("*.prom")
-        for family in text_string_to_metric_families(path.read_text())
-        for sample in family.samples
-    }
-    pack = "".join(path.read_text() for path in (DEPLOY / "monitoring").iterdir() if path.name != "rules.test.yml")
-    queried = set(re.findall(r"skybot_cleanup_[a-z_]+", pack))
-    assert queried and queried <= written, queried - written
-    dashboard = json.loads((DEPLOY / "monitoring" / "grafana-dashboard.json").read_text())
-    titles = {panel["title"] for panel in dashboard["panels"]}
-    assert {
-        "Backlog per task (due rows)",
-        "Rows deleted per run",
-        "Run duration",
-        "Time since last success",
-        "Active sessions",
-        "Table size",
-        "Dead tuples",
-    } <= titles

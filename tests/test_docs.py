@@ -2,16 +2,16 @@
 
 from pathlib import Path
 
-from skybot_cleanup.docs import render
+from skybot_cleanup.generate.readme import render
+from skybot_cleanup.registry import REGISTRY
 from skybot_cleanup.settings import Settings, env_name
-from skybot_cleanup.tasks import REGISTRY
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_generated_sections_match_registry_and_settings():
     text = README.read_text()
-    assert render(text) == text, "README is stale: run python -m skybot_cleanup.docs"
+    assert render(text) == text, "README is stale: run python -m skybot_cleanup.generate.readme"
 
 
 def test_readme_names_every_job_setting_and_timer():

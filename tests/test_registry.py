@@ -11,20 +11,22 @@ from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
-from cases import DELETED, MS, SEED
-from conftest import NOW, Backend, sqlalchemy_url
-from test_rules import (
+from cases import (
+    DELETED,
+    MS,
+    SEED,
     Suite,
     check_deletes_exactly_the_due_rows,
     check_dry_run_counts_and_changes_nothing,
     check_second_run_deletes_nothing,
 )
+from helpers import NOW, Backend, sqlalchemy_url
 
-from skybot_cleanup.deploy import render_files
-from skybot_cleanup.monitoring import rules
-from skybot_cleanup.schema import app_metadata
+from skybot_cleanup.app_schema import app_metadata
+from skybot_cleanup.generate.alerts import rules
+from skybot_cleanup.generate.deploy import render_files
+from skybot_cleanup.registry import METRICS, TASKS, Column, Registry, TableSpec, Task
 from skybot_cleanup.settings import env_name, settings_model, table_field
-from skybot_cleanup.tasks import METRICS, TASKS, Column, Registry, TableSpec, Task
 
 PASSWORD_RESET_TOKEN = TableSpec(
     key="password_reset_token",

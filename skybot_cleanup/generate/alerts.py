@@ -11,10 +11,9 @@ import json
 from typing import Any
 
 from skybot_cleanup import schedule
-from skybot_cleanup.deploy import HEADER
-from skybot_cleanup.tasks import Registry
-
-P = "skybot_cleanup"
+from skybot_cleanup.generate import HEADER
+from skybot_cleanup.registry import Registry
+from skybot_cleanup.textfiles import PREFIX as P
 
 
 def _duration(seconds: float) -> str:

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from sqlalchemy import ColumnElement
 
 ColumnType = Literal["text", "timestamp", "integer", "boolean", "jsonb"]
+# Quoted identifiers could hold anything, but Prisma names (and their @@map renames)
+# never need more than this, and a strict pattern keeps typos obvious.
+IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$"
 
 
 @dataclass(frozen=True, kw_only=True)

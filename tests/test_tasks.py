@@ -1,63 +1,46 @@
-"""The exact rows each task deletes and keeps, at and around every cutoff.
-
-The checks are functions of a Suite (a registry, its seed rows and expected
-deletions), so test_registry.py runs them unchanged on a registry with a fifth task.
-"""
+"""Each task deletes exactly the rows its rule names: boundaries, time zones, retention, ties, partitions."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import json
 
 import pytest
 import sqlalchemy as sa
-from cases import DAY, DELETED, MS, SEED, all_ids, expected_after, seed
-from conftest import NOW
+from cases import (
+    DEFAULT,
+    DELETED,
+    MS,
+    PARTITIONED_REFRESH_TOKEN,
+    all_ids,
+    check_deletes_exactly_the_due_rows,
+    check_dry_run_counts_and_changes_nothing,
+    check_second_run_deletes_nothing,
+    expected_after,
+    seed,
+)
+from helpers import DAY, HOUR, NOW, TASK_NAMES, run_cli, seed_tokens
 
 from skybot_cleanup import db
-from skybot_cleanup.cleanup import run_task
+from skybot_cleanup.clock import utc_now
 from skybot_cleanup.demo import idempotency_key_row, refresh_token_row
-from skybot_cleanup.settings import CleanupSettings, load
-from skybot_cleanup.tasks import REGISTRY, Registry, Task
+from skybot_cleanup.registry import REGISTRY
+from skybot_cleanup.run import run_task
 
 
-@dataclass
-class Suite:
-    registry: Registry = REGISTRY
-    seed: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: SEED)
-    deleted: dict[str, set[str]] = field(default_factory=lambda: DELETED)
-
-    def settings(self, url: str, **overrides: Any) -> CleanupSettings:
-        return load({"database_url": url, **overrides}, registry=self.registry).settings
-
-
-DEFAULT = Suite()
-TASK_NAMES = [task.name for task in REGISTRY.tasks]
-
-
-def check_deletes_exactly_the_due_rows(backend, suite: Suite, task: Task, **overrides: Any) -> None:
-    seeded = seed(backend, suite.seed)
-    result = run_task(suite.settings(backend.url, **overrides), task, now=NOW)
-    assert (result.status, result.exit_code, result.error) == ("ok", 0, None)
-    assert result.rows == len(suite.deleted[task.name])
-    assert all_ids(backend, suite.seed) == expected_after(seeded, suite.deleted[task.name])
-
-
-def check_dry_run_counts_and_changes_nothing(backend, suite: Suite, task: Task) -> None:
-    seeded = seed(backend, suite.seed)
-    result = run_task(suite.settings(backend.url), task, dry_run=True, now=NOW)
-    assert (result.status, result.dry_run, result.rows) == ("ok", True, len(suite.deleted[task.name]))
-    assert all_ids(backend, suite.seed) == seeded
-
-
-def check_second_run_deletes_nothing(backend, suite: Suite) -> None:
-    seeded = seed(backend, suite.seed)
-    settings = suite.settings(backend.url)
-    first = {task.name: run_task(settings, task, now=NOW).rows for task in suite.registry.tasks}
-    second = {task.name: run_task(settings, task, now=NOW).rows for task in suite.registry.tasks}
-    assert first == {name: len(ids) for name, ids in suite.deleted.items()}
-    assert second == dict.fromkeys(suite.deleted, 0)
-    assert all_ids(backend, suite.seed) == expected_after(seeded, set().union(*suite.deleted.values()))
+@pytest.mark.parametrize("zone", ["Pacific/Kiritimati", "Pacific/Pago_Pago"])
+def test_console_script_in_far_time_zones(backend, zone):
+    """Both the machine's and the session's zone far from UTC; real 'now'."""
+    seed_tokens(backend)
+    backend.insert(
+        "IdempotencyKey",
+        [idempotency_key_row("ik_expired", utc_now() - HOUR), idempotency_key_row("ik_live", utc_now() + HOUR)],
+    )
+    completed = run_cli("all", "--json", env={"DATABASE_URL": backend.url, "TZ": zone, "PGTZ": zone})
+    assert completed.returncode == 0, completed.stderr
+    rows = {o["task"]: o["rows"] for o in map(json.loads, completed.stdout.splitlines())}
+    assert rows == {name: 0 for name in TASK_NAMES} | {"idempotency-keys": 1, "refresh-tokens": 2}
+    assert backend.ids("RefreshToken") == {"live", "revoked_expired"}
+    assert backend.ids("IdempotencyKey") == {"ik_live"}
 
 
 def test_every_task_has_boundary_cases():
@@ -147,30 +130,13 @@ def test_predicate_can_use_the_index(postgres, task_name, index):
     postgres.execute("ANALYZE")
     with postgres.engine.connect() as conn:
         conn.exec_driver_sql("SET timezone = 'Asia/Tokyo'")
-        table = db.bind_table(conn, settings, None, task.table)
+        table = db.bind_table(conn, "public", task.table, settings.table_names(task.table))
         statement = sa.delete(table.table).where(task.due(table.columns, NOW - 90 * DAY if task.retention else NOW))
         compiled = statement.compile(conn)
         plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN {compiled}", compiled.params).scalars())
     column = "revokedAt" if task_name == "revoked-tokens" else "expiresAt"
     assert f'Index Scan using "{index}"' in plan or f'Bitmap Index Scan on "{index}"' in plan, plan
     assert f'Index Cond: ("{column}" < ' in plan, plan
-
-
-PARTITIONED_REFRESH_TOKEN = """
-DROP TABLE "RefreshToken";
-CREATE TABLE "RefreshToken" (
-    id text NOT NULL, token text NOT NULL, "userAccountId" text NOT NULL, "accountId" text NOT NULL,
-    "expiresAt" timestamp(3) NOT NULL, "revokedAt" timestamp(3), "revokedReason" text, "deviceInfo" jsonb,
-    "ipAddress" text, "userAgent" text, "lastUsedAt" timestamp(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
-    "createdAt" timestamp(3) NOT NULL DEFAULT CURRENT_TIMESTAMP, "updatedAt" timestamp(3) NOT NULL,
-    PRIMARY KEY (id, "expiresAt")
-) PARTITION BY RANGE ("expiresAt");
-CREATE INDEX ON "RefreshToken" ("expiresAt");
-CREATE INDEX ON "RefreshToken" ("revokedAt");
-CREATE TABLE "RefreshToken_old" PARTITION OF "RefreshToken" FOR VALUES FROM (MINVALUE) TO ('{old}');
-CREATE TABLE "RefreshToken_recent" PARTITION OF "RefreshToken" FOR VALUES FROM ('{old}') TO ('{soon}');
-CREATE TABLE "RefreshToken_future" PARTITION OF "RefreshToken" FOR VALUES FROM ('{soon}') TO (MAXVALUE);
-"""
 
 
 @pytest.mark.parametrize("batch_size", [None, 1, 10])

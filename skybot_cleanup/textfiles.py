@@ -1,4 +1,5 @@
-"""Prometheus exposition: node_exporter textfiles and the Pushgateway.
+"""Prometheus series in node_exporter textfiles (and the Pushgateway): every series the
+tool exports is defined here.
 
 Two kinds of file, never sharing a series (node_exporter rejects duplicates):
 - one per job run (`skybot_cleanup_<task>.prom`, the metrics job's as
@@ -14,18 +15,21 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from skybot_cleanup import schedule
-from skybot_cleanup.clock import epoch, parse_iso
-from skybot_cleanup.metrics import Snapshot
-from skybot_cleanup.tasks import Job
+from skybot_cleanup.clock import epoch, parse_iso, utc_now
+from skybot_cleanup.registry import Job
+from skybot_cleanup.results import RunResult
+
+if TYPE_CHECKING:
+    from skybot_cleanup.metrics import Snapshot
 
 PREFIX = "skybot_cleanup"
 LAST_SUCCESS = f"{PREFIX}_last_success_timestamp_seconds"
@@ -73,65 +77,57 @@ def previous_value(path: Path, name: str, task: str) -> float | None:
     return None
 
 
-@dataclass(frozen=True)
-class RunOutcome:
-    """What a job's textfile says about its last run."""
-
-    job: Job
-    exit_code: int
-    succeeded: bool
-    finished: datetime
-    duration_s: float | None = None
-    rows: int | None = None
-
-
-def run_registry(outcome: RunOutcome, last_success: float | None) -> CollectorRegistry:
+def run_registry(job: Job, result: RunResult, last_success: float | None) -> CollectorRegistry:
+    """A job's run series, from its last run's result."""
     registry = CollectorRegistry()
     labels = ("task",)
 
     def gauge(name: str, doc: str) -> Gauge:
         return Gauge(f"{PREFIX}_{name}", doc, labels, registry=registry)
 
-    name = outcome.job.name
-    gauge("last_run_timestamp_seconds", "Unix time the job's last run finished.").labels(name).set(
-        epoch(outcome.finished)
-    )
+    finished = parse_iso(result.finished_at) if result.finished_at else utc_now()
+    gauge("last_run_timestamp_seconds", "Unix time the job's last run finished.").labels(job.name).set(epoch(finished))
     gauge("last_exit_code", "Exit code of the job's last run (0 ok, 1 failure, 2 configuration, 75 skipped).").labels(
-        name
-    ).set(outcome.exit_code)
-    if outcome.duration_s is not None:
-        gauge("last_duration_seconds", "Duration of the job's last run.").labels(name).set(outcome.duration_s)
-    if outcome.rows is not None:
-        gauge("last_rows", "Rows deleted by the job's last run.").labels(name).set(outcome.rows)
+        job.name
+    ).set(result.exit_code)
+    gauge("last_duration_seconds", "Duration of the job's last run.").labels(job.name).set(result.duration_ms / 1000)
+    gauge("last_rows", "Rows deleted by the job's last run.").labels(job.name).set(result.rows)
     if last_success is not None:
-        Gauge(LAST_SUCCESS, "Unix time of the job's last successful run.", labels, registry=registry).labels(name).set(
-            last_success
-        )
-    gauge("schedule_interval_seconds", "Longest gap between two scheduled runs of the job.").labels(name).set(
-        schedule.interval(outcome.job.schedule).total_seconds()
+        Gauge(LAST_SUCCESS, "Unix time of the job's last successful run.", labels, registry=registry).labels(
+            job.name
+        ).set(last_success)
+    gauge("schedule_interval_seconds", "Longest gap between two scheduled runs of the job.").labels(job.name).set(
+        schedule.interval(job.schedule).total_seconds()
     )
-    gauge("next_run_timestamp_seconds", "Unix time of the job's next scheduled run.").labels(name).set(
-        epoch(schedule.next_runs(outcome.job.schedule, outcome.finished)[0])
+    gauge("next_run_timestamp_seconds", "Unix time of the job's next scheduled run.").labels(job.name).set(
+        epoch(schedule.next_runs(job.schedule, finished)[0])
     )
     return registry
 
 
 def write_run_textfiles(
-    setting: str, outcomes: Iterable[RunOutcome], history_success: dict[str, datetime | None] | None = None
+    setting: str,
+    results: Iterable[RunResult],
+    jobs: Mapping[str, Job],
+    history_success: Mapping[str, datetime | None] | None = None,
 ) -> list[Path]:
-    """One file per job. The last success is this run's, else the newer of the
-    previous file's and the history's, so the series never vanishes."""
+    """One file per job, after real runs (dry runs leave them alone). The last success is
+    this run's, else the newer of the previous file's and the history's, so the series
+    never vanishes."""
     written = []
-    for outcome in outcomes:
-        path = textfile_path(setting, outcome.job.name)
-        if outcome.succeeded:
-            last_success: float | None = epoch(outcome.finished)
+    for result in results:
+        if result.dry_run:
+            continue
+        job = jobs[result.task]
+        path = textfile_path(setting, job.name)
+        if result.status == "ok":
+            last_success: float | None = epoch(parse_iso(result.finished_at) if result.finished_at else utc_now())
         else:
-            known = [previous_value(path, LAST_SUCCESS, outcome.job.name)]
-            recorded = (history_success or {}).get(outcome.job.name)
+            known = [previous_value(path, LAST_SUCCESS, job.name)]
+            recorded = (history_success or {}).get(job.name)
             known.append(epoch(recorded) if recorded else None)
             last_success = max((value for value in known if value is not None), default=None)
-        write_textfile(path, run_registry(outcome, last_success))
+        write_textfile(path, run_registry(job, result, last_success))
         written.append(path)
     return written
 

@@ -1,32 +1,24 @@
-"""Running a cleanup task: the library API behind every cleanup command."""
+"""A cleanup run: one task, one cutoff, one connection at a time, batch by batch; the
+library API behind every cleanup command."""
 
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-import structlog
 
-from skybot_cleanup import db, heartbeat, history
-from skybot_cleanup.clock import iso_utc, utc_now
-from skybot_cleanup.errors import (
-    EXIT_OK,
-    EXIT_SKIPPED,
-    Failure,
-    Interrupted,
-    classify,
-    is_connection_failure,
-    print_traceback_when_debugging,
-)
-from skybot_cleanup.logs import get_logger
+from skybot_cleanup import db
+from skybot_cleanup.cutoff import cutoff, run_time
+from skybot_cleanup.errors import SqlState, sqlstate_of
+from skybot_cleanup.recording import RecordedRun
+from skybot_cleanup.registry import Task
+from skybot_cleanup.results import RunResult
 from skybot_cleanup.retry import with_retries
 from skybot_cleanup.settings import CleanupSettings
-from skybot_cleanup.tasks import Task
 
 PROGRESS_LOG_INTERVAL_S = 5.0
 # A batch that met a row the app holds is split and retried with this lock timeout.
@@ -36,30 +28,6 @@ REMAINING_COUNT_CAP = 1_000_000
 REMAINING_AFTER_MAX_RUNTIME_CAP = 10_000
 
 ProgressCallback = Callable[[int, int | None], None]  # (rows done, estimated total)
-
-
-@dataclass
-class RunResult:
-    task: str
-    status: str  # ok | skipped | failed | interrupted
-    dry_run: bool
-    rows: int
-    cutoff: str
-    duration_ms: int
-    run_id: str
-    exit_code: int = EXIT_OK
-    started_at: str | None = None
-    finished_at: str | None = None
-    batches: int | None = None  # batched mode only
-    remaining: int | None = None  # due rows left (batched mode): a cap stopped the run, or the app held them
-    stopped_by: str | None = None  # max_rows | max_runtime, when a cap ended the run early
-    longest_batch_ms: int | None = None
-    error_class: str | None = None
-    error: str | None = None
-    signal: int | None = None  # a stop signal that arrived once the run's work was over
-
-    def as_dict(self) -> dict[str, Any]:
-        return {key: value for key, value in asdict(self).items() if value is not None}
 
 
 @dataclass
@@ -86,12 +54,6 @@ class Progress:
     estimated_total: int | None = None
     longest_batch_ms: float = 0.0
     last_log: float = field(default_factory=time.monotonic)
-
-
-def database_target(settings: CleanupSettings) -> db.DatabaseTarget:
-    """The configured database; raises ConfigError when there is none or it is malformed."""
-    url = settings.database_url.get_secret_value() if settings.database_url else None
-    return db.parse_database_url(url, settings.schema_name)
 
 
 def run_task(
@@ -124,104 +86,54 @@ class Run:
         self.settings = settings
         self.task = task
         self.dry_run = dry_run
-        self.started_at = now or utc_now()
-        # A UUID: healthchecks.io pairs start and end pings by it (?rid=).
-        self.run_id = run_id or str(uuid.uuid4())
+        self.time = run_time(host=now)
+        self.recorded = RecordedRun(settings, task.name, dry_run=dry_run, run_id=run_id, started_at=self.time.now)
         # The one cutoff of this run: every batch and every retry reuses it, so a row
         # whose expiry the app extends mid-run is never deleted.
-        self.cutoff = self.started_at
-        if task.retention is not None:
-            self.cutoff = self.started_at - timedelta(days=settings.retention_days(task))
-        if self.cutoff > self.started_at:  # never reachable through settings; a guard against edits
-            raise ValueError(f"{task.name}: cutoff {self.cutoff} is in the future and would delete live rows")
+        self.cutoff = cutoff(task, self.time.now, settings)
         self.batched = not dry_run and settings.batch_size is not None
         self.on_progress = on_progress
         self.progress = Progress()
-        self.clock_started = time.monotonic()
-        self.target: db.DatabaseTarget | None = None
-        self.engine: sa.Engine | None = None
-        self.conn: sa.Connection | None = None
-        self.log = get_logger()
+        self.log = self.recorded.log
 
-    # -- the outer shell: logs, retries, history, pings ---------------------------------------
+    @property
+    def clock_started(self) -> float:
+        return self.recorded.clock_started
 
     def execute(self) -> RunResult:
-        settings, task = self.settings, self.task
-        # A dry run tells the monitor nothing about the schedule: it does not ping.
-        pinger = heartbeat.Pinger.from_settings(settings, task.name, self.run_id, enabled=not self.dry_run)
-        with structlog.contextvars.bound_contextvars(task=task.name, run_id=self.run_id):
-            failure: Failure | None = None
-            unreachable = False
-            try:
-                # The engine first (it does not connect): a signal during the start ping is
-                # then recorded in the history like any interruption.
-                self.target = database_target(settings)
-                self.engine = db.create_engine(self.target, settings, task.name)
-                pinger.ping("start")  # inside: a signal while it waits is this run's interruption
-                with_retries(settings, self._attempt, log=self.log)
-            except (Exception, Interrupted) as exc:
-                print_traceback_when_debugging(exc)
-                failure = classify(exc, secrets=self._secrets())
-                unreachable = is_connection_failure(exc)
-                event = {"skipped": "run_skipped", "interrupted": "interrupted"}.get(failure.status, "run_failed")
-                (self.log.warning if failure.status == "skipped" else self.log.error)(
-                    event, error_class=failure.error_class, error=failure.message, rows=self.progress.rows
-                )
-            result = self._result(failure)
-            # The run's own connection when it succeeded; a new one after a failure
-            # (none when the database cannot be reached at all).
-            bind = self.conn or (None if unreachable else self.engine)
-            finish(settings, result, self.target, bind, pinger, self._release)
-            self.log.info(
-                "run_finished",
-                **{
-                    key: value
-                    for key, value in result.as_dict().items()
-                    if key not in ("task", "run_id", "error", "error_class")
-                },
-            )
-        return result
+        return self.recorded.execute(lambda: with_retries(self.settings, self._attempt, log=self.log), self._details)
 
-    def _secrets(self) -> tuple[str, ...]:
-        return (*self.settings.secrets(), *(self.target.secrets if self.target else ()))
-
-    def _result(self, failure: Failure | None) -> RunResult:
+    def _details(self) -> dict[str, Any]:
         progress = self.progress
-        exit_code = failure.exit_code if failure else EXIT_OK
-        if exit_code == EXIT_SKIPPED:
-            exit_code = self.settings.skipped_exit_code
-        return RunResult(
-            task=self.task.name,
-            status=failure.status if failure else "ok",
-            dry_run=self.dry_run,
-            rows=progress.rows,
-            cutoff=iso_utc(self.cutoff) or "",
-            duration_ms=round((time.monotonic() - self.clock_started) * 1000),
-            run_id=self.run_id,
-            exit_code=exit_code,
-            started_at=iso_utc(self.started_at),
-            finished_at=iso_utc(utc_now()),
-            batches=progress.batches if self.batched else None,
-            remaining=progress.remaining if self.batched else None,
-            stopped_by=progress.stopped_by,
-            longest_batch_ms=round(progress.longest_batch_ms) if self.batched else None,
-            error_class=failure.error_class if failure else None,
-            error=failure.message if failure else None,
-        )
+        return {
+            "rows": progress.rows,
+            "cutoff": self.cutoff,
+            "batches": progress.batches if self.batched else None,
+            "remaining": progress.remaining if self.batched else None,
+            "stopped_by": progress.stopped_by,
+            "longest_batch_ms": round(progress.longest_batch_ms) if self.batched else None,
+        }
 
     # -- one attempt --------------------------------------------------------------------------
 
     def _attempt(self) -> None:
         """One connection, one chain of transactions. Idempotent: a retry after any
         failure resumes from what is still due, under the same cutoff."""
-        assert self.engine is not None and self.target is not None
-        conn = self.conn = self.engine.connect()
+        recorded = self.recorded
+        assert recorded.engine is not None and recorded.target is not None
+        conn = recorded.conn = recorded.engine.connect()
         run = db.RunConnection(
-            conn, self.settings, self.task.name, lock=None if self.dry_run else self.task.name, read_only=self.dry_run
+            conn,
+            self.settings.session(),
+            self.task.name,
+            lock=None if self.dry_run else self.task.name,
+            read_only=self.dry_run,
         )
         try:
             run.begin()
-            table = db.bind_table(conn, self.settings, self.target.schema, self.task.table)
+            table = db.bind_table(
+                conn, recorded.target.schema, self.task.table, self.settings.table_names(self.task.table)
+            )
             due = self.task.due(table.columns, self.cutoff)
             if self.dry_run:
                 self.progress.rows = int(
@@ -235,18 +147,8 @@ class Run:
         except BaseException:
             # A retry starts on a new connection; this one may be broken.
             run.rollback()
-            self._close()
+            recorded.close_connection()
             raise
-
-    def _close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
-
-    def _release(self) -> None:
-        self._close()
-        if self.engine is not None:
-            self.engine.dispose()
 
     def _batches(self, run: db.RunConnection, table: db.BoundTable, due: sa.ColumnElement[bool]) -> None:
         """Delete in short committed batches, walking the index from a low-water mark.
@@ -402,7 +304,7 @@ class Run:
 
 
 def _is_lock_timeout(exc: sa.exc.OperationalError) -> bool:
-    return getattr(exc.orig, "sqlstate", None) == "55P03"
+    return sqlstate_of(exc) == SqlState.LOCK_NOT_AVAILABLE
 
 
 def _estimate(conn: sa.Connection, table: db.BoundTable, due: sa.ColumnElement[bool]) -> int:
@@ -410,35 +312,3 @@ def _estimate(conn: sa.Connection, table: db.BoundTable, due: sa.ColumnElement[b
     if conn.dialect.name == "postgresql":
         return db.estimate_rows(conn, table, due)
     return int(conn.scalar(sa.select(sa.func.count()).select_from(table.table).where(due)) or 0)
-
-
-def finish(
-    settings: CleanupSettings,
-    result: RunResult,
-    target: db.DatabaseTarget | None,
-    bind: sa.Connection | sa.Engine | None,
-    pinger: heartbeat.Pinger,
-    release: Callable[[], None] | None = None,
-) -> None:
-    """The end of every recorded run (a cleanup, the metrics job): its history row, the
-    connections released, then the end ping. A signal from here on comes after the work:
-    the run keeps its outcome, the caller stops after it (result.signal), and no step
-    of the record is skipped but the slow one, the end ping."""
-    try:
-        if target is not None:
-            history.record_run(bind, settings, result, target.identity)
-    except Interrupted as exc:
-        result.signal = exc.signum
-    finally:
-        if release is not None:
-            release()
-    if result.signal is None:
-        try:
-            pinger.ping(str(result.exit_code), body=_ping_body(result))
-        except Interrupted as exc:
-            result.signal = exc.signum
-
-
-def _ping_body(result: RunResult) -> str:
-    body = f"task={result.task} status={result.status} rows={result.rows} duration_ms={result.duration_ms}"
-    return body + (f" error={result.error}" if result.error else "")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from skybot_cleanup.db import SQL_TYPES
+from skybot_cleanup.db.catalog import SQL_TYPES
+from skybot_cleanup.registry import PARENT_TABLES, REGISTRY, Column, Registry, TableSpec
 from skybot_cleanup.settings import CleanupSettings
-from skybot_cleanup.tasks import PARENT_TABLES, REGISTRY, Column, Registry, TableSpec
 
 _DEFAULTS: dict[str, sa.TextClause] = {
     "CURRENT_TIMESTAMP": sa.text("CURRENT_TIMESTAMP"),

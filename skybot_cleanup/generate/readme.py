@@ -1,6 +1,6 @@
 """README sections generated from the registry and the settings, so the docs cannot drift.
 
-`python -m skybot_cleanup.docs` rewrites the marked sections of README.md; a test
+`python -m skybot_cleanup.generate.readme` rewrites the marked sections of README.md; a test
 fails when they differ from what this module renders.
 """
 
@@ -11,9 +11,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from skybot_cleanup.registry import REGISTRY
 from skybot_cleanup.schedule import describe
 from skybot_cleanup.settings import ENV_FILE_VARIABLE, Settings, env_name
-from skybot_cleanup.tasks import REGISTRY
 
 
 def tasks_table() -> str:

@@ -1,0 +1,253 @@
+"""Connections: engines, and a run's chain of transactions with its session settings and lock.
+
+Nothing here reads the tool's settings: callers pass a SessionSettings, so this layer
+stays below the one module that reads configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import NullPool
+
+from skybot_cleanup.db.urls import DatabaseTarget
+from skybot_cleanup.errors import ConfigError, LockHeld, SqlState, sqlstate_of
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What every connection and transaction of a run is given (from the settings)."""
+
+    application_name: str
+    connect_timeout_s: int
+    lock_timeout_ms: int
+    statement_timeout_ms: int
+    idle_timeout_ms: int
+
+
+def create_engine(target: DatabaseTarget, session: SessionSettings, label: str) -> Engine:
+    """One short-lived engine per command: no pool, bounded connect, no parameters in
+    errors, and autocommit at the driver: RunConnection issues BEGIN and COMMIT itself."""
+    if target.is_postgres:
+        import psycopg
+
+        def connect() -> psycopg.Connection[Any]:
+            return psycopg.connect(
+                target.conninfo,
+                connect_timeout=session.connect_timeout_s,
+                application_name=application_name(session, label),
+                # Never server-side prepared statements: under PgBouncer's transaction
+                # pooling they outlive us on the server connection and break the next
+                # client ("prepared statement _pg3_0 already exists"); a short-lived
+                # process gains nothing from them.
+                prepare_threshold=None,
+            )
+
+        # pool_reset_on_return=None: closing must not send a ROLLBACK of its own, which
+        # would end the run's transaction without its unlock (see RunConnection).
+        return sa.create_engine(
+            "postgresql+psycopg://",
+            creator=connect,
+            poolclass=NullPool,
+            hide_parameters=True,
+            isolation_level="AUTOCOMMIT",
+            pool_reset_on_return=None,
+        )
+    # sqlite3's timeout is its busy timeout: how long BEGIN IMMEDIATE waits for the write lock.
+    return sa.create_engine(
+        target.conninfo,
+        poolclass=NullPool,
+        hide_parameters=True,
+        isolation_level="AUTOCOMMIT",
+        connect_args={"timeout": max(session.lock_timeout_ms, 1) / 1000},
+    )
+
+
+def application_name(session: SessionSettings, label: str) -> str:
+    return f"{session.application_name}:{label}"[:63]
+
+
+def lock_key(name: str) -> str:
+    return f"skybot-cleanup:{name}"
+
+
+def sql_literal(value: str) -> str:
+    """A SQL string literal for the few fixed values sent without parameters (which
+    keeps them on the simple protocol: no portal, so no snapshot held while idle)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+class RunConnection:
+    """One connection for a whole run, as a chain of transactions.
+
+    On PostgreSQL every transaction sets application_name, lock_timeout,
+    statement_timeout and idle_in_transaction_session_timeout locally. A run that
+    deletes takes the task's advisory lock in its first transaction, at session level,
+    so that it holds across every COMMIT AND CHAIN between batches (a transaction-level
+    lock would be free for an instant at each commit). The run is in a transaction from
+    its first statement to its last, so under PgBouncer's transaction pooling the server
+    connection stays pinned to it, and the unlock travels in the same message as the
+    final COMMIT or ROLLBACK: it can never be left behind on a pooled connection. If
+    the client dies or freezes instead, the server ends the session (a lost client, or
+    the idle timeout) and the lock with it; PgBouncer closes a server connection whose
+    client vanished mid-transaction.
+
+    On SQLite, BEGIN IMMEDIATE (the database write lock) plays the lock's part.
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        session: SessionSettings,
+        label: str,
+        *,
+        lock: str | None = None,
+        read_only: bool = False,
+    ):
+        self.conn = conn
+        self.session = session
+        self.label = label
+        self.lock = lock
+        self.read_only = read_only
+        self.on_postgres = conn.dialect.name == "postgresql"
+        self.in_transaction = False
+        self.locked = False  # PostgreSQL: this session holds the task's lock
+
+    # PostgreSQL: the statement run at the start of every transaction of the chain.
+    def _prologue(self, take_lock: bool) -> str:
+        session = self.session
+        idle = session.idle_timeout_ms
+        # Never weaken a DBA's shorter idle timeout: take the smaller of the two.
+        idle_sql = (
+            f"(SELECT CASE WHEN setting::bigint > 0 AND setting::bigint < {idle} THEN setting "
+            f"ELSE '{idle}' END FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout')"
+        )
+        columns = [
+            f"set_config('application_name', {sql_literal(application_name(session, self.label))}, true)",
+            f"set_config('lock_timeout', '{session.lock_timeout_ms}', true)",
+            f"set_config('statement_timeout', '{session.statement_timeout_ms}', true)",
+            f"set_config('idle_in_transaction_session_timeout', {idle_sql}, true)",
+            "pg_is_in_recovery() OR current_setting('transaction_read_only')::boolean AS read_only",
+        ]
+        if take_lock:
+            columns.append(f"pg_try_advisory_lock(hashtextextended({sql_literal(lock_key(str(self.lock)))}, 0))")
+        return "SELECT " + ", ".join(columns)
+
+    def _driver_execute(self, sql: str) -> Any:
+        """Straight to psycopg, without parameters: its simple protocol, so several
+        statements travel in one message and no portal (snapshot) is left open."""
+        driver = self.conn.connection.driver_connection
+        assert driver is not None
+        return driver.execute(sql)
+
+    def _send(self, command: str, take_lock: bool = False) -> None:
+        """`command` (BEGIN, COMMIT AND CHAIN), the prologue and a savepoint in one
+        message. Any error aborts the transaction; inside the savepoint it only undoes
+        the batch."""
+        cursor = self._driver_execute(f"{command}; {self._prologue(take_lock)}; SAVEPOINT work")
+        cursor.nextset()
+        row = cursor.fetchone()
+        assert row is not None
+        self.in_transaction = True
+        if take_lock:
+            self.locked = bool(row[5])  # first: whatever is raised next, the unlock must follow
+        if row[4] and not self.read_only:
+            raise ConfigError(
+                "the database is read-only (a hot standby, or default_transaction_read_only is on): point "
+                "DATABASE_URL at the primary, or add target_session_attrs=read-write"
+            )
+        if take_lock and not self.locked:
+            raise LockHeld(f"another {self.lock} run holds the lock; skipped")
+
+    def begin(self) -> None:
+        if self.on_postgres:
+            self._send("BEGIN READ ONLY" if self.read_only else "BEGIN", take_lock=bool(self.lock) and not self.locked)
+            return
+        try:
+            self.conn.exec_driver_sql("BEGIN DEFERRED" if self.read_only else "BEGIN IMMEDIATE")
+        except sa.exc.OperationalError as exc:
+            # SQLite has no advisory locks: the write lock taken by BEGIN IMMEDIATE is
+            # the run lock, and "locked" after the busy timeout means someone holds it.
+            if "database is locked" in str(exc.orig):
+                raise LockHeld(f"the SQLite database is locked by another writer; {self.label} skipped") from None
+            raise
+        self.in_transaction = True
+
+    def _end(self, command: str) -> None:
+        """COMMIT or ROLLBACK, with the unlock in the same message. Sent by every run
+        that locks, even when it does not know it holds the lock (a signal may have cut
+        the BEGIN short): unlocking nothing is harmless, a lock left behind is not."""
+        self.in_transaction = False
+        if self.on_postgres and self.lock:
+            self.locked = False
+            self._driver_execute(f"{command}; SELECT pg_advisory_unlock_all()")
+        else:
+            self.conn.exec_driver_sql(command)
+
+    def commit(self) -> None:
+        if self.in_transaction:
+            self._end("COMMIT")
+
+    def rollback(self) -> None:
+        if not self.in_transaction:
+            return
+        if self.conn.invalidated:  # the connection is gone, and the transaction and lock with it
+            self.in_transaction = self.locked = False
+            self.conn.rollback()
+            return
+        # If even this fails, the connection is closed mid-transaction, which ends the
+        # session's transaction and lock all the same (PgBouncer drops such a connection).
+        with contextlib.suppress(Exception, KeyboardInterrupt):
+            self._end("ROLLBACK")
+
+    def commit_and_continue(self) -> None:
+        """Commit this transaction's work and start the next one, still holding the lock."""
+        if self.on_postgres:
+            self._send("COMMIT AND CHAIN")
+        else:
+            self.conn.exec_driver_sql("COMMIT")
+            self.in_transaction = False
+            self.begin()
+
+    def undo_work(self) -> None:
+        """Roll back what this transaction did since it began, keeping the lock
+        (PostgreSQL only: SQLite has no row locks to run into)."""
+        self.conn.exec_driver_sql("ROLLBACK TO SAVEPOINT work")
+
+    @contextmanager
+    def probe(self, lock_timeout_ms: int) -> Iterator[None]:
+        """A nested savepoint with a short lock timeout: a statement that meets a held
+        row fails fast, and only that statement is undone."""
+        self.conn.exec_driver_sql(f"SAVEPOINT probe; SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+        restore = f"RELEASE probe; SET LOCAL lock_timeout = {self.session.lock_timeout_ms}"
+        try:
+            yield
+        except sa.exc.OperationalError as exc:
+            if sqlstate_of(exc) != SqlState.LOCK_NOT_AVAILABLE:
+                raise
+            self.conn.exec_driver_sql("ROLLBACK TO SAVEPOINT probe")
+            self.conn.exec_driver_sql(restore)
+            raise
+        self.conn.exec_driver_sql(restore)
+
+
+@contextmanager
+def run_transaction(
+    engine: Engine, session: SessionSettings, label: str, *, lock: str | None = None, read_only: bool = False
+) -> Iterator[RunConnection]:
+    """A RunConnection in a transaction, committed on success and rolled back otherwise."""
+    with engine.connect() as conn:
+        run = RunConnection(conn, session, label, lock=lock, read_only=read_only)
+        run.begin()
+        try:
+            yield run
+        except BaseException:
+            run.rollback()
+            raise
+        run.commit()

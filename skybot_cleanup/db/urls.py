@@ -1,0 +1,178 @@
+"""Database URLs as Render, Prisma and libpq write them, made into what psycopg accepts.
+
+libpq parses the result itself, so every form it knows works: a socket directory as a
+percent-encoded host or ?host=, several hosts with target_session_attrs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import parse_qsl, quote, unquote, urlencode
+
+from skybot_cleanup.errors import ConfigError
+from skybot_cleanup.registry import IDENTIFIER_PATTERN
+
+# Query parameters Prisma understands and libpq rejects ("invalid URI query parameter").
+PRISMA_ONLY_PARAMETERS = frozenset(
+    {
+        "schema",
+        "connection_limit",
+        "pool_timeout",
+        "pgbouncer",
+        "socket_timeout",
+        "statement_cache_size",
+        "max_connection_lifetime",
+        "max_idle_connection_lifetime",
+    }
+)
+# Prisma's TLS parameters, which mean something else (or nothing) to libpq.
+PRISMA_TLS_PARAMETERS = frozenset({"sslaccept", "sslcert", "sslidentity", "sslpassword"})
+# Prisma's default when a URL has no ?schema=: the app's tables are in "public".
+PRISMA_DEFAULT_SCHEMA = "public"
+
+
+@dataclass(frozen=True)
+class DatabaseTarget:
+    """Where to connect, normalised, plus what the URL's Prisma parameters meant."""
+
+    kind: Literal["postgresql", "sqlite"]
+    conninfo: str  # a libpq URI for psycopg, or a SQLAlchemy sqlite URL
+    schema: str | None  # PostgreSQL: the app's schema, always named (Prisma's default: public)
+    display: str  # for messages: the password masked
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+    # Which database a spooled run belongs to: user and database name (host and port may
+    # be what was wrong when it failed), or the file of a SQLite database.
+    identity: str = ""
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.kind == "postgresql"
+
+
+_AUTHORITY = re.compile(r"^(?:(?P<userinfo>[^/?]*)@)?(?P<hosts>[^@/?]*)(?P<path>/[^?]*)?(?:\?(?P<query>.*))?$", re.S)
+
+
+def parse_database_url(raw: str | None, schema_override: str | None = None) -> DatabaseTarget:
+    if not raw or not raw.strip():
+        raise ConfigError("no database URL: set DATABASE_URL or SKYBOT_CLEANUP_DATABASE_URL, or pass --database-url")
+    raw = raw.strip()
+    scheme, sep, rest = raw.partition("://")
+    scheme = scheme.lower().split("+")[0]
+    if not sep:
+        raise ConfigError("DATABASE_URL is not a valid database URL (expected scheme://...)")
+    if scheme == "sqlite":
+        return _sqlite_target(raw)
+    if scheme not in ("postgres", "postgresql"):
+        raise ConfigError(
+            f"DATABASE_URL scheme {scheme!r} is not supported: use postgres://, postgresql:// or sqlite:///"
+        )
+    return _postgres_target(rest, schema_override)
+
+
+def _sqlite_target(raw: str) -> DatabaseTarget:
+    import sqlalchemy as sa
+
+    path = sa.make_url(raw).database or ""
+    return DatabaseTarget(
+        kind="sqlite",
+        conninfo=raw,
+        schema=None,
+        display=raw,
+        identity=f"sqlite:{os.path.abspath(path) if path else ':memory:'}",
+    )
+
+
+@dataclass(frozen=True)
+class _Parts:
+    user: str
+    password: str
+    hosts: str
+    path: str
+    parameters: list[tuple[str, str]]
+
+    @property
+    def values(self) -> dict[str, str]:
+        return dict(self.parameters)
+
+
+def _split(rest: str) -> _Parts:
+    match = _AUTHORITY.match(rest)
+    if match is None:
+        raise ConfigError("DATABASE_URL is not a valid database URL")
+    userinfo, hosts, path, query = (match.group(name) or "" for name in ("userinfo", "hosts", "path", "query"))
+    # The userinfo ends at the last "@": a password with an unencoded "@" must not
+    # spill into the host name, where libpq would print it in an error.
+    user, _, password = userinfo.partition(":")
+    if re.search(r":(?!\d*(,|$))", hosts.split("]")[-1]):
+        raise ConfigError("DATABASE_URL is not a valid database URL (bad port)")
+    return _Parts(unquote(user), unquote(password), hosts, path, parse_qsl(query, keep_blank_values=True))
+
+
+def _postgres_target(rest: str, schema_override: str | None) -> DatabaseTarget:
+    parts = _split(rest)
+    values = parts.values
+    schema = schema_override or values.get("schema") or PRISMA_DEFAULT_SCHEMA
+    if not re.match(IDENTIFIER_PATTERN, schema):
+        raise ConfigError("the URL's ?schema= is not a valid schema name")
+    tls = _tls_parameters(values)
+    replaced = {key for key, _ in tls} | PRISMA_ONLY_PARAMETERS | PRISMA_TLS_PARAMETERS
+    kept = [(k, v) for k, v in parts.parameters if k not in replaced] + tls
+    user = quote(parts.user, safe="")
+    credentials = user + (":" + quote(parts.password, safe="") if parts.password else "")
+    shown_credentials = user + (":***" if parts.password else "")
+    conninfo = f"postgresql://{credentials + '@' if credentials else ''}{parts.hosts}{parts.path}"
+    display = f"postgresql://{shown_credentials + '@' if credentials else ''}{parts.hosts}{parts.path}"
+    if kept:
+        # quote, not urlencode's default quote_plus: libpq reads "+" as a plus, not a space.
+        conninfo += "?" + urlencode(kept, quote_via=quote)
+        display += "?" + urlencode([(k, "***" if k == "password" else v) for k, v in kept], safe="*/", quote_via=quote)
+    password = parts.password
+    secrets = tuple(secret for secret in {password, quote(password, safe=""), values.get("password", "")} if secret)
+    database = values.get("dbname") or unquote(parts.path.lstrip("/")) or parts.user
+    return DatabaseTarget(
+        kind="postgresql",
+        conninfo=conninfo,
+        schema=schema,
+        display=display,
+        secrets=secrets,
+        identity=f"postgresql:{values.get('user') or parts.user}@{database}",
+    )
+
+
+def _tls_parameters(values: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Prisma's TLS parameters in libpq's terms, never with less verification than asked.
+
+    Prisma: sslaccept=strict verifies the server's certificate (and host name);
+    sslcert is the CA or server certificate to trust (libpq's sslrootcert);
+    sslidentity/sslpassword is a PKCS#12 client identity, which libpq cannot read.
+    With sslkey present, sslcert keeps libpq's meaning (a client certificate).
+    """
+    accept = values.get("sslaccept", "").lower()
+    if accept not in ("", "strict", "accept_invalid_certs"):
+        raise ConfigError(f"DATABASE_URL: sslaccept={accept!r} is not strict or accept_invalid_certs")
+    if "sslidentity" in values:
+        raise ConfigError(
+            "DATABASE_URL: sslidentity (a PKCS#12 client identity) has no libpq equivalent; convert it "
+            "(openssl pkcs12 -in ID.p12 -clcerts -nokeys -out client.crt; openssl pkcs12 -in ID.p12 "
+            "-nocerts -nodes -out client.key) and give sslcert=client.crt&sslkey=client.key instead"
+        )
+    added: list[tuple[str, str]] = []
+    trust = values.get("sslcert") if "sslkey" not in values else None
+    if "sslkey" in values and "sslcert" in values:
+        added.append(("sslcert", values["sslcert"]))
+    if trust:
+        added.append(("sslrootcert", trust))
+    if accept == "strict":
+        mode = values.get("sslmode", "prefer").lower()
+        if mode in ("disable", "allow"):
+            raise ConfigError(
+                f"DATABASE_URL: sslaccept=strict asks for a verified TLS connection, but sslmode={mode} allows none"
+            )
+        if not trust and "sslrootcert" not in values:
+            added.append(("sslrootcert", "system"))  # Prisma trusts the system's CAs
+        added.append(("sslmode", "verify-full"))
+    return added

@@ -1,0 +1,135 @@
+"""The shell every recorded run shares, a cleanup task and the metrics job alike: its id,
+its start and end pings, the failure that ends it, its result, its history row and the
+log line it ends with. The work inside is the caller's.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+
+from skybot_cleanup import db, heartbeat, history
+from skybot_cleanup.clock import utc_now
+from skybot_cleanup.errors import Failure, Interrupted, classify, is_connection_failure, print_traceback_when_debugging
+from skybot_cleanup.logs import get_logger
+from skybot_cleanup.results import RunResult, build_result
+from skybot_cleanup.settings import CleanupSettings
+
+# The events a run that did not succeed ends its work with, by status.
+FAILURE_EVENTS = {"skipped": "run_skipped", "interrupted": "interrupted"}
+
+
+class RecordedRun:
+    def __init__(
+        self,
+        settings: CleanupSettings,
+        job: str,
+        *,
+        dry_run: bool = False,
+        run_id: str | None = None,
+        started_at: datetime | None = None,
+    ):
+        self.settings = settings
+        self.job = job
+        self.dry_run = dry_run
+        # A UUID: healthchecks.io pairs start and end pings by it (?rid=).
+        self.run_id = run_id or str(uuid.uuid4())
+        self.started_at = started_at or utc_now()
+        self.clock_started = time.monotonic()
+        # A dry run tells the monitor nothing about the schedule: it does not ping.
+        self.pinger = heartbeat.Pinger.from_settings(settings, job, self.run_id, enabled=not dry_run)
+        self.target: db.DatabaseTarget | None = None
+        self.engine: sa.Engine | None = None
+        # The connection the work holds; the history row goes through it (no second connect).
+        self.conn: sa.Connection | None = None
+        self.log = get_logger()
+
+    def secrets(self) -> tuple[str, ...]:
+        return (*self.settings.secrets(), *(self.target.secrets if self.target else ()))
+
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.clock_started
+
+    def execute(self, work: Callable[[], None], details: Callable[[], dict[str, Any]] = dict) -> RunResult:
+        """Run `work` and record what happened. Expected failures and signals become the
+        result's status and exit code, never exceptions. `details` gives the result's
+        fields beyond the outcome (rows, cutoff, batches...), as they stand at the end."""
+        with structlog.contextvars.bound_contextvars(task=self.job, run_id=self.run_id):
+            failure: Failure | None = None
+            unreachable = False
+            try:
+                # The engine first (it does not connect): a signal during the start ping is
+                # then recorded in the history like any interruption.
+                self.target = self.settings.database_target()
+                self.engine = db.create_engine(self.target, self.settings.session(), self.job)
+                self.pinger.ping("start")  # inside: a signal while it waits is this run's interruption
+                work()
+            except (Exception, Interrupted) as exc:
+                print_traceback_when_debugging(exc)
+                failure = classify(exc, secrets=self.secrets())
+                unreachable = is_connection_failure(exc)
+            fields = details()
+            if failure is not None:
+                (self.log.warning if failure.status == "skipped" else self.log.error)(
+                    FAILURE_EVENTS.get(failure.status, "run_failed"),
+                    error_class=failure.error_class,
+                    error=failure.message,
+                    rows=fields.get("rows", 0),
+                )
+            result = build_result(
+                self.job,
+                self.run_id,
+                started_at=self.started_at,
+                clock_started=self.clock_started,
+                failure=failure,
+                skipped_exit_code=self.settings.skipped_exit_code,
+                dry_run=self.dry_run,
+                **fields,
+            )
+            # The run's own connection when it has one; a new one after a failure (none
+            # when the database cannot be reached at all).
+            self._finish(result, self.conn or (None if unreachable else self.engine))
+            self.log.info(
+                "run_finished",
+                **{
+                    key: value
+                    for key, value in result.as_dict().items()
+                    if key not in ("task", "run_id", "error", "error_class")
+                },
+            )
+        return result
+
+    def close_connection(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def _finish(self, result: RunResult, bind: sa.Connection | sa.Engine | None) -> None:
+        """The history row, the connections released, then the end ping. A signal from
+        here on comes after the work: the run keeps its outcome, the caller stops after it
+        (result.signal), and no step of the record is skipped but the slow one, the end ping."""
+        try:
+            if self.target is not None:
+                history.record_run(bind, self.settings, result, self.target.identity)
+        except Interrupted as exc:
+            result.signal = exc.signum
+        finally:
+            self.close_connection()
+            if self.engine is not None:
+                self.engine.dispose()
+        if result.signal is None:
+            try:
+                self.pinger.ping(str(result.exit_code), body=ping_body(result))
+            except Interrupted as exc:
+                result.signal = exc.signum
+
+
+def ping_body(result: RunResult) -> str:
+    body = f"task={result.task} status={result.status} rows={result.rows} duration_ms={result.duration_ms}"
+    return body + (f" error={result.error}" if result.error else "")

@@ -1,0 +1,75 @@
+"""A run's result: the one type every recorded run ends with (a cleanup task, the metrics
+job, a command that could not start), and the one way to build it.
+
+Its history row, spool entry, textfile series, heartbeat body, log line and JSON output
+are all drawn from it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from skybot_cleanup.clock import iso_utc, utc_now
+from skybot_cleanup.errors import EXIT_OK, EXIT_SKIPPED, Failure
+
+
+@dataclass
+class RunResult:
+    task: str  # the job's name: a cleanup task, or "metrics"
+    status: str  # ok | skipped | failed | interrupted
+    dry_run: bool
+    rows: int
+    cutoff: str
+    duration_ms: int
+    run_id: str
+    exit_code: int = EXIT_OK
+    started_at: str | None = None
+    finished_at: str | None = None
+    batches: int | None = None  # batched mode only
+    remaining: int | None = None  # due rows left (batched mode): a cap stopped the run, or the app held them
+    stopped_by: str | None = None  # max_rows | max_runtime, when a cap ended the run early
+    longest_batch_ms: int | None = None
+    error_class: str | None = None
+    error: str | None = None
+    signal: int | None = None  # a stop signal that arrived once the run's work was over
+
+    def as_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+def build_result(
+    job: str,
+    run_id: str,
+    *,
+    started_at: datetime,
+    clock_started: float,
+    failure: Failure | None,
+    skipped_exit_code: int = EXIT_SKIPPED,
+    dry_run: bool = False,
+    cutoff: datetime | None = None,
+    rows: int = 0,
+    **details: Any,
+) -> RunResult:
+    """A finished run's result. A skipped run exits with the configured code (75, or 0
+    where the platform counts anything else as a failure)."""
+    exit_code = failure.exit_code if failure else EXIT_OK
+    if exit_code == EXIT_SKIPPED:
+        exit_code = skipped_exit_code
+    return RunResult(
+        task=job,
+        status=failure.status if failure else "ok",
+        dry_run=dry_run,
+        rows=rows,
+        cutoff=iso_utc(cutoff or started_at) or "",
+        duration_ms=round((time.monotonic() - clock_started) * 1000),
+        run_id=run_id,
+        exit_code=exit_code,
+        started_at=iso_utc(started_at),
+        finished_at=iso_utc(utc_now()),
+        error_class=failure.error_class if failure else None,
+        error=failure.message if failure else None,
+        **details,
+    )

@@ -1,0 +1,101 @@
+"""The package's layers (docs/architecture.md): every import, wherever it sits in a file,
+goes down a layer; none forms a cycle; the generators are never part of a run."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "skybot_cleanup"
+
+# Lowest first. A module may import only modules of a lower layer, so modules of one
+# layer never import each other (run, metrics, status and check stay apart).
+LAYERS: list[set[str]] = [
+    {"clock", "errors", "logs", "schedule", "spool"},  # no import of the package
+    {"registry"},  # what the app's tables are, and what each job does with them
+    {"results", "db.urls"},
+    {"db.connection"},
+    {"db.catalog"},
+    {"db.counts", "db.batches"},
+    {"db"},  # the db package's face: re-exports only
+    {"settings"},  # the one module that reads configuration
+    {"cutoff", "retry", "heartbeat", "app_schema"},
+    {"history"},
+    {"recording"},  # the shell of every recorded run
+    {"run", "metrics", "status", "check"},  # one job or one report each
+    {"textfiles", "demo"},
+    {"generate"},  # files generated from the registry, for `skybot-cleanup schedule` and the maintainers
+    {"generate.alerts", "generate.readme"},
+    {"generate.deploy"},
+    {"commands"},  # what each command does, as functions of the settings
+    {"views"},  # every rendering
+    {"cli"},
+    {"__main__"},
+]
+LEVEL = {module: level for level, modules in enumerate(LAYERS) for module in modules}
+ROOT = ""  # `from skybot_cleanup import __version__`: the package's root, imported by anyone
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """Every module of the package this file imports, at the top, in a function, or for typing."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("skybot_cleanup"):
+            inner = node.module.removeprefix("skybot_cleanup").lstrip(".")
+            if inner:
+                found.add(inner)
+            else:  # from skybot_cleanup import db, __version__
+                found |= {alias.name if alias.name in LEVEL else ROOT for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {
+                alias.name.removeprefix("skybot_cleanup").lstrip(".")
+                for alias in node.names
+                if alias.name.startswith("skybot_cleanup.")
+            }
+    return found - {ROOT}
+
+
+GRAPH = {module_name(path): imports(path) for path in PACKAGE.rglob("*.py")}
+
+
+def test_every_module_has_a_layer():
+    assert set(GRAPH) - {ROOT} == set(LEVEL), "give each new module its layer in LAYERS"
+
+
+@pytest.mark.parametrize("module", sorted(set(GRAPH) - {ROOT}))
+def test_imports_go_down_a_layer(module):
+    upward = sorted(target for target in GRAPH[module] if LEVEL[target] >= LEVEL[module])
+    assert not upward, f"{module} (layer {LEVEL[module]}) imports {upward} from its own layer or above"
+
+
+def test_no_import_cycle():
+    """Also without the layers: a walk from each module never comes back to it."""
+    for start in GRAPH:
+        seen, frontier = set(), set(GRAPH[start])
+        while frontier:
+            module = frontier.pop()
+            assert module != start, f"an import cycle runs through {start}"
+            if module not in seen:
+                seen.add(module)
+                frontier |= GRAPH.get(module, set())
+
+
+def test_the_generators_are_never_part_of_a_run():
+    """Only `skybot-cleanup schedule` (in cli) loads them: a cleanup run never does."""
+    users = {module for module, targets in GRAPH.items() for target in targets if target.startswith("generate")}
+    assert {user for user in users if not user.startswith("generate")} == {"cli"}
+
+
+def test_db_reads_no_settings_and_knows_no_command():
+    """The SQL layer is given what it needs: it imports only the foundation and itself."""
+    for module, targets in GRAPH.items():
+        if module == "db" or module.startswith("db."):
+            outside = {target for target in targets if not (target == "db" or target.startswith("db."))}
+            assert outside <= {"errors", "registry", "clock"}, (module, outside)

@@ -1,0 +1,137 @@
+"""`check`: the pre-flight, with the exact statement to run for each problem."""
+
+from __future__ import annotations
+
+import json
+
+import sqlalchemy as sa
+from cases import PARTITIONED_REFRESH_TOKEN
+from helpers import DAY, HOUR, NOW, check_findings, invoke, seed_operator_data
+
+from skybot_cleanup.clock import utc_now
+from skybot_cleanup.demo import magic_link_row
+
+
+def test_check_says_when_the_role_may_not_use_the_apps_schema(postgres, limited_role):
+    role, url = limited_role
+    postgres.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+    result = invoke("check", "--json", env={"DATABASE_URL": url})
+    assert result.exit_code == 1
+    findings = [json.loads(line) for line in result.stdout.splitlines()]
+    (usage,) = [f for f in findings if "no USAGE" in f["message"]]
+    assert usage == {
+        "level": "error",
+        "message": f'{role} may not use schema "public" (no USAGE), so none of its tables can be seen: '
+        "as its owner or a superuser, run",
+        "detail": [f'GRANT USAGE ON SCHEMA "public" TO "{role}";'],
+    }
+
+
+def test_check_on_the_apps_schema(postgres):
+    result = invoke("check", "--json", env={"DATABASE_URL": postgres.url})
+    assert result.exit_code == 0, result.output
+    findings = [json.loads(line) for line in result.stdout.splitlines()]
+    levels = {f["message"]: f["level"] for f in findings}
+    assert levels['"public"."IdempotencyKey": the 4 columns the tool reads are present with compatible types'] == "ok"
+    role = postgres.engine.url.username
+    assert levels[f'{role} may SELECT and DELETE on "public"."RefreshToken" (all a cleanup needs; no UPDATE)'] == "ok"
+    for name in ("idempotency-keys", "refresh-tokens", "revoked-tokens"):
+        assert levels[f"{name}: the planner can use an index for its predicate"] == "ok"
+    # The app's MagicLink has no index on expiresAt or used, but it is small: a line of
+    # information, and no DDL at all (an index of ours would break Prisma's migrations).
+    (magic,) = [f for f in findings if f["message"].startswith("magic-links: its predicate cannot use an index")]
+    assert magic["level"] == "info" and magic["detail"] == []
+    assert not any("CREATE INDEX" in f["message"] + " ".join(f["detail"]) for f in findings)
+    assert ("ok", 'run history: "skybot_cleanup"."runs" is writable (created on the first run)') in [
+        (f["level"], f["message"]) for f in findings
+    ]
+    # The probe rolled back: no history schema was left behind.
+    with postgres.engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT count(*) FROM pg_namespace WHERE nspname = 'skybot_cleanup'")) == 0
+
+
+def test_check_advises_a_schema_prisma_change_for_a_large_table(postgres):
+    now = utc_now()
+    postgres.insert("MagicLink", [magic_link_row(f"ml{i}", now + HOUR) for i in range(200)])
+    postgres.execute('ANALYZE "MagicLink"')
+    result = invoke("check", "--json", env={"DATABASE_URL": postgres.url, "SKYBOT_CLEANUP_INDEX_ADVICE_ROWS": "100"})
+    (magic,) = [json.loads(line) for line in result.stdout.splitlines() if "magic-links: its predicate" in line]
+    assert magic["level"] == "warning"
+    assert "Add to `model MagicLink` in the app's prisma/schema.prisma" in magic["message"]
+    assert magic["detail"][:2] == ["  @@index([expiresAt])", "  @@index([used])"]
+    assert 'CREATE INDEX "MagicLink_expiresAt_idx" ON "MagicLink"("expiresAt");' in " ".join(magic["detail"])
+    assert "CONCURRENTLY" not in " ".join(magic["detail"])
+
+
+def test_check_reports_a_renamed_column_and_a_timestamptz_column(postgres):
+    postgres.execute('ALTER TABLE "RefreshToken" RENAME COLUMN "revokedAt" TO "revoked_at"')
+    postgres.execute('ALTER TABLE "IdempotencyKey" ALTER COLUMN "expiresAt" TYPE timestamptz')
+    result = invoke("check", "--json", env={"DATABASE_URL": postgres.url})
+    assert result.exit_code == 1
+    findings = check_findings(result)
+    assert (
+        "error",
+        'column "revokedAt" not found in table "public"."RefreshToken" '
+        "(setting SKYBOT_CLEANUP_REFRESH_TOKEN_REVOKED_AT_COLUMN)",
+    ) in findings
+    assert (
+        "error",
+        '"public"."IdempotencyKey"."expiresAt" is timestamp with time zone, expected timestamp '
+        "without time zone (a time-zone-aware column would make every cutoff depend on the session's "
+        "zone) (setting SKYBOT_CLEANUP_IDEMPOTENCY_KEY_EXPIRES_AT_COLUMN)",
+    ) in findings
+
+
+def test_check_names_the_connecting_role_in_every_grant(postgres, limited_role):
+    role, url = limited_role
+    result = invoke("check", "--json", env={"DATABASE_URL": url})
+    assert result.exit_code == 1
+    findings = [json.loads(line) for line in result.stdout.splitlines()]
+    (missing,) = [f for f in findings if f["message"].startswith(f"{role} lacks DELETE on")]
+    assert missing["detail"] == [f'GRANT DELETE ON "public"."RefreshToken" TO "{role}";']
+    (history,) = [f for f in findings if f["message"].startswith("run history: cannot write")]
+    assert history["level"] == "warning"
+    assert history["detail"] == [f'CREATE SCHEMA "skybot_cleanup" AUTHORIZATION "{role}";']
+    assert not any("current_user" in " ".join([f["message"], *f["detail"]]) for f in findings)
+
+
+def test_check_warns_about_a_large_backlog(sqlite):
+    seed_operator_data(sqlite)
+    result = invoke("check", "--json", env={"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_BACKLOG_WARNING_ROWS": "1"})
+    assert result.exit_code == 0
+    (warning,) = [json.loads(line) for line in result.stdout.splitlines() if "refresh-tokens: more than" in line]
+    assert warning == {
+        "level": "warning",
+        "message": "refresh-tokens: more than 1 rows are due; drain them once in batches before scheduling:",
+        "detail": ["skybot-cleanup refresh-tokens --batch-size 10000 --max-runtime 1800"],
+    }
+
+
+def test_check_on_a_read_only_database_is_an_error(postgres):
+    postgres.execute(f'ALTER DATABASE "{postgres.database}" SET default_transaction_read_only = on')
+    result = invoke("check", "--json", env={"DATABASE_URL": postgres.url})
+    assert result.exit_code == 1
+    assert (
+        "error",
+        "the database is read-only (default_transaction_read_only is on): every cleanup would fail; "
+        "point DATABASE_URL at the primary (with several hosts, add target_session_attrs=read-write)",
+    ) in (check_findings(result))
+    assert not any("writable" in message for _level, message in check_findings(result))
+
+
+def test_check_and_metrics_on_a_partitioned_table(postgres):
+
+    postgres.execute(PARTITIONED_REFRESH_TOKEN.format(old=NOW - 60 * DAY, soon=NOW + DAY))
+    seed_operator_data(postgres)
+    findings = check_findings(invoke("check", "--json", env={"DATABASE_URL": postgres.url}))
+    assert (
+        "info",
+        '"public"."RefreshToken" is partitioned: the tasks delete row by row in every partition; '
+        "detaching and dropping whole expired partitions is the app's migrations' job "
+        "(docs/scaling.md)",
+    ) in findings
+    snapshot = json.loads(invoke("metrics", "--json", env={"DATABASE_URL": postgres.url}).stdout)
+    table = next(t for t in snapshot["tables"] if t["name"] == "RefreshToken")
+    assert (table["partitions"], table["rows"]) == (3, 6)
+    assert table["size_bytes"] > 0 and table["last_analyze"]
+    assert next(t for t in snapshot["tasks"] if t["name"] == "refresh-tokens")["due_rows"] == 2

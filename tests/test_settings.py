@@ -1,0 +1,220 @@
+"""Settings: environment, settings file, options, the app's own variables, and `config`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from components import need_root, world_dir
+from helpers import HOUR, PASSWORD, error_line, events, invoke, os_user_group, run_cli, seed_tokens
+
+from skybot_cleanup.app_schema import app_metadata
+from skybot_cleanup.clock import utc_now
+from skybot_cleanup.demo import insert_rows, refresh_token_row
+from skybot_cleanup.settings import load
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("SKYBOT_CLEANUP_LOG_LEVEL", "DEBUG"), ("SKYBOT_CLEANUP_LOG_FORMAT", "JSON")]
+)
+def test_enumerated_settings_ignore_case(sqlite, variable, value):
+    result = invoke("refresh-tokens", env={"DATABASE_URL": sqlite.url, variable: value})
+    assert result.exit_code == 0, result.output
+
+
+def test_renamed_tables_and_columns_are_settings(backend):
+    renamed = {
+        "SKYBOT_CLEANUP_REFRESH_TOKEN_TABLE": "refresh_tokens",
+        "SKYBOT_CLEANUP_REFRESH_TOKEN_EXPIRES_AT_COLUMN": "expires_at",
+        "SKYBOT_CLEANUP_REFRESH_TOKEN_REVOKED_AT_COLUMN": "revoked_at",
+    }
+    settings = load({k.removeprefix("SKYBOT_CLEANUP_").lower(): v for k, v in renamed.items()}).settings
+    metadata = app_metadata(settings)
+    table = metadata.tables["refresh_tokens"]
+    table.create(backend.engine)
+    now = utc_now()
+    rows = [
+        {**refresh_token_row(id_, now + shift), "expires_at": now + shift, "revoked_at": None}
+        for id_, shift in (("old", -HOUR), ("new", HOUR))
+    ]
+    with backend.engine.begin() as conn:
+        insert_rows(
+            conn,
+            metadata,
+            {"refresh_tokens": [{k: v for k, v in row.items() if k not in ("expiresAt", "revokedAt")} for row in rows]},
+        )
+    result = invoke("refresh-tokens", "--json", env={"DATABASE_URL": backend.url, **renamed})
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rows"] == 1
+    with backend.engine.connect() as conn:
+        assert set(conn.scalars(sa.select(table.c.id))) == {"new"}
+
+
+def test_env_file_with_the_apps_other_variables(backend, tmp_path):
+    seed_tokens(backend)
+    (tmp_path / ".env").write_text(
+        f'NODE_ENV=production\nJWT_SECRET=abc\nPORT=3000\nDATABASE_URL="{backend.url}"\n'
+        "JOB_MAX_RETRIES=3\nSKYBOT_CLEANUP_LOG_FORMAT=json\n"
+        'PRIVATE_KEY="-----BEGIN KEY-----\nMIIB\n-----END KEY-----"\n'
+    )
+    result = invoke("refresh-tokens", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rows"] == 2
+
+
+def test_option_overrides_environment(backend):
+    seed_tokens(backend)
+    result = invoke(
+        "refresh-tokens",
+        "--json",
+        "--database-url",
+        backend.url,
+        env={"DATABASE_URL": "postgres://nobody@127.0.0.1:1/none"},
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_missing_env_file_is_a_configuration_error(tmp_path):
+    result = invoke("refresh-tokens", env={"SKYBOT_CLEANUP_ENV_FILE": str(tmp_path / "nope.env")})
+    assert result.exit_code == 2
+    assert error_line(result.stderr) == (
+        f"SKYBOT_CLEANUP_ENV_FILE names {tmp_path / 'nope.env'}, which is not a readable file"
+    )
+
+
+def test_malformed_named_env_file_is_a_configuration_error(tmp_path):
+    path = tmp_path / "env"
+    path.write_text("DATABASE_URL=sqlite:///x.db\nthis is not an assignment\n")
+    result = invoke("refresh-tokens", env={"SKYBOT_CLEANUP_ENV_FILE": str(path)})
+    assert result.exit_code == 2
+    assert error_line(result.stderr) == f"settings file {path}, line 2: expected KEY=value"
+
+
+def test_env_file_values_are_literal(backend, tmp_path):
+    """No interpolation, no quoting rules; CRLF, a BOM and `export` are tolerated."""
+    seed_tokens(backend)
+    secret = "pa$word${HOME}x&y%z#1"
+    url = backend.url if backend.kind == "sqlite" else backend.url.replace("://", f"://postgres:{secret}@", 1)
+    path = tmp_path / "env"
+    path.write_bytes(
+        (
+            "\ufeff# settings\r\nexport DATABASE_URL=" + url + "\r\n"
+            f"SKYBOT_CLEANUP_PING_URL=https://hc-ping.example/{secret}\r\n"
+        ).encode()
+    )
+    settings = load(environ={"SKYBOT_CLEANUP_ENV_FILE": str(path), "HOME": "/root"}).settings
+    assert settings.database_url is not None and settings.database_url.get_secret_value() == url
+    assert settings.ping_url is not None and settings.ping_url.get_secret_value().endswith(secret)
+    result = invoke("refresh-tokens", "--json", env={"SKYBOT_CLEANUP_ENV_FILE": str(path)})
+    assert (result.exit_code, json.loads(result.stdout)["rows"]) == (0, 2), result.output
+    assert secret not in result.output
+
+
+def test_unknown_setting_is_a_warning_naming_the_closest(sqlite):
+    result = invoke("revoked-tokens", env={"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_REVOKED_RETENTION": "180"})
+    assert result.exit_code == 0
+    (warning,) = [event for event in events(result.stderr) if event["event"] == "unknown_setting"]
+    assert warning == {
+        **warning,
+        "variable": "SKYBOT_CLEANUP_REVOKED_RETENTION",
+        "level": "warning",
+        "hint": "did you mean SKYBOT_CLEANUP_REVOKED_RETENTION_DAYS?",
+    }
+
+
+def test_our_retry_settings_win_over_the_apps(monkeypatch):
+    monkeypatch.setenv("JOB_MAX_RETRIES", "7")
+    monkeypatch.setenv("JOB_RETRY_DELAY", "100")
+    assert (load().settings.max_retries, load().settings.retry_delay_ms) == (7, 100)
+    monkeypatch.setenv("SKYBOT_CLEANUP_MAX_RETRIES", "1")
+    monkeypatch.setenv("SKYBOT_CLEANUP_RETRY_DELAY_MS", "20")
+    assert (load().settings.max_retries, load().settings.retry_delay_ms) == (1, 20)
+
+
+def test_config_shows_every_setting_its_source_and_no_secret(tmp_path):
+    path = tmp_path / "env"
+    path.write_text(f"SKYBOT_CLEANUP_BATCH_SIZE=500\nSKYBOT_CLEANUP_PING_URL=https://hc-ping.com/{PASSWORD}/x\n")
+    result = invoke(
+        "config",
+        "--json",
+        env={
+            "SKYBOT_CLEANUP_ENV_FILE": str(path),
+            "JOB_MAX_RETRIES": "4",
+            "SKYBOT_CLEANUP_SLEEP_MS": "5",
+            "DATABASE_URL": f"postgres://app:{PASSWORD}@db.internal:5432/skybot?schema=public",
+            "SKYBOT_CLEANUP_BATCH_SIZ": "1",
+        },
+    )
+    assert result.exit_code == 0, result.output
+    view = json.loads(result.stdout)
+    settings = {entry["variable"]: entry for entry in view["settings"]}
+    assert settings["SKYBOT_CLEANUP_DATABASE_URL"] == {
+        "variable": "SKYBOT_CLEANUP_DATABASE_URL",
+        "source": "environment (DATABASE_URL, the app's variable)",
+        "value": "postgresql://app:***@db.internal:5432/skybot",
+    }
+    assert (settings["SKYBOT_CLEANUP_BATCH_SIZE"]["value"], settings["SKYBOT_CLEANUP_BATCH_SIZE"]["source"]) == (
+        500,
+        "settings file (SKYBOT_CLEANUP_BATCH_SIZE)",
+    )
+    assert settings["SKYBOT_CLEANUP_MAX_RETRIES"]["source"] == "environment (JOB_MAX_RETRIES, the app's variable)"
+    assert settings["SKYBOT_CLEANUP_SLEEP_MS"]["source"] == "environment (SKYBOT_CLEANUP_SLEEP_MS)"
+    assert settings["SKYBOT_CLEANUP_LOCK_TIMEOUT_MS"] == {
+        "variable": "SKYBOT_CLEANUP_LOCK_TIMEOUT_MS",
+        "value": 5000,
+        "source": "default",
+    }
+    assert settings["SKYBOT_CLEANUP_PING_URL"]["value"] == "***"
+    assert view["unknown"] == [{"variable": "SKYBOT_CLEANUP_BATCH_SIZ", "closest": "SKYBOT_CLEANUP_BATCH_SIZE"}]
+    assert view["settings_file"] == str(path)
+    assert PASSWORD not in result.output
+    table = invoke("config", env={"DATABASE_URL": f"postgres://app:{PASSWORD}@db/x"})
+    assert "postgresql://app:***@db/x" in table.stdout and PASSWORD not in table.output
+
+
+@os_user_group
+def test_an_unreadable_settings_file_is_one_line_and_exit_2(tmp_path):
+    need_root()
+    directory = world_dir("skybot-settings-")
+    settings = directory / "env"
+    settings.write_text("DATABASE_URL=sqlite:////nonexistent.db\n")
+    settings.chmod(0o600)  # root's, as /etc/skybot-cleanup/env would be by mistake
+    try:
+        completed = run_cli(
+            "refresh-tokens",
+            user="nobody",
+            cwd=directory,
+            env={"SKYBOT_CLEANUP_ENV_FILE": str(settings), "SKYBOT_CLEANUP_LOG_FORMAT": "console"},
+        )
+    finally:
+        shutil.rmtree(directory)
+    assert completed.returncode == 2
+    assert completed.stderr == (
+        f"skybot-cleanup: error: cannot read settings file {settings}: Permission denied (running as nobody)\n"
+    )
+
+
+@os_user_group
+def test_a_settings_file_in_a_directory_the_user_cannot_enter_is_one_line_and_exit_2():
+    need_root()
+    private = Path(tempfile.mkdtemp(prefix="skybot-private-"))  # 0700, root's
+    settings = private / "env"
+    settings.write_text("DATABASE_URL=sqlite:////nonexistent.db\n")
+    settings.chmod(0o644)
+    try:
+        completed = run_cli(
+            "refresh-tokens",
+            user="nobody",
+            cwd=Path("/"),
+            env={"SKYBOT_CLEANUP_ENV_FILE": str(settings), "SKYBOT_CLEANUP_LOG_FORMAT": "console"},
+        )
+    finally:
+        shutil.rmtree(private)
+    assert completed.returncode == 2
+    assert completed.stderr == (
+        f"skybot-cleanup: error: cannot read settings file {settings}: Permission denied (running as nobody)\n"
+    )

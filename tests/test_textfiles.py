@@ -1,0 +1,152 @@
+"""node_exporter textfiles: one per job, atomic, and a last success that survives failures (textfiles.py)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+
+from helpers import (
+    JOB_NAMES,
+    TASK_NAMES,
+    history_rows,
+    invoke,
+    last_success,
+    prom_values,
+    run_cli,
+    samples,
+    seed_operator_data,
+)
+
+
+def test_an_invalid_setting_in_the_settings_file_still_writes_the_textfile_pings_and_is_recorded(
+    sqlite, tmp_path, monitor
+):
+    seed_operator_data(sqlite)
+    prom = tmp_path / "textfiles"
+    prom.mkdir()
+    settings_file = tmp_path / "skybot-cleanup.env"
+    settings_file.write_text(
+        f"DATABASE_URL={sqlite.url}\n"
+        f"SKYBOT_CLEANUP_PROM_FILE={prom}\n"
+        f"SKYBOT_CLEANUP_PING_URL=http://127.0.0.1:{monitor.server_port}/{{task}}\n"
+        f"SKYBOT_CLEANUP_STATE_DIR={tmp_path / 'state-dir'}\n"
+        "SKYBOT_CLEANUP_BATCH_SIZE=0\n"
+    )
+    env = {"SKYBOT_CLEANUP_ENV_FILE": str(settings_file), "SKYBOT_CLEANUP_LOG_FORMAT": "console"}
+    completed = run_cli("refresh-tokens", env=env)
+    assert completed.returncode == 2
+    assert completed.stderr.count("\n") == 1 and "SKYBOT_CLEANUP_BATCH_SIZE" in completed.stderr
+    assert prom_values(prom / "skybot_cleanup_refresh-tokens.prom")["skybot_cleanup_last_exit_code"] == 2
+    assert [(method, path.split("?")[0]) for method, path, _ in monitor.requests] == [("POST", "/refresh-tokens/2")]
+    # The next good run records it, with its error, before its own.
+    settings_file.write_text(settings_file.read_text().replace("BATCH_SIZE=0", "BATCH_SIZE=100"))
+    assert run_cli("refresh-tokens", env=env).returncode == 0
+    rows = history_rows(sqlite)
+    assert [(r["task"], r["status"], r["exit_code"], r["error_class"]) for r in rows] == [
+        ("refresh-tokens", "failed", 2, "ConfigError"),
+        ("refresh-tokens", "ok", 0, None),
+    ]
+    assert "SKYBOT_CLEANUP_BATCH_SIZE" in rows[0]["error"]
+
+
+def test_an_invalid_url_with_a_prom_file_option_writes_that_textfile(tmp_path):
+    completed = run_cli(
+        "all",
+        "--prom-file",
+        str(tmp_path),
+        env={"DATABASE_URL": "mysql://u@host/app", "SKYBOT_CLEANUP_LOG_FORMAT": "console"},
+    )
+    assert completed.returncode == 2
+    assert sorted(p.name for p in tmp_path.glob("*.prom")) == sorted(
+        f"skybot_cleanup_{name}.prom" for name in JOB_NAMES if name != "metrics"
+    )
+    assert {prom_values(p)["skybot_cleanup_last_exit_code"] for p in tmp_path.glob("*.prom")} == {2}
+    assert "skybot_cleanup_last_success_timestamp_seconds" not in prom_values(
+        tmp_path / "skybot_cleanup_refresh-tokens.prom"
+    )
+
+
+def test_metrics_textfile_parses_back(backend, tmp_path):
+    seed_operator_data(backend)
+    path = tmp_path / "textfile" / "skybot_cleanup.prom"
+    path.parent.mkdir()
+    result = invoke("metrics", "--prom-file", str(path), env={"DATABASE_URL": backend.url})
+    assert result.exit_code == 0, result.output
+    text = path.read_text()
+    found = samples(text)
+    assert found[("skybot_cleanup_active_sessions", ())] == 2
+    assert found[("skybot_cleanup_due_rows", (("task", "refresh-tokens"),))] == 2
+    assert found[("skybot_cleanup_due_rows", (("task", "magic-links"),))] == 2
+    assert found[("skybot_cleanup_task_overdue", (("task", "revoked-tokens"),))] == 0
+    assert found[("skybot_cleanup_table_rows", (("table", "MagicLink"),))] == 3
+    assert abs(found[("skybot_cleanup_snapshot_timestamp_seconds", ())] - time.time()) < 60
+    # No timestamps on samples (node_exporter rejects them), no temporary file left, and
+    # readable by node_exporter's user whatever the umask.
+    assert all(len(line.split()) == 2 for line in text.splitlines() if not line.startswith("#"))
+    assert [p.name for p in path.parent.iterdir()] == ["skybot_cleanup.prom"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_cleanup_run_writes_its_textfile(sqlite, tmp_path):
+    seed_operator_data(sqlite)
+    result = invoke("all", "--prom-file", str(tmp_path), env={"DATABASE_URL": sqlite.url})
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.glob("*.prom")) == sorted(f"skybot_cleanup_{t}.prom" for t in TASK_NAMES)
+    path = tmp_path / "skybot_cleanup_refresh-tokens.prom"
+    found = {name: value for (name, _labels), value in samples(path.read_text()).items()}
+    assert found["skybot_cleanup_last_rows"] == 2
+    assert found["skybot_cleanup_last_exit_code"] == 0
+    assert abs(found["skybot_cleanup_last_success_timestamp_seconds"] - time.time()) < 60
+    assert found["skybot_cleanup_schedule_interval_seconds"] == 3600
+    assert 0 < found["skybot_cleanup_next_run_timestamp_seconds"] - time.time() <= 3600
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_a_single_path_prom_file_keeps_one_file_per_task(sqlite, tmp_path):
+    seed_operator_data(sqlite)
+    env = {"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_PROM_FILE": str(tmp_path / "skybot.prom")}
+    assert invoke("refresh-tokens", env=env).exit_code == 0
+    assert invoke("magic-links", env=env).exit_code == 0
+    assert sorted(p.name for p in tmp_path.glob("*.prom")) == ["skybot_magic-links.prom", "skybot_refresh-tokens.prom"]
+
+
+def test_the_last_success_survives_failures_outages_dry_runs_and_bad_settings(sqlite, tmp_path):
+    seed_operator_data(sqlite)
+    env = {"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_PROM_FILE": str(tmp_path)}
+    path = tmp_path / "skybot_cleanup_magic-links.prom"
+    assert invoke("magic-links", env=env).exit_code == 0
+    succeeded = last_success(path)
+    assert succeeded is not None
+    os.umask(0o077)
+    try:
+        failed = invoke("magic-links", env={**env, "SKYBOT_CLEANUP_MAGIC_LINK_USED_COLUMN": "nope"})
+        unreachable = run_cli(
+            "magic-links",
+            env={**env, "DATABASE_URL": "postgresql://u@127.0.0.1:1/x", "SKYBOT_CLEANUP_MAX_RETRIES": "0"},
+        )
+        dry = invoke("magic-links", "--dry-run", env=env)
+        misconfigured = run_cli("magic-links", env={**env, "SKYBOT_CLEANUP_BATCH_SIZE": "0"})
+    finally:
+        os.umask(0o022)
+    assert (failed.exit_code, unreachable.returncode, dry.exit_code, misconfigured.returncode) == (2, 1, 0, 2)
+    assert last_success(path) == succeeded
+    found = {name: value for (name, _), value in samples(path.read_text()).items()}
+    assert found["skybot_cleanup_last_exit_code"] == 2  # the invalid setting, the newest outcome
+    assert abs(found["skybot_cleanup_last_run_timestamp_seconds"] - time.time()) < 60
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_metrics_and_runs_share_the_prom_file_directory_without_sharing_a_series(sqlite, tmp_path):
+    seed_operator_data(sqlite)
+    env = {"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_PROM_FILE": str(tmp_path)}
+    assert invoke("metrics", env=env).exit_code == 0
+    assert invoke("refresh-tokens", env=env).exit_code == 0
+    assert sorted(p.name for p in tmp_path.glob("*.prom")) == [
+        "skybot_cleanup_metrics.prom",  # the metrics job's run series
+        "skybot_cleanup_refresh-tokens.prom",
+        "skybot_cleanup_snapshot.prom",  # the metrics job's snapshot
+    ]
+    series = [set(samples(p.read_text())) for p in sorted(tmp_path.glob("*.prom"))]
+    assert not (series[0] & series[1]) and not (series[0] & series[2]) and not (series[1] & series[2])
+    assert ("skybot_cleanup_last_exit_code", (("task", "metrics"),)) in series[0]

@@ -1,0 +1,147 @@
+"""DATABASE_URL in every form Render, Prisma and libpq write it (db/urls.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import sqlalchemy as sa
+from helpers import HOUR, SECRET, run_cli, seed_operator_data, with_query
+
+from skybot_cleanup.app_schema import app_metadata
+from skybot_cleanup.clock import utc_now
+from skybot_cleanup.db import parse_database_url
+from skybot_cleanup.demo import insert_rows, refresh_token_row
+from skybot_cleanup.errors import (
+    ConfigError,
+)
+
+
+@pytest.mark.parametrize("scheme", ["postgres", "postgresql", "postgresql+psycopg"])
+def test_render_and_prisma_url_forms_with_schema(postgres, scheme):
+    """Tables in a non-public schema, selected by Prisma's ?schema=, beside decoys in public."""
+    now = utc_now()
+    postgres.execute('CREATE SCHEMA "tenant_app"')
+    metadata = app_metadata(schema="tenant_app")
+    metadata.create_all(postgres.engine)
+    with postgres.engine.begin() as conn:
+        insert_rows(
+            conn,
+            metadata,
+            {"RefreshToken": [refresh_token_row("app_expired", now - HOUR), refresh_token_row("app_live", now + HOUR)]},
+            "tenant_app",
+        )
+    postgres.insert("RefreshToken", [refresh_token_row("public_expired", now - HOUR)])
+    url = scheme + "://" + postgres.url.split("://", 1)[1]
+    url = with_query(
+        url,
+        schema="tenant_app",
+        connection_limit="5",
+        pool_timeout="10",
+        pgbouncer="true",
+        socket_timeout="5",
+        statement_cache_size="0",
+    )
+
+    completed = run_cli("refresh-tokens", "--json", env={"DATABASE_URL": url})
+
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout)["rows"] == 1
+    with postgres.engine.connect() as conn:
+        left = set(conn.scalars(sa.text('SELECT id FROM tenant_app."RefreshToken"')))
+    assert left == {"app_live"}
+    assert postgres.ids("RefreshToken") == {"public_expired"}
+
+
+def test_libpq_options_in_the_url_survive(postgres):
+    seed_operator_data(postgres)
+    url = postgres.url + ("&" if "?" in postgres.url else "?") + "options=-c%20TimeZone%3DPacific/Kiritimati"
+    completed = run_cli("refresh-tokens", "--json", env={"DATABASE_URL": url})
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout)["rows"] == 2
+    assert postgres.ids("RefreshToken") == {"live_1", "live_2", "revoked_live", "revoked_100d"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "conninfo", "schema"),
+    [
+        ("postgres://u:p@h:5432/db", "postgresql://u:p@h:5432/db", "public"),
+        ("postgresql://u@h/db?schema=tenant", "postgresql://u@h/db", "tenant"),
+        ("POSTGRESQL+psycopg://u@h/db", "postgresql://u@h/db", "public"),
+        # Every Prisma-only parameter is dropped; libpq's own are kept in order.
+        (
+            "postgresql://u@h/db?connection_limit=5&pool_timeout=10&pgbouncer=true&socket_timeout=5"
+            "&statement_cache_size=0&max_connection_lifetime=1&max_idle_connection_lifetime=2&application_name=x"
+            "&connect_timeout=3&sslmode=require",
+            "postgresql://u@h/db?application_name=x&connect_timeout=3&sslmode=require",
+            "public",
+        ),
+        # Sockets and several hosts: libpq parses them, we only pass them through.
+        ("postgresql://u@%2Fvar%2Frun%2Fpostgresql/db", "postgresql://u@%2Fvar%2Frun%2Fpostgresql/db", "public"),
+        ("postgresql://u@/db?host=/var/run/postgresql", "postgresql://u@/db?host=%2Fvar%2Frun%2Fpostgresql", "public"),
+        (
+            "postgresql://u@h1:5432,h2:5433/db?target_session_attrs=read-write",
+            "postgresql://u@h1:5432,h2:5433/db?target_session_attrs=read-write",
+            "public",
+        ),
+        ("postgresql://u@[::1]:5432/db", "postgresql://u@[::1]:5432/db", "public"),
+        # An unencoded "@" (or ":") in the password: the userinfo ends at the last "@".
+        ("postgresql://u:Sec@ret:x@127.0.0.1/db", "postgresql://u:Sec%40ret%3Ax@127.0.0.1/db", "public"),
+        ("postgresql://u:a%23b@h/db", "postgresql://u:a%23b@h/db", "public"),
+    ],
+)
+def test_database_urls(raw, conninfo, schema):
+    target = parse_database_url(raw)
+    assert (target.conninfo, target.schema, target.kind) == (conninfo, schema, "postgresql")
+
+
+def test_the_schema_setting_overrides_the_urls():
+    assert parse_database_url("postgresql://u@h/db?schema=a", "b").schema == "b"
+
+
+@pytest.mark.parametrize(
+    ("query", "libpq"),
+    [
+        # Prisma's sslaccept=strict: verify the certificate and host name, against the
+        # system's CAs unless sslcert (Prisma: the CA or server certificate) is given.
+        ("sslmode=require&sslaccept=strict", "sslrootcert=system&sslmode=verify-full"),
+        ("sslaccept=strict&sslcert=ca.pem", "sslrootcert=ca.pem&sslmode=verify-full"),
+        ("sslmode=prefer&sslaccept=strict&sslcert=/etc/ca.pem", "sslrootcert=%2Fetc%2Fca.pem&sslmode=verify-full"),
+        # Without strict, Prisma does not verify; libpq with a root certificate verifies the CA: never less.
+        ("sslmode=require&sslcert=ca.pem", "sslmode=require&sslrootcert=ca.pem"),
+        ("sslmode=require&sslaccept=accept_invalid_certs", "sslmode=require"),
+        # With sslkey, sslcert keeps libpq's meaning: a client certificate.
+        (
+            "sslmode=verify-full&sslrootcert=ca.pem&sslcert=c.crt&sslkey=c.key",
+            "sslmode=verify-full&sslrootcert=ca.pem&sslkey=c.key&sslcert=c.crt",
+        ),
+    ],
+)
+def test_prisma_tls_parameters_in_libpq_terms(query, libpq):
+    assert parse_database_url(f"postgresql://u@h/db?{query}").conninfo == f"postgresql://u@h/db?{libpq}"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("", "no database URL"),
+        ("mysql://u@h/db", "DATABASE_URL scheme 'mysql' is not supported"),
+        ("just-a-host", "expected scheme://"),
+        ("postgresql://u@h:port/db", "bad port"),
+        ("postgresql://u@h/db?schema=a-b", "not a valid schema name"),
+        ("postgresql://u@h/db?sslidentity=id.p12&sslpassword=" + SECRET, "sslidentity (a PKCS#12 client identity)"),
+        ("postgresql://u@h/db?sslaccept=maybe", "is not strict or accept_invalid_certs"),
+        ("postgresql://u@h/db?sslaccept=strict&sslmode=disable", "but sslmode=disable allows none"),
+    ],
+)
+def test_bad_urls_are_configuration_errors_without_the_secret(raw, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as caught:
+        parse_database_url(raw)
+    assert SECRET not in str(caught.value)
+
+
+def test_the_display_form_masks_the_password():
+    target = parse_database_url(f"postgres://u:{SECRET}@h/db?password={SECRET}&sslmode=require")
+    assert SECRET not in target.display
+    assert target.display == "postgresql://u:***@h/db?password=***&sslmode=require"
+    assert SECRET in target.secrets
