@@ -22,7 +22,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from skybot_cleanup import db, history
-from skybot_cleanup.cutoff import cutoff
+from skybot_cleanup.clock import iso_utc
+from skybot_cleanup.cutoff import RunTime, cutoff
 from skybot_cleanup.errors import ConfigError
 from skybot_cleanup.registry import REGISTRY, Registry, Task
 from skybot_cleanup.results import build_result
@@ -46,12 +47,16 @@ class Context:
     run: db.RunConnection
     settings: CleanupSettings
     schema: str | None
-    now: datetime
+    clocks: RunTime
     registry: Registry
     role: str = ""
     read_only: bool = False
     schema_unusable: bool = False
     bound: dict[str, db.BoundTable | ConfigError] = field(default_factory=dict)
+
+    @property
+    def now(self) -> datetime:
+        return self.clocks.now
 
     @property
     def conn(self) -> sa.Connection:
@@ -80,9 +85,10 @@ def server(ctx: Context) -> Iterator[Finding]:
         return
     row = ctx.conn.execute(
         sa.text(
-            "SELECT current_setting('server_version'), current_setting('TimeZone'), current_user, "
-            "pg_is_in_recovery(), current_setting('default_transaction_read_only') = 'on', "
-            "coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)"
+            "SELECT pg_catalog.current_setting('server_version'), pg_catalog.current_setting('TimeZone'), "
+            "current_user, pg_catalog.pg_is_in_recovery(), "
+            "pg_catalog.current_setting('default_transaction_read_only') = 'on', "
+            "coalesce((SELECT ssl FROM pg_catalog.pg_stat_ssl WHERE pid = pg_catalog.pg_backend_pid()), false)"
         )
     ).one()
     version, zone, ctx.role, standby, read_only_default, tls = row
@@ -91,9 +97,12 @@ def server(ctx: Context) -> Iterator[Finding]:
         f"connected as {ctx.role}: PostgreSQL {version}, session time zone {zone} "
         f"(cutoffs are computed in UTC whatever it is), {'TLS' if tls else 'no TLS'}",
     )
+    yield _clock_finding(ctx)
     idle_ms = int(
         ctx.conn.scalar(
-            sa.text("SELECT setting::bigint FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout'")
+            sa.text(
+                "SELECT setting::bigint FROM pg_catalog.pg_settings WHERE name = 'idle_in_transaction_session_timeout'"
+            )
         )
         or 0
     )
@@ -114,13 +123,30 @@ def server(ctx: Context) -> Iterator[Finding]:
         )
 
 
+def _clock_finding(ctx: Context) -> Finding:
+    clocks, threshold = ctx.clocks, ctx.settings.clock_skew_warning_s
+    skew = clocks.skew_s or 0.0
+    relation = f"{abs(skew):.3f} s {'ahead of' if skew > 0 else 'behind'} the server's"
+    if abs(skew) <= threshold:
+        return Finding("ok", f"clocks agree: this host's is {relation} (warning above {threshold:g} s)")
+    return Finding(
+        "warning",
+        f"this host's clock is {relation} (host {iso_utc(clocks.host)}, server {iso_utc(clocks.server)}): runs "
+        "take the earlier of the two, so no valid row is deleted, but due rows wait for the later one; fix the "
+        f"clock (NTP) (warning above {threshold:g} s, {env_name('clock_skew_warning_s')})",
+    )
+
+
 def schema_usage(ctx: Context) -> Iterator[Finding]:
     """The role must be able to use the app's schema, or every table looks missing."""
     if not ctx.on_postgres:
         return
     names = [ctx.schema]
     rows = ctx.conn.execute(
-        sa.text("SELECT nspname, has_schema_privilege(nspname, 'USAGE') FROM pg_namespace WHERE nspname = ANY(:names)"),
+        sa.text(
+            "SELECT nspname, pg_catalog.has_schema_privilege(nspname, 'USAGE') FROM pg_catalog.pg_namespace "
+            "WHERE nspname = ANY(:names)"
+        ),
         {"names": names},
     ).all()
     usable = [name for name, ok in rows if ok]
@@ -188,8 +214,8 @@ def privileges(ctx: Context) -> Iterator[Finding]:
         shown = _shown(table)
         can_select, can_delete = ctx.conn.execute(
             sa.text(
-                "SELECT has_table_privilege(CAST(:t AS text), 'SELECT'), "
-                "has_table_privilege(CAST(:t AS text), 'DELETE')"
+                "SELECT pg_catalog.has_table_privilege(CAST(:t AS text), 'SELECT'), "
+                "pg_catalog.has_table_privilege(CAST(:t AS text), 'DELETE')"
             ),
             {"t": shown},
         ).one()
@@ -202,6 +228,28 @@ def privileges(ctx: Context) -> Iterator[Finding]:
             )
         else:
             yield Finding("ok", f"{ctx.role} may SELECT and DELETE on {shown} (all a cleanup needs; no UPDATE)")
+
+
+def row_level_security(ctx: Context) -> Iterator[Finding]:
+    """Row-level security hides rows without an error: runs would delete, and counts see,
+    only what its policies allow this role, forever."""
+    for spec in ctx.registry.tables:
+        table = ctx.bound.get(spec.key)
+        if table is None or isinstance(table, ConfigError) or not table.info.rls_hides_rows:
+            continue
+        shown, role = _shown(table), _quote(ctx.role)
+        forced = " (and forced, so even its owner is subject to it)" if table.info.rls_forced else ""
+        yield Finding(
+            "error",
+            f"row-level security is on for {shown}{forced}, and {ctx.role} is neither its owner, nor BYPASSRLS, "
+            "nor a superuser: runs delete, and counts see, only the rows its policies allow this role, so due "
+            "rows stay and backlogs read low. Either, as a superuser, exempt the role, or, as the table's owner, "
+            "let it see every row (restrictive policies still apply):",
+            (
+                f"ALTER ROLE {role} BYPASSRLS;",
+                f"CREATE POLICY skybot_cleanup ON {shown} FOR ALL TO {role} USING (true);",
+            ),
+        )
 
 
 def indexes(ctx: Context) -> Iterator[Finding]:
@@ -379,6 +427,7 @@ CHECKS: tuple[Check, ...] = (
     schema_usage,
     tables,
     privileges,
+    row_level_security,
     indexes,
     partitioning,
     backlogs,
@@ -387,7 +436,7 @@ CHECKS: tuple[Check, ...] = (
 
 
 def run_checks(
-    run: db.RunConnection, settings: CleanupSettings, schema: str | None, now: datetime, registry: Registry = REGISTRY
+    run: db.RunConnection, settings: CleanupSettings, schema: str | None, clocks: RunTime, registry: Registry = REGISTRY
 ) -> list[Finding]:
-    ctx = Context(run=run, settings=settings, schema=schema, now=now, registry=registry)
+    ctx = Context(run=run, settings=settings, schema=schema, clocks=clocks, registry=registry)
     return [finding for check in CHECKS for finding in check(ctx)]

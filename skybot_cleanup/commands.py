@@ -8,12 +8,12 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from skybot_cleanup import db
 from skybot_cleanup.clock import utc_now
+from skybot_cleanup.cutoff import RunTime, run_time
 from skybot_cleanup.errors import EXIT_OK, CleanupError, ConfigError, Failure, classify, worst_exit_code
 from skybot_cleanup.logs import get_logger
 from skybot_cleanup.registry import REGISTRY, Job, Registry, Task
@@ -111,19 +111,24 @@ def _reading(settings: CleanupSettings, label: str) -> Iterator[tuple[Any, db.Da
         engine.dispose()
 
 
+def clock_of(run: db.RunConnection) -> RunTime:
+    """The run's clocks, read in its transaction: reports judge by the same now as a run."""
+    return run_time(server=run.server_now, host=run.host_now)
+
+
 def _read(
     settings: CleanupSettings,
     label: str,
-    work: Callable[[db.RunConnection, str | None, datetime], T],
+    work: Callable[[db.RunConnection, str | None, RunTime], T],
     *,
     read_only: bool = True,
 ) -> T:
-    """work(run, schema, now) in a bounded read-only transaction, retried when transient."""
+    """work(run, schema, clocks) in a bounded read-only transaction, retried when transient."""
     with _reading(settings, label) as (engine, target):
 
         def attempt() -> T:
             with db.run_transaction(engine, settings.session(), label, read_only=read_only) as run:
-                return work(run, target.schema, utc_now())
+                return work(run, target.schema, clock_of(run))
 
         return with_retries(settings, attempt, log=get_logger(), reporting=True)
 
@@ -148,19 +153,21 @@ def metrics_job(
 
     recorded = RecordedRun(settings, registry.metrics.name)
     taken: list[metrics.Snapshot] = []
+    clocks: list[RunTime] = []
 
     def work() -> None:
         assert recorded.engine is not None and recorded.target is not None
-        engine, schema, now = recorded.engine, recorded.target.schema, recorded.started_at
+        engine, schema = recorded.engine, recorded.target.schema
 
         def attempt() -> metrics.Snapshot:
             with db.run_transaction(engine, settings.session(), recorded.job, read_only=True) as run:
-                return metrics.collect(run.conn, settings, schema, now, registry)
+                clocks[:] = [clock_of(run)]
+                return metrics.collect(run.conn, settings, schema, clocks[0].now, registry)
 
         snapshot = with_retries(settings, attempt, log=recorded.log, reporting=True)
         taken.append(snapshot)
         # After the read transaction: on SQLite an open reader would block this write.
-        history.record_snapshot(engine, settings, now, json.dumps(snapshot.as_dict()))
+        history.record_snapshot(engine, settings, clocks[0].now, json.dumps(snapshot.as_dict()))
         try:
             deliver_snapshot(snapshot, snapshot_file, pushgateway)
         except Exception as exc:  # a monitoring sink down: the job failed, and says which sink
@@ -168,7 +175,7 @@ def metrics_job(
         if snapshot.errors:
             raise CleanupError("; ".join(snapshot.errors))
 
-    result = recorded.execute(work)
+    result = recorded.execute(work, lambda: {"clock_skew_s": clocks[0].skew_s} if clocks else {})
     return MetricsRun(result, taken[0] if taken else None)
 
 
@@ -194,7 +201,8 @@ def job_status(settings: CleanupSettings, registry: Registry = REGISTRY) -> stat
         def read(unknown: str | None) -> status.Status:
             def attempt() -> status.Status:
                 with db.run_transaction(engine, settings.session(), "status", read_only=True) as run:
-                    return status.collect(run.conn, settings, target.schema, utc_now(), registry, spooled, unknown)
+                    now = clock_of(run).now
+                    return status.collect(run.conn, settings, target.schema, now, registry, spooled, unknown)
 
             return with_retries(settings, attempt, log=get_logger(), reporting=True)
 
@@ -212,7 +220,7 @@ def job_status(settings: CleanupSettings, registry: Registry = REGISTRY) -> stat
 def check(settings: CleanupSettings, registry: Registry = REGISTRY) -> list[Finding]:
     from skybot_cleanup.check import run_checks
 
-    return _read(settings, "check", lambda run, schema, now: run_checks(run, settings, schema, now, registry))
+    return _read(settings, "check", lambda run, schema, clocks: run_checks(run, settings, schema, clocks, registry))
 
 
 @dataclass
@@ -225,7 +233,7 @@ class HistoryView:
 def run_history(settings: CleanupSettings, query: history.HistoryQuery) -> HistoryView:
     from skybot_cleanup import history
 
-    def work(run: db.RunConnection, _schema: str | None, _now: datetime) -> HistoryView:
+    def work(run: db.RunConnection, _schema: str | None, _clocks: RunTime) -> HistoryView:
         spool = history.spool_for(settings.state_dir)
         return HistoryView(
             list(history.list_runs(run.conn, settings, query)),

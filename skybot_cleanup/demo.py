@@ -133,20 +133,18 @@ def create(url: str, now: datetime, settings: CleanupSettings) -> DemoDatabase:
     if target.is_postgres:
         engine = db.create_engine(target, settings.session(), "demo")
         try:
-            with engine.connect() as conn:
-                found = _user_tables(conn, target.schema)
+            with db.run_transaction(engine, settings.session(), "demo") as run:
+                found = _user_tables(run.conn, target.schema)
                 if found:
                     raise ConfigError(
                         f"refusing to seed demo rows into a database that already has tables "
                         f"({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}): give an "
                         "empty database, or an empty ?schema="
                     )
-                conn.exec_driver_sql("BEGIN")
-                if target.schema:
-                    conn.execute(sa.schema.CreateSchema(target.schema, if_not_exists=True))
-                metadata.create_all(conn)
-                insert_rows(conn, metadata, seed_rows(now), target.schema)
-                conn.exec_driver_sql("COMMIT")
+                if target.schema and not db.schema_exists(run.conn, target.schema):
+                    run.conn.execute(sa.schema.CreateSchema(target.schema))
+                metadata.create_all(run.conn)
+                insert_rows(run.conn, metadata, seed_rows(now), target.schema)
         finally:
             engine.dispose()
         return DemoDatabase(url, target.schema, metadata)
@@ -188,21 +186,19 @@ def _foreign_sqlite_tables(path: Path, metadata: sa.MetaData) -> list[str]:
 def _user_tables(conn: sa.Connection, schema: str | None) -> list[str]:
     query = (
         "SELECT table_schema || '.' || table_name FROM information_schema.tables "
-        "WHERE table_schema NOT IN ('pg_catalog', 'information_schema')"
+        "WHERE table_schema = :schema ORDER BY 1"
     )
-    if schema:
-        return list(conn.scalars(sa.text(query + " AND table_schema = :s ORDER BY 1"), {"s": schema}))
-    return list(conn.scalars(sa.text(query + " ORDER BY 1")))
+    return list(conn.scalars(sa.text(query), {"schema": schema}))
 
 
 def ids_by_table(demo: DemoDatabase, settings: CleanupSettings) -> dict[str, set[str]]:
     target = db.parse_database_url(demo.url, demo.schema)
     engine = db.create_engine(target, settings.session(), "demo")
     try:
-        with engine.connect() as conn:
+        with db.run_transaction(engine, settings.session(), "demo", read_only=True) as run:
             prefix = f"{demo.schema}." if demo.schema else ""
             tables = [demo.metadata.tables[prefix + settings.table_name(spec)] for spec in REGISTRY.tables]
-            return {table.name: set(conn.scalars(sa.select(table.c.id))) for table in tables}
+            return {table.name: set(run.conn.scalars(sa.select(table.c.id))) for table in tables}
     finally:
         engine.dispose()
 

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from skybot_cleanup import db, schedule
 from skybot_cleanup.clock import iso_utc, parse_iso, utc_now
-from skybot_cleanup.errors import classify
+from skybot_cleanup.errors import SqlState, classify, sqlstate_of
 from skybot_cleanup.logs import get_logger
 from skybot_cleanup.results import RunResult
 from skybot_cleanup.settings import CleanupSettings
@@ -37,6 +37,17 @@ from skybot_cleanup.spool import Spool
 _warned: set[str] = set()
 REAL_STATUSES = ("ok", "failed", "interrupted")  # what a scheduled run can end as (skips aside)
 # A run's history row: its result's fields of these names, plus the host it ran on.
+# Rows (and spool entries) of earlier versions lack the ADDED_COLUMNS.
+ADDED_COLUMNS = (
+    "batches",
+    "remaining",
+    "remaining_exact",
+    "stopped_by",
+    "clock_skew_s",
+    "reconnects",
+    "unconfirmed_rows",
+    "warnings",
+)
 RESULT_COLUMNS = (
     "run_id",
     "task",
@@ -49,6 +60,7 @@ RESULT_COLUMNS = (
     "exit_code",
     "error_class",
     "error",
+    *ADDED_COLUMNS,
 )
 TIMESTAMP_COLUMNS = ("cutoff", "finished_at")
 ROW_COLUMNS = (*RESULT_COLUMNS, "host")
@@ -82,6 +94,14 @@ def history_tables(dialect_name: str, schema: str) -> HistoryTables:
         sa.Column("host", sa.Text, nullable=False),
         sa.Column("error_class", sa.Text),
         sa.Column("error", sa.Text),
+        sa.Column("batches", sa.Integer),
+        sa.Column("remaining", sa.BigInteger),
+        sa.Column("remaining_exact", sa.Boolean),
+        sa.Column("stopped_by", sa.Text),
+        sa.Column("clock_skew_s", sa.Float),
+        sa.Column("reconnects", sa.Integer),
+        sa.Column("unconfirmed_rows", sa.BigInteger),
+        sa.Column("warnings", sa.Text),  # "; "-separated
         # status, history and last-success queries read the newest rows of one task.
         sa.Index(f"{prefix}runs_task_finished_idx", "task", "finished_at"),
         sa.Index(f"{prefix}runs_finished_idx", "finished_at"),
@@ -116,6 +136,7 @@ def history_row(result: RunResult, host: str | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {name: getattr(result, name) for name in RESULT_COLUMNS}
     for name in TIMESTAMP_COLUMNS:
         row[name] = parse_iso(row[name]) if row[name] else utc_now()
+    row["warnings"] = "; ".join(result.warnings) if result.warnings else None
     row["host"] = host or socket.gethostname()
     return row
 
@@ -127,10 +148,10 @@ def _encode(row: dict[str, Any]) -> dict[str, Any]:
 
 def _decode(entry: dict[str, Any]) -> dict[str, Any] | None:
     """A spool entry back into a row, or None when it is not one the tool wrote."""
-    if set(entry) != set(ROW_COLUMNS):
+    if not set(ROW_COLUMNS) - set(ADDED_COLUMNS) <= set(entry) <= set(ROW_COLUMNS):
         return None
     try:
-        return {name: parse_iso(entry[name]) if name in TIMESTAMP_COLUMNS else entry[name] for name in ROW_COLUMNS}
+        return {name: parse_iso(entry[name]) if name in TIMESTAMP_COLUMNS else entry.get(name) for name in ROW_COLUMNS}
     except (ValueError, TypeError, AttributeError):
         return None
 
@@ -155,7 +176,8 @@ def ensure_tables(conn: Connection, tables: HistoryTables, schema: str) -> None:
     privilege when the schema exists (CREATE SCHEMA IF NOT EXISTS would)."""
     if conn.dialect.name == "postgresql":
         conn.execute(
-            sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": db.lock_key(_DDL_LOCK)}
+            sa.text("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(:key, 0::bigint))"),
+            {"key": db.lock_key(_DDL_LOCK)},
         )
         if not db.schema_exists(conn, schema):
             conn.execute(sa.schema.CreateSchema(schema))
@@ -166,8 +188,40 @@ def ensure_tables(conn: Connection, tables: HistoryTables, schema: str) -> None:
 
 
 def _missing_table(exc: sa.exc.DBAPIError) -> bool:
-    sqlstate = getattr(exc.orig, "sqlstate", None)
-    return sqlstate in ("42P01", "3F000") or "no such table" in str(exc.orig)
+    return sqlstate_of(exc) in (SqlState.UNDEFINED_TABLE, SqlState.INVALID_SCHEMA_NAME) or "no such table" in str(
+        exc.orig
+    )
+
+
+def _missing_column(exc: sa.exc.DBAPIError) -> bool:
+    return sqlstate_of(exc) == SqlState.UNDEFINED_COLUMN or "has no column named" in str(exc.orig)
+
+
+def upgrade_runs_table(conn: Connection, tables: HistoryTables) -> set[str]:
+    """Add the columns a runs table made by an earlier version lacks, if this role may
+    (it made the table, or owns it); the columns the table has afterwards."""
+    runs = tables.runs
+    info = db.lookup_table(conn, runs.schema, runs.name)
+    known = set(info.columns) if info else set()
+    missing = [column for column in runs.columns if column.name not in known]
+    if not missing:
+        return known
+    on_postgres = conn.dialect.name == "postgresql"
+    if on_postgres:
+        conn.execute(
+            sa.text("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(:key, 0::bigint))"),
+            {"key": db.lock_key(_DDL_LOCK)},
+        )
+    table = db.qualified(runs.schema, runs.name)
+    try:
+        with db.savepoint(conn, "upgrade"):
+            for column in missing:
+                ddl = f'ALTER TABLE {table} ADD COLUMN {"IF NOT EXISTS " if on_postgres else ""}"{column.name}" '
+                conn.exec_driver_sql(ddl + column.type.compile(dialect=conn.dialect))
+    except sa.exc.DBAPIError as exc:  # not the table's owner: keep writing what it has
+        _warn_once("history_columns_missing", exc)
+        return known
+    return known | {column.name for column in missing}
 
 
 def _write(
@@ -183,9 +237,10 @@ def _write(
         try:
             tables = _tables(conn, settings)
 
-            def insert() -> None:
+            def insert(columns: set[str] | None = None) -> None:
                 if rows:
-                    conn.execute(tables.runs.insert(), rows)
+                    fitted = rows if columns is None else [{k: v for k, v in r.items() if k in columns} for r in rows]
+                    conn.execute(tables.runs.insert(), fitted)
                 if snapshot:
                     conn.execute(
                         tables.snapshots.insert(),
@@ -195,12 +250,12 @@ def _write(
             try:
                 insert()
             except sa.exc.DBAPIError as exc:
-                if not _missing_table(exc):
+                if not (_missing_table(exc) or _missing_column(exc)):
                     raise
                 if run.on_postgres:
                     run.undo_work()
                 ensure_tables(conn, tables, settings.history_schema)
-                insert()
+                insert(upgrade_runs_table(conn, tables))
             horizon = utc_now() - timedelta(days=settings.history_retention_days)
             conn.execute(sa.delete(tables.runs).where(tables.runs.c.finished_at < horizon))
             conn.execute(sa.delete(tables.snapshots).where(tables.snapshots.c.taken_at < horizon))

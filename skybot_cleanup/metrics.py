@@ -10,20 +10,24 @@ own tasks and measures, not the snapshot.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
 from skybot_cleanup import db, history
 from skybot_cleanup.clock import iso_utc
 from skybot_cleanup.cutoff import cutoff
-from skybot_cleanup.errors import ConfigError
+from skybot_cleanup.errors import ConfigError, classify
 from skybot_cleanup.registry import REGISTRY, Registry, TableSpec
 from skybot_cleanup.settings import CleanupSettings
 
-PG_DATABASE_SIZE = sa.text("SELECT pg_database_size(current_database())")
+T = TypeVar("T")
+
+PG_DATABASE_SIZE = sa.text("SELECT pg_catalog.pg_database_size(pg_catalog.current_database())")
 SQLITE_DATABASE_SIZE = sa.text("SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()")
 
 
@@ -73,6 +77,16 @@ class Snapshot:
         return asdict(self) | {"errors": self.errors}
 
 
+def _measured(conn: sa.Connection, measure: Callable[[], T]) -> T | str:
+    """A measurement, or why it could not be taken (a missing grant, a timeout): one table
+    the role cannot read must not cost the snapshot of the others."""
+    try:
+        with db.savepoint(conn, "measure"):
+            return measure()
+    except sa.exc.DBAPIError as exc:
+        return classify(exc).message
+
+
 def collect(
     conn: sa.Connection, settings: CleanupSettings, schema: str | None, now: datetime, registry: Registry = REGISTRY
 ) -> Snapshot:
@@ -89,11 +103,16 @@ def collect(
     stuck = timedelta(minutes=settings.idempotency_stuck_minutes)
     for measure in registry.measures:
         table = bound[measure.table.key]
-        if isinstance(table, ConfigError):
+        counted = (
+            None
+            if isinstance(table, ConfigError) or table.info.rls_hides_rows
+            else _measured(conn, partial(db.count, conn, table, measure.where(table.columns, now, stuck)))
+        )
+        if isinstance(counted, db.Count):
+            snapshot.measures[measure.name] = counted.value
+            snapshot.measures_estimated[measure.name] = counted.estimated
+        else:
             snapshot.measures[measure.name] = None
-            continue
-        counted = db.count(conn, table, measure.where(table.columns, now, stuck))
-        snapshot.measures[measure.name], snapshot.measures_estimated[measure.name] = counted.value, counted.estimated
     for spec in registry.tables:
         snapshot.tables.append(_table_health(conn, spec, bound[spec.key]))
     state = history.read_state(conn, settings, [task.name for task in registry.tasks])
@@ -112,10 +131,15 @@ def collect(
         table = bound[task.table.key]
         if isinstance(table, ConfigError):
             entry.error = str(table)
+        elif table.info.rls_warning:
+            entry.error = f"backlog not measurable: {table.info.rls_warning}"
         else:
-            backlog = db.task_backlog(conn, task, table, cutoff(task, now, settings))
-            entry.due_rows, entry.due_rows_estimated = backlog.due.value, backlog.due.estimated
-            entry.oldest_due_age_seconds = backlog.oldest_due_age_seconds
+            backlog = _measured(conn, partial(db.task_backlog, conn, task, table, cutoff(task, now, settings)))
+            if isinstance(backlog, str):
+                entry.error = f"{task.name}: backlog not measurable: {backlog}"
+            else:
+                entry.due_rows, entry.due_rows_estimated = backlog.due.value, backlog.due.estimated
+                entry.oldest_due_age_seconds = backlog.oldest_due_age_seconds
         snapshot.tasks.append(entry)
     return snapshot
 
@@ -130,8 +154,9 @@ def _table_health(conn: sa.Connection, spec: TableSpec, table: db.BoundTable | C
     row = db.table_health(conn, table.info)
     if row["estimated_rows"] is not None:
         health.rows, health.rows_estimated = row["estimated_rows"], True
-    else:  # never analyzed: no estimate exists yet
-        health.rows = db.count(conn, table, sa.true()).value
+    else:  # never analyzed: no estimate exists yet (and a role without SELECT cannot count)
+        counted = _measured(conn, lambda: db.count(conn, table, sa.true()))
+        health.rows = counted.value if isinstance(counted, db.Count) else None
     health.size_bytes, health.dead_tuples = row["size_bytes"], row["dead_tuples"]
     health.last_vacuum, health.last_analyze = iso_utc(row["last_vacuum"]), iso_utc(row["last_analyze"])
     health.partitions = row["partitions"] if table.info.partitioned else None

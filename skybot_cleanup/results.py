@@ -29,9 +29,19 @@ class RunResult:
     started_at: str | None = None
     finished_at: str | None = None
     batches: int | None = None  # batched mode only
-    remaining: int | None = None  # due rows left (batched mode): a cap stopped the run, or the app held them
+    # Due rows left when the run ended: a cap stopped it, or the app held them. Counted;
+    # remaining_exact is false when the count itself stopped at a cap (at least this many).
+    remaining: int | None = None
+    remaining_exact: bool | None = None
     stopped_by: str | None = None  # max_rows | max_runtime, when a cap ended the run early
     longest_batch_ms: int | None = None
+    # How far the host's clock was ahead of the database server's (negative: behind).
+    clock_skew_s: float | None = None
+    # Connections the run lost and replaced; rows committed on a lost one are unconfirmed:
+    # a failover may have lost them, and the walk after the reconnect deletes them again.
+    reconnects: int | None = None
+    unconfirmed_rows: int | None = None
+    warnings: list[str] | None = None  # conditions the run could not fix (row-level security)
     error_class: str | None = None
     error: str | None = None
     signal: int | None = None  # a stop signal that arrived once the run's work was over

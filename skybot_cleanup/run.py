@@ -12,8 +12,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from skybot_cleanup import db
-from skybot_cleanup.cutoff import cutoff, run_time
-from skybot_cleanup.errors import SqlState, sqlstate_of
+from skybot_cleanup.clock import iso_utc
+from skybot_cleanup.cutoff import RunTime, cutoff, run_time
+from skybot_cleanup.errors import SqlState, is_connection_failure, sqlstate_of
 from skybot_cleanup.recording import RecordedRun
 from skybot_cleanup.registry import Task
 from skybot_cleanup.results import RunResult
@@ -50,10 +51,16 @@ class Progress:
     walked_to_end: bool = False
     held: set[Any] = field(default_factory=set)  # ids of due rows left behind: the app held them
     remaining: int | None = None
+    remaining_exact: bool | None = None
     stopped_by: str | None = None
     estimated_total: int | None = None
     longest_batch_ms: float = 0.0
     last_log: float = field(default_factory=time.monotonic)
+    rows_on_connection: int = 0  # committed on the current connection
+
+    def restart_walk(self) -> None:
+        """Walk from the start of the due range again (on a new connection)."""
+        self.low, self.walked_to_end, self.held = db.LowWater(), False, set()
 
 
 def run_task(
@@ -86,14 +93,19 @@ class Run:
         self.settings = settings
         self.task = task
         self.dry_run = dry_run
-        self.time = run_time(host=now)
-        self.recorded = RecordedRun(settings, task.name, dry_run=dry_run, run_id=run_id, started_at=self.time.now)
-        # The one cutoff of this run: every batch and every retry reuses it, so a row
-        # whose expiry the app extends mid-run is never deleted.
-        self.cutoff = cutoff(task, self.time.now, settings)
+        self.host_now = now  # a fixed host clock (the demo, tests); else the host's own
+        self.recorded = RecordedRun(settings, task.name, dry_run=dry_run, run_id=run_id, started_at=now)
+        # The run's one now and cutoff, from its first transaction: every batch and every
+        # retry reuses them, so a row whose expiry the app extends mid-run is never deleted.
+        self.time: RunTime | None = None
+        self.cutoff: datetime | None = None
         self.batched = not dry_run and settings.batch_size is not None
         self.on_progress = on_progress
         self.progress = Progress()
+        self.connected = False  # a connection of this run has been open (so a new one replaces it)
+        self.reconnects = 0
+        self.unconfirmed_rows = 0
+        self.warnings: list[str] = []
         self.log = self.recorded.log
 
     @property
@@ -110,18 +122,30 @@ class Run:
             "cutoff": self.cutoff,
             "batches": progress.batches if self.batched else None,
             "remaining": progress.remaining if self.batched else None,
+            "remaining_exact": progress.remaining_exact if self.batched else None,
             "stopped_by": progress.stopped_by,
             "longest_batch_ms": round(progress.longest_batch_ms) if self.batched else None,
+            "clock_skew_s": self.time.skew_s if self.time else None,
+            "reconnects": self.reconnects or None,
+            "unconfirmed_rows": self.unconfirmed_rows or None,
+            "warnings": self.warnings or None,
         }
 
     # -- one attempt --------------------------------------------------------------------------
 
     def _attempt(self) -> None:
         """One connection, one chain of transactions. Idempotent: a retry after any
-        failure resumes from what is still due, under the same cutoff."""
+        failure walks the due rows again from their start, under the same cutoff: a
+        low-water mark means nothing on another connection (after a failover, on
+        another server)."""
         recorded = self.recorded
         assert recorded.engine is not None and recorded.target is not None
         conn = recorded.conn = recorded.engine.connect()
+        if self.connected:
+            self.reconnects += 1
+            self.progress.restart_walk()
+            self.log.warning("reconnected", reconnects=self.reconnects, unconfirmed_rows=self.unconfirmed_rows)
+        self.connected = True
         run = db.RunConnection(
             conn,
             self.settings.session(),
@@ -131,10 +155,12 @@ class Run:
         )
         try:
             run.begin()
+            cutoff = self._cutoff(run)
             table = db.bind_table(
                 conn, recorded.target.schema, self.task.table, self.settings.table_names(self.task.table)
             )
-            due = self.task.due(table.columns, self.cutoff)
+            self._warn_of_row_level_security(table)
+            due = self.task.due(table.columns, cutoff)
             if self.dry_run:
                 self.progress.rows = int(
                     conn.scalar(sa.select(sa.func.count()).select_from(table.table).where(due)) or 0
@@ -144,11 +170,40 @@ class Run:
             else:
                 self.progress.rows = int(conn.execute(sa.delete(table.table).where(due)).rowcount)
             run.commit()
-        except BaseException:
-            # A retry starts on a new connection; this one may be broken.
+        except BaseException as exc:
+            # A retry starts on a new connection; this one may be broken. What it committed
+            # is unconfirmed when it was lost: the server may have lost it too (a failover).
+            if is_connection_failure(exc):
+                self.unconfirmed_rows += self.progress.rows_on_connection
+            self.progress.rows_on_connection = 0
             run.rollback()
             recorded.close_connection()
             raise
+
+    def _cutoff(self, run: db.RunConnection) -> datetime:
+        """The first transaction reads the server's clock: the run's now is the earlier
+        of the two clocks, so a row is deleted only once it has expired by both."""
+        if self.cutoff is not None:
+            return self.cutoff
+        self.time = run_time(server=run.server_now, host=self.host_now or run.host_now)
+        self.cutoff = cutoff(self.task, self.time.now, self.settings)
+        skew = self.time.skew_s
+        if skew is not None and abs(skew) > self.settings.clock_skew_warning_s:
+            self.log.warning(
+                "clock_skew",
+                host_clock=iso_utc(self.time.host),
+                server_clock=iso_utc(self.time.server),
+                skew_s=skew,
+                hint="this host's clock and the database server's disagree: the run takes the earlier, so nothing "
+                "valid is deleted, but fix the clock (NTP) so that due rows are not kept longer",
+            )
+        return self.cutoff
+
+    def _warn_of_row_level_security(self, table: db.BoundTable) -> None:
+        warning = table.info.rls_warning
+        if warning and warning not in self.warnings:
+            self.warnings.append(warning)
+            self.log.warning("row_level_security", table=table.shown, warning=warning)
 
     def _batches(self, run: db.RunConnection, table: db.BoundTable, due: sa.ColumnElement[bool]) -> None:
         """Delete in short committed batches, walking the index from a low-water mark.
@@ -183,6 +238,7 @@ class Run:
                 batch = self._delete_range(run, table, due, walk, progress.low, end, limit)
             run.commit_and_continue()
             progress.rows += batch.deleted
+            progress.rows_on_connection += batch.deleted
             progress.held |= batch.held
             progress.low, progress.walked_to_end = batch.low, batch.walked_to_end
             progress.batches += 1
@@ -198,13 +254,16 @@ class Run:
                 break
             if settings.sleep_ms:
                 time.sleep(settings.sleep_ms / 1000)
-        progress.remaining = len(progress.held)
-        if not progress.walked_to_end:
-            # Counted, not estimated, but never far: after a --max-runtime stop, about ten batches' worth.
-            cap = REMAINING_COUNT_CAP
-            if progress.stopped_by == "max_runtime":
-                cap = max(10 * settings.batch_size, REMAINING_AFTER_MAX_RUNTIME_CAP)
-            progress.remaining += db.count_capped(conn, table, sa.and_(due, progress.low.clause(walk)), cap)
+        if progress.walked_to_end and not self.reconnects:
+            progress.remaining, progress.remaining_exact = len(progress.held), True
+            return
+        # Counted on this connection, not estimated, but never far: after a --max-runtime
+        # stop, about ten batches' worth. A count that reaches its cap is a lower bound.
+        cap = REMAINING_COUNT_CAP
+        if progress.stopped_by == "max_runtime":
+            cap = max(10 * settings.batch_size, REMAINING_AFTER_MAX_RUNTIME_CAP)
+        counted = db.count_capped(conn, table, due, cap)
+        progress.remaining, progress.remaining_exact = counted, counted < cap
 
     def _delete_range(
         self,

@@ -52,7 +52,7 @@ class CleanupSettings(BaseSettings):
         pattern=IDENTIFIER_PATTERN,
         validation_alias=AliasChoices(f"{ENV_PREFIX}SCHEMA", "schema_name"),
         description="Schema holding the app's tables; overrides the URL's ?schema=. "
-        "Default: the URL's schema, else the connection's search_path.",
+        "Default: the URL's schema, else public (as for Prisma). Tables are always schema-qualified.",
     )
     lock_timeout_ms: int = Field(
         default=5000,
@@ -75,6 +75,13 @@ class CleanupSettings(BaseSettings):
         "run (SIGSTOP, a paused VM) frees its lock; at least 1 s above SLEEP_MS, at most MAX_RUNTIME_S.",
     )
     connect_timeout_s: int = Field(default=10, ge=1, le=300, description="Seconds to wait for a connection.")
+    clock_skew_warning_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=86_400,
+        description="Warn when this host's clock and the database server's differ by more than this many "
+        "seconds. Runs always take the earlier of the two, so a clock that runs ahead never deletes a valid row.",
+    )
     application_name: str = Field(
         default="skybot-cleanup",
         pattern=r"^[A-Za-z0-9 _.,:@/+-]{1,40}$",

@@ -89,6 +89,8 @@ def collect(
             table = bound[job.table.key]
             if isinstance(table, ConfigError):
                 entry.health, entry.error = "FAILING", str(table)
+            elif table.info.rls_warning:
+                entry.error = f"backlog not measurable: {table.info.rls_warning}"
             else:
                 backlog = db.task_backlog(conn, job, table, cutoff(job, now, settings))
                 entry.due_rows, entry.due_rows_estimated = backlog.due.value, backlog.due.estimated

@@ -96,6 +96,10 @@ def run_registry(job: Job, result: RunResult, last_success: float | None) -> Col
         Gauge(LAST_SUCCESS, "Unix time of the job's last successful run.", labels, registry=registry).labels(
             job.name
         ).set(last_success)
+    if result.clock_skew_s is not None:
+        gauge(
+            "clock_skew_seconds", "How far this host's clock was ahead of the database server's (negative: behind)."
+        ).labels(job.name).set(result.clock_skew_s)
     gauge("schedule_interval_seconds", "Longest gap between two scheduled runs of the job.").labels(job.name).set(
         schedule.interval(job.schedule).total_seconds()
     )
@@ -153,7 +157,11 @@ def snapshot_registry(snapshot: Snapshot) -> CollectorRegistry:
     due = gauge("due_rows", "Rows the next run of the task would delete (an estimate past 10,000).", ("task",))
     age = gauge("oldest_due_age_seconds", "How long the oldest due row has been due.", ("task",))
     overdue = gauge("task_overdue", "1 when the task has had no success within two scheduled intervals.", ("task",))
+    measured = gauge(
+        "backlog_measured", "1 when the task's backlog was measured; 0 when it could not be (see errors).", ("task",)
+    )
     for task in snapshot.tasks:
+        measured.labels(task.name).set(0 if task.error else 1)
         if task.due_rows is not None:
             due.labels(task.name).set(task.due_rows)
         if task.oldest_due_age_seconds is not None:

@@ -31,7 +31,10 @@ def as_json(value: Any) -> str:
 def result_line(result: RunResult) -> str:
     """The summary of a successful run for a person."""
     verb = "would delete" if result.dry_run else "deleted"
-    batches = "" if result.batches is None else f" in {result.batches} batches, {result.remaining} due rows remain"
+    at_least = "at least " if result.remaining_exact is False else ""
+    batches = (
+        "" if result.batches is None else f" in {result.batches} batches, {at_least}{result.remaining} due rows remain"
+    )
     stopped = f" (stopped by {result.stopped_by})" if result.stopped_by else ""
     return (
         f"{result.task}: {verb} {result.rows} rows{batches}{stopped} (cutoff {result.cutoff}, {result.duration_ms} ms)"

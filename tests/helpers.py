@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -162,10 +162,12 @@ def run_cli(
     timeout: float = 120,
     cwd: Path | None = None,
     user: str | None = None,
+    via: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """The installed console script, run the way cron runs it: a bare environment."""
+    """The installed console script, run the way cron runs it: a bare environment (under
+    `via`, a command that runs it, such as faketime; as `user`, through setpriv)."""
     assert CONSOLE_SCRIPT.exists(), f"{CONSOLE_SCRIPT} missing: pip install -e '.[test]'"
-    command = [str(CONSOLE_SCRIPT), *args]
+    command = [*via, str(CONSOLE_SCRIPT), *args]
     if user is not None:
         import pwd
 
@@ -356,6 +358,27 @@ def put_history(backend: Any, *runs: tuple[str, str, timedelta], first_seen: tim
         if rows:
             conn.execute(tables.runs.insert(), rows)
         conn.execute(tables.snapshots.insert(), {"taken_at": now - 2 * MINUTE, "host": "test", "snapshot": "{}"})
+
+
+# A batch as slow as a bad day: every row deleted waits a second (qualified: the tool's
+# transactions pin search_path to pg_catalog).
+SLOW_DELETES = """
+CREATE FUNCTION public.slow_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_catalog.pg_sleep(1); RETURN OLD; END $$;
+CREATE TRIGGER slow_delete BEFORE DELETE ON public."RefreshToken" FOR EACH ROW EXECUTE FUNCTION public.slow_delete();
+"""
+
+
+def statement_running(backend: Any, application: str = APP_NAME) -> bool:
+    """A session of the tool is in the middle of a DELETE."""
+    return bool(
+        scalar(
+            backend,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = :app AND state = 'active'"
+            " AND query ILIKE 'DELETE%' AND datname = current_database()",
+            app=application,
+        )
+    )
 
 
 # -- watching the server ------------------------------------------------------------------------

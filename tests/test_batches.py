@@ -200,3 +200,20 @@ def test_many_held_rows_cannot_stretch_a_run_past_max_runtime(postgres):
     held = {row_id for row_id in due if row_id[-1] in "05"}
     assert left >= live | held
     assert result["remaining"] == len(left & due) and result["rows"] == 400 - len(left & due)
+
+
+def test_a_remaining_count_stopped_by_its_cap_says_it_is_a_lower_bound(postgres):
+    seed_due_and_live(postgres, due=12_000)
+    env = env_for(postgres)
+    capped = run_cli("refresh-tokens", "--batch-size", "500", "--max-runtime", "0.001", "--json", env=env)
+    result = json.loads(capped.stdout)
+    assert (result["stopped_by"], result["rows"], result["remaining"], result["remaining_exact"]) == (
+        "max_runtime",
+        500,
+        10_000,
+        False,
+    )
+    human = run_cli("refresh-tokens", "--batch-size", "500", "--max-runtime", "0.001", env=env)
+    assert "at least 10000 due rows remain" in human.stdout
+    exact = json.loads(run_cli("refresh-tokens", "--max-rows", "1000", "--json", env=env).stdout)
+    assert (exact["remaining"], exact["remaining_exact"]) == (10_000, True)

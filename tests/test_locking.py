@@ -10,6 +10,7 @@ import time
 import sqlalchemy as sa
 from helpers import (
     APP_NAME,
+    SLOW_DELETES,
     advisory_lock_held,
     advisory_lock_sql,
     backend_waiting,
@@ -21,6 +22,7 @@ from helpers import (
     seed_due_and_live,
     seed_tokens,
     start_cli,
+    statement_running,
     wait_until,
 )
 
@@ -176,3 +178,19 @@ def test_two_concurrent_runs_delete_each_row_once(postgres):
     assert (first.returncode, json.loads(out)["rows"]) == (0, 2), err
     assert (second.returncode, json.loads(second.stdout)["status"]) == (75, "skipped")
     assert postgres.ids("RefreshToken") == {"live", "revoked_expired"}
+
+
+def test_a_killed_run_frees_its_lock_within_seconds_even_mid_statement(postgres):
+    """kill -9 during a batch that would run a minute: the server notices the client is
+    gone (client_connection_check_interval) and ends the statement, and the lock with it,
+    long before the statement would have ended."""
+    seed_due_and_live(postgres, due=60)
+    postgres.execute(SLOW_DELETES)
+    run = start_cli("refresh-tokens", "--batch-size", "100", env=env_for(postgres, statement_timeout_ms=0))
+    wait_until(lambda: statement_running(postgres), what="the slow batch to start")
+    assert advisory_lock_held(postgres)
+    run.kill()
+    run.communicate(timeout=30)
+    # Without the check, the lock stays for the rest of the minute.
+    wait_until(lambda: not advisory_lock_held(postgres), timeout=30, what="the server to end the orphaned statement")
+    assert len(postgres.ids("RefreshToken")) == 65  # the batch rolled back whole

@@ -8,7 +8,17 @@ import time
 import pytest
 import sqlalchemy as sa
 from components import start_pgbouncer
-from helpers import run_cli, seed_tokens_and_keys, sqlalchemy_url, start_cli
+from helpers import (
+    SLOW_DELETES,
+    advisory_lock_held,
+    run_cli,
+    seed_due_and_live,
+    seed_tokens_and_keys,
+    sqlalchemy_url,
+    start_cli,
+    statement_running,
+    wait_until,
+)
 
 pgbouncer_group = pytest.mark.xdist_group("pgbouncer")
 
@@ -111,3 +121,18 @@ def test_no_lock_is_left_on_a_pooled_server_connection(postgres, pgbouncer):
     assert held == 0
     again = run_cli("idempotency-keys", "--batch-size", "2", env={"DATABASE_URL": url})
     assert again.returncode == 0, again.stderr
+
+
+@pgbouncer_group
+def test_a_killed_run_frees_its_lock_within_seconds_through_pgbouncer(postgres, pgbouncer):
+    """The client vanishes from PgBouncer mid-statement: PgBouncer drops the server
+    connection, and the server notices within the check interval."""
+    seed_due_and_live(postgres, due=60)
+    postgres.execute(SLOW_DELETES)
+    env = {"DATABASE_URL": pgbouncer.url(postgres.database), "SKYBOT_CLEANUP_STATEMENT_TIMEOUT_MS": "0"}
+    run = start_cli("refresh-tokens", "--batch-size", "100", env=env)
+    wait_until(lambda: statement_running(postgres), what="the slow batch to start")
+    run.kill()
+    run.communicate(timeout=30)
+    wait_until(lambda: not advisory_lock_held(postgres), timeout=30, what="the server to end the orphaned statement")
+    assert len(postgres.ids("RefreshToken")) == 65

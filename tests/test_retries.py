@@ -85,7 +85,8 @@ CREATE SEQUENCE fail_at;
 CREATE FUNCTION fail_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     -- Sequences ignore rollbacks: exactly one commit fails, the one that reaches row {row}.
-    IF nextval('fail_at') = {row} THEN
+    -- Qualified: the tool's transactions pin search_path to pg_catalog.
+    IF nextval('public.fail_at') = {row} THEN
         RAISE EXCEPTION 'injected failure at commit' USING ERRCODE = '40001';
     END IF;
     RETURN NULL;

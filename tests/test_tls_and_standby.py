@@ -116,11 +116,12 @@ def test_a_wrong_password_exits_2_within_3_seconds_without_retrying_or_showing_i
 
 @tls_group
 def test_a_password_with_shell_and_url_characters_in_the_settings_file_connects(clusters, tmp_path):
-    """$, ${HOME}, &, % and # written as they are, in a URL, in the settings file."""
+    """$, ${HOME}, & and % written as they are, in a URL, in the settings file (# encoded,
+    as a URL must have it)."""
     primary, _standby = clusters
     settings = tmp_path / "env"
     settings.write_text(
-        f"DATABASE_URL=postgresql://{ROLE}:{TLS_PASSWORD}@localhost:{primary.port}/postgres"
+        f"DATABASE_URL=postgresql://{ROLE}:{TLS_PASSWORD.replace('#', '%23')}@localhost:{primary.port}/postgres"
         f"?sslmode=require&sslaccept=strict&sslcert={primary.ca}\n"
     )
     completed = run_cli("refresh-tokens", "--dry-run", "--json", env={"SKYBOT_CLEANUP_ENV_FILE": str(settings)})

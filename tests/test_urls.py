@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
-from helpers import HOUR, SECRET, run_cli, seed_operator_data, with_query
+from helpers import HOUR, SECRET, error_line, run_cli, seed_operator_data, with_query
 
 from skybot_cleanup.app_schema import app_metadata
 from skybot_cleanup.clock import utc_now
@@ -85,8 +86,8 @@ def test_libpq_options_in_the_url_survive(postgres):
             "public",
         ),
         ("postgresql://u@[::1]:5432/db", "postgresql://u@[::1]:5432/db", "public"),
-        # An unencoded "@" (or ":") in the password: the userinfo ends at the last "@".
-        ("postgresql://u:Sec@ret:x@127.0.0.1/db", "postgresql://u:Sec%40ret%3Ax@127.0.0.1/db", "public"),
+        # ":" in the password needs no encoding; "@" must be encoded (an unencoded one is refused).
+        ("postgresql://u:Sec%40ret:x@127.0.0.1/db", "postgresql://u:Sec%40ret%3Ax@127.0.0.1/db", "public"),
         ("postgresql://u:a%23b@h/db", "postgresql://u:a%23b@h/db", "public"),
     ],
 )
@@ -145,3 +146,43 @@ def test_the_display_form_masks_the_password():
     assert SECRET not in target.display
     assert target.display == "postgresql://u:***@h/db?password=***&sslmode=require"
     assert SECRET in target.secrets
+
+
+@pytest.mark.parametrize("url", ["postgresql://", "postgresql://:@/", "postgres://u:pw@/", "postgresql://h"])
+def test_a_url_that_names_no_server_and_database_is_refused(url, tmp_path):
+    """libpq would fill the gaps with the local socket and the OS user's name, and the run
+    would create its history in whatever database that is."""
+    completed = run_cli("refresh-tokens", env={"DATABASE_URL": url, "XDG_STATE_HOME": str(tmp_path)})
+    assert completed.returncode == 2
+    assert "DATABASE_URL names no" in error_line(completed.stderr)
+    assert len(completed.stderr.splitlines()) == 1 or all(
+        line.startswith("{") for line in completed.stderr.splitlines()
+    )
+
+
+@pytest.mark.parametrize("reserved", list("/?#@[]"))
+def test_a_password_with_a_reserved_character_is_never_shown_encoded_or_not(postgres, tmp_path, reserved):
+    head, tail = "Hunter2xyz", "SECRETtail"
+    password = f"{head}{reserved}{tail}"
+    base = postgres.url.replace("://postgres@", "://postgres:{}@", 1)
+    env = {
+        "SKYBOT_CLEANUP_PROM_FILE": str(tmp_path / "prom"),
+        "SKYBOT_CLEANUP_STATE_DIR": str(tmp_path / "state"),
+        "SKYBOT_CLEANUP_DEBUG": "1",
+    }
+    (tmp_path / "prom").mkdir()
+    commands = [["refresh-tokens"], ["all", "--dry-run"], ["metrics"], ["status"], ["check"], ["history"], ["config"]]
+    for form, expected in ((password, 2), (quote(password, safe=""), 0)):
+        env["DATABASE_URL"] = base.format(form)
+        for command in commands:
+            completed = run_cli(*command, env=env)
+            shown = completed.stdout + completed.stderr
+            assert head not in shown and tail not in shown, (command, shown)
+            if command[0] in ("refresh-tokens", "check") and expected == 2:
+                assert completed.returncode == 2 and "percent-encode" in error_line(completed.stderr), shown
+            if command[0] == "refresh-tokens" and expected == 0:
+                assert completed.returncode == 0, shown
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            text = path.read_text(errors="replace")
+            assert head not in text and tail not in text, path

@@ -28,6 +28,7 @@ from skybot_cleanup.db.connection import (
     create_engine,
     lock_key,
     run_transaction,
+    savepoint,
     sql_literal,
 )
 from skybot_cleanup.db.counts import COUNT_CAP, Backlog, Count, count, count_capped, estimate_rows, task_backlog
@@ -62,6 +63,7 @@ __all__ = [
     "parse_database_url",
     "qualified",
     "run_transaction",
+    "savepoint",
     "schema_exists",
     "sql_literal",
     "table_health",

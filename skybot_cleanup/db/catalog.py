@@ -67,20 +67,39 @@ class TableInfo:
     columns: dict[str, str]  # name -> type as the database spells it
     estimated_rows: int | None  # the planner's reltuples; None when never analyzed (or SQLite)
     partitioned: bool = False
+    # Row-level security applies to this role: every statement sees only what its policies allow.
+    rls_hides_rows: bool = False
+    rls_forced: bool = False
+
+    @property
+    def rls_warning(self) -> str | None:
+        if not self.rls_hides_rows:
+            return None
+        return (
+            f"row-level security is on for {qualified(self.schema, self.name)} and this role is neither its "
+            "owner, nor BYPASSRLS, nor a superuser: it sees, counts and deletes only the rows its policies "
+            "allow (`skybot-cleanup check` says what to grant)"
+        )
 
 
-# One lookup per table: columns, types and the planner's row estimate. Without a
-# schema the name resolves through search_path, as the unqualified DELETE will.
+# One lookup per table: columns, types, the planner's row estimate, and whether
+# row-level security hides rows from this role (RLS is on, and the role is not a
+# superuser, not BYPASSRLS, and not the owner, or the owner of a table that forces it).
 PG_TABLE = sa.text("""
     SELECT n.nspname, c.relname, c.reltuples::bigint, c.relkind = 'p',
-           array_agg(a.attname::text ORDER BY a.attnum),
-           array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum)
-    FROM pg_class c
-    JOIN pg_namespace n ON n.oid = c.relnamespace
-    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-    WHERE c.oid = CASE WHEN CAST(:schema AS text) IS NULL THEN to_regclass(quote_ident(CAST(:name AS text)))
-                       ELSE to_regclass(format('%I.%I', CAST(:schema AS text), CAST(:name AS text))) END
-    GROUP BY n.nspname, c.relname, c.reltuples, c.relkind
+           pg_catalog.array_agg(a.attname::text ORDER BY a.attnum),
+           pg_catalog.array_agg(pg_catalog.format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum),
+           c.relrowsecurity AND NOT (r.rolsuper OR r.rolbypassrls)
+               AND (c.relforcerowsecurity OR NOT pg_catalog.pg_has_role(c.relowner, 'USAGE')),
+           c.relforcerowsecurity
+    FROM pg_catalog.pg_class c
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+    JOIN pg_catalog.pg_roles r ON r.rolname = CURRENT_USER
+    WHERE c.oid = pg_catalog.to_regclass(pg_catalog.quote_ident(CAST(:schema AS text)) || '.'
+                                         || pg_catalog.quote_ident(CAST(:name AS text)))
+    GROUP BY n.nspname, c.relname, c.reltuples, c.relkind, c.relrowsecurity, c.relforcerowsecurity,
+             c.relowner, r.rolsuper, r.rolbypassrls
 """)
 
 
@@ -89,13 +108,15 @@ def lookup_table(conn: Connection, schema: str | None, name: str) -> TableInfo |
         row = conn.execute(PG_TABLE, {"schema": schema, "name": name}).one_or_none()
         if row is None:
             return None
-        namespace, relname, reltuples, partitioned, names, types = row
+        namespace, relname, reltuples, partitioned, names, types, rls_hides_rows, rls_forced = row
         return TableInfo(
             schema=namespace,
             name=relname,
             columns=dict(zip(names, types, strict=True)),
             estimated_rows=reltuples if reltuples >= 0 else None,
             partitioned=bool(partitioned),
+            rls_hides_rows=bool(rls_hides_rows),
+            rls_forced=bool(rls_forced),
         )
     rows = conn.exec_driver_sql(f"PRAGMA table_info({sql_literal(name)})").all()
     if not rows:
@@ -104,7 +125,9 @@ def lookup_table(conn: Connection, schema: str | None, name: str) -> TableInfo |
 
 
 def schema_exists(conn: Connection, name: str) -> bool:
-    return conn.scalar(sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :name"), {"name": name}) is not None
+    return (
+        conn.scalar(sa.text("SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = :name"), {"name": name}) is not None
+    )
 
 
 def qualified(schema: str | None, name: str) -> str:
@@ -166,20 +189,25 @@ def bind_all(
 # Summed over the leaves of pg_partition_tree (a plain table is its own only leaf): a
 # partitioned table has no storage or statistics of its own.
 PG_TABLE_HEALTH = sa.text("""
-    WITH root AS (SELECT to_regclass(format('%I.%I', CAST(:schema AS text), CAST(:name AS text))) AS oid),
+    WITH root AS (
+        SELECT pg_catalog.to_regclass(pg_catalog.quote_ident(CAST(:schema AS text)) || '.'
+                                      || pg_catalog.quote_ident(CAST(:name AS text))) AS oid
+    ),
     leaves AS (
-        SELECT t.relid FROM root, pg_partition_tree(root.oid) t WHERE t.isleaf
+        SELECT t.relid FROM root, pg_catalog.pg_partition_tree(root.oid) t WHERE t.isleaf
         UNION
-        SELECT root.oid FROM root JOIN pg_class c ON c.oid = root.oid WHERE c.relkind <> 'p'
+        SELECT root.oid FROM root JOIN pg_catalog.pg_class c ON c.oid = root.oid WHERE c.relkind <> 'p'
     )
-    SELECT sum(pg_total_relation_size(l.relid))::bigint AS size_bytes, sum(s.n_dead_tup)::bigint AS dead_tuples,
-           max(greatest(s.last_vacuum, s.last_autovacuum)) AS last_vacuum,
-           max(greatest(s.last_analyze, s.last_autoanalyze)) AS last_analyze,
-           CASE WHEN bool_and(c.reltuples >= 0) THEN sum(c.reltuples)::bigint END AS estimated_rows,
-           count(*) AS partitions
+    SELECT pg_catalog.sum(pg_catalog.pg_total_relation_size(l.relid))::bigint AS size_bytes,
+           pg_catalog.sum(s.n_dead_tup)::bigint AS dead_tuples,
+           pg_catalog.max(greatest(s.last_vacuum, s.last_autovacuum)) AS last_vacuum,
+           pg_catalog.max(greatest(s.last_analyze, s.last_autoanalyze)) AS last_analyze,
+           CASE WHEN pg_catalog.bool_and(c.reltuples >= 0) THEN pg_catalog.sum(c.reltuples)::bigint END
+               AS estimated_rows,
+           pg_catalog.count(*) AS partitions
     FROM leaves l
-    JOIN pg_class c ON c.oid = l.relid
-    LEFT JOIN pg_stat_user_tables s ON s.relid = l.relid
+    JOIN pg_catalog.pg_class c ON c.oid = l.relid
+    LEFT JOIN pg_catalog.pg_stat_user_tables s ON s.relid = l.relid
 """)
 
 

@@ -7,17 +7,50 @@ stays below the one module that reads configuration.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import registry as dialect_registry
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
+from skybot_cleanup.clock import naive_utc, utc_now
 from skybot_cleanup.db.urls import DatabaseTarget
 from skybot_cleanup.errors import ConfigError, LockHeld, SqlState, sqlstate_of
+
+# Every transaction resolves names here only, whatever the role's or the database's
+# search_path says (CVE-2018-1058): no object planted in a schema on that path can stand
+# in for a catalog function or operator the tool calls. pg_temp last, so a temporary
+# table cannot shadow anything either; the tool's tables are always schema-qualified.
+PINNED_SEARCH_PATH = "pg_catalog, pg_temp"
+# How often the server checks that the run's client is still there while a statement
+# runs, so a killed run's statement (and its lock) ends within about this long.
+CLIENT_CHECK_INTERVAL_MS = 1000
+# TID range scans (the physical walk) and client_connection_check_interval: PostgreSQL 14.
+MIN_SERVER_VERSION = 140000
+
+
+class PinnedPathDialect(PGDialect_psycopg):
+    """psycopg's dialect, whose one unqualified start-up query is qualified.
+
+    SQLAlchemy asks a new connection for its default schema with `select
+    current_schema()` before any transaction of ours pins the path: a database whose
+    search_path lists a schema ahead of pg_catalog would run a planted current_schema()
+    there. Its other start-up statements are SHOW commands or qualified already."""
+
+    supports_statement_cache = True  # as its parent: the subclass changes no SQL compilation
+
+    def _get_default_schema_name(self, connection: Connection) -> str:
+        return str(connection.exec_driver_sql("SELECT pg_catalog.current_schema()").scalar())
+
+
+dialect_registry.register("postgresql.skybot_psycopg", __name__, "PinnedPathDialect")
 
 
 @dataclass(frozen=True)
@@ -51,13 +84,15 @@ def create_engine(target: DatabaseTarget, session: SessionSettings, label: str) 
 
         # pool_reset_on_return=None: closing must not send a ROLLBACK of its own, which
         # would end the run's transaction without its unlock (see RunConnection).
+        # use_native_hstore=False: no type lookup through the unpinned path at start-up.
         return sa.create_engine(
-            "postgresql+psycopg://",
+            "postgresql+skybot_psycopg://",
             creator=connect,
             poolclass=NullPool,
             hide_parameters=True,
             isolation_level="AUTOCOMMIT",
             pool_reset_on_return=None,
+            use_native_hstore=False,
         )
     # sqlite3's timeout is its busy timeout: how long BEGIN IMMEDIATE waits for the write lock.
     return sa.create_engine(
@@ -86,17 +121,22 @@ def sql_literal(value: str) -> str:
 class RunConnection:
     """One connection for a whole run, as a chain of transactions.
 
-    On PostgreSQL every transaction sets application_name, lock_timeout,
-    statement_timeout and idle_in_transaction_session_timeout locally. A run that
-    deletes takes the task's advisory lock in its first transaction, at session level,
-    so that it holds across every COMMIT AND CHAIN between batches (a transaction-level
-    lock would be free for an instant at each commit). The run is in a transaction from
-    its first statement to its last, so under PgBouncer's transaction pooling the server
-    connection stays pinned to it, and the unlock travels in the same message as the
-    final COMMIT or ROLLBACK: it can never be left behind on a pooled connection. If
-    the client dies or freezes instead, the server ends the session (a lost client, or
-    the idle timeout) and the lock with it; PgBouncer closes a server connection whose
-    client vanished mid-transaction.
+    On PostgreSQL every transaction pins search_path and sets application_name,
+    lock_timeout, statement_timeout (never past the run's deadline),
+    idle_in_transaction_session_timeout and client_connection_check_interval locally,
+    in the message that begins it. A run that deletes takes the task's advisory lock in
+    its first transaction, at session level, so that it holds across every COMMIT AND
+    CHAIN between batches (a transaction-level lock would be free for an instant at
+    each commit). The run is in a transaction from its first statement to its last, so
+    under PgBouncer's transaction pooling the server connection stays pinned to it, and
+    the unlock travels in the same message as the final COMMIT or ROLLBACK: it can never
+    be left behind on a pooled connection. If the client dies or freezes instead, the
+    server ends the session (a lost client, noticed within the check interval even
+    mid-statement, or the idle timeout) and the lock with it; PgBouncer closes a server
+    connection whose client vanished mid-transaction.
+
+    Each transaction also reads the server's clock: `server_now` and the host's clock
+    at the same moment, `host_now`.
 
     On SQLite, BEGIN IMMEDIATE (the database write lock) plays the lock's part.
     """
@@ -109,34 +149,54 @@ class RunConnection:
         *,
         lock: str | None = None,
         read_only: bool = False,
+        deadline: float | None = None,
     ):
         self.conn = conn
         self.session = session
         self.label = label
         self.lock = lock
         self.read_only = read_only
+        # time.monotonic() by which every statement must have ended (--max-runtime)
+        self.deadline = deadline
         self.on_postgres = conn.dialect.name == "postgresql"
         self.in_transaction = False
         self.locked = False  # PostgreSQL: this session holds the task's lock
+        self.server_now: datetime | None = None
+        self.host_now: datetime | None = None
+        self.deadlock_timeout_ms: int | None = None
 
-    # PostgreSQL: the statement run at the start of every transaction of the chain.
+    def statement_timeout_ms(self) -> int:
+        """The configured statement_timeout, never longer than the time left (0: none)."""
+        timeout = self.session.statement_timeout_ms
+        if self.deadline is None:
+            return timeout
+        left = max(1, int((self.deadline - time.monotonic()) * 1000))
+        return left if timeout == 0 else min(timeout, left)
+
+    # PostgreSQL: the statement run at the start of every transaction of the chain. It
+    # runs after the path is pinned, and qualifies every call all the same.
     def _prologue(self, take_lock: bool) -> str:
         session = self.session
         idle = session.idle_timeout_ms
         # Never weaken a DBA's shorter idle timeout: take the smaller of the two.
         idle_sql = (
             f"(SELECT CASE WHEN setting::bigint > 0 AND setting::bigint < {idle} THEN setting "
-            f"ELSE '{idle}' END FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout')"
+            f"ELSE '{idle}' END FROM pg_catalog.pg_settings WHERE name = 'idle_in_transaction_session_timeout')"
         )
         columns = [
-            f"set_config('application_name', {sql_literal(application_name(session, self.label))}, true)",
-            f"set_config('lock_timeout', '{session.lock_timeout_ms}', true)",
-            f"set_config('statement_timeout', '{session.statement_timeout_ms}', true)",
-            f"set_config('idle_in_transaction_session_timeout', {idle_sql}, true)",
-            "pg_is_in_recovery() OR current_setting('transaction_read_only')::boolean AS read_only",
+            f"pg_catalog.set_config('application_name', {sql_literal(application_name(session, self.label))}, true)",
+            f"pg_catalog.set_config('lock_timeout', '{session.lock_timeout_ms}', true)",
+            f"pg_catalog.set_config('statement_timeout', '{self.statement_timeout_ms()}', true)",
+            f"pg_catalog.set_config('idle_in_transaction_session_timeout', {idle_sql}, true)",
+            f"pg_catalog.set_config('client_connection_check_interval', '{CLIENT_CHECK_INTERVAL_MS}', true)",
+            "pg_catalog.pg_is_in_recovery() OR pg_catalog.current_setting('transaction_read_only')::boolean",
+            "pg_catalog.timezone('UTC', pg_catalog.clock_timestamp())",
+            "pg_catalog.current_setting('server_version_num')::integer",
+            "(SELECT setting::integer FROM pg_catalog.pg_settings WHERE name = 'deadlock_timeout')",
         ]
         if take_lock:
-            columns.append(f"pg_try_advisory_lock(hashtextextended({sql_literal(lock_key(str(self.lock)))}, 0))")
+            key = sql_literal(lock_key(str(self.lock)))
+            columns.append(f"pg_catalog.pg_try_advisory_lock(pg_catalog.hashtextextended({key}, 0::bigint))")
         return "SELECT " + ", ".join(columns)
 
     def _driver_execute(self, sql: str) -> Any:
@@ -147,17 +207,27 @@ class RunConnection:
         return driver.execute(sql)
 
     def _send(self, command: str, take_lock: bool = False) -> None:
-        """`command` (BEGIN, COMMIT AND CHAIN), the prologue and a savepoint in one
-        message. Any error aborts the transaction; inside the savepoint it only undoes
-        the batch."""
-        cursor = self._driver_execute(f"{command}; {self._prologue(take_lock)}; SAVEPOINT work")
-        cursor.nextset()
+        """`command` (BEGIN, COMMIT AND CHAIN), the pinned path, the prologue and a
+        savepoint in one message. Any error aborts the transaction; inside the savepoint
+        it only undoes the batch."""
+        sent = time.monotonic()
+        cursor = self._driver_execute(
+            f"{command}; SET LOCAL search_path = {PINNED_SEARCH_PATH}; {self._prologue(take_lock)}; SAVEPOINT work"
+        )
+        while cursor.description is None and cursor.nextset():
+            pass
         row = cursor.fetchone()
         assert row is not None
         self.in_transaction = True
         if take_lock:
-            self.locked = bool(row[5])  # first: whatever is raised next, the unlock must follow
-        if row[4] and not self.read_only:
+            self.locked = bool(row[9])  # first: whatever is raised next, the unlock must follow
+        # The host's clock halfway through the round trip: the moment the server read its own.
+        self.host_now = naive_utc(utc_now() - timedelta(seconds=(time.monotonic() - sent) / 2))
+        self.server_now = row[6]
+        self.deadlock_timeout_ms = int(row[8])
+        if row[7] < MIN_SERVER_VERSION:
+            raise ConfigError(f"PostgreSQL {row[7] // 10000} is not supported: the tool needs PostgreSQL 14 or later")
+        if row[5] and not self.read_only:
             raise ConfigError(
                 "the database is read-only (a hot standby, or default_transaction_read_only is on): point "
                 "DATABASE_URL at the primary, or add target_session_attrs=read-write"
@@ -186,7 +256,7 @@ class RunConnection:
         self.in_transaction = False
         if self.on_postgres and self.lock:
             self.locked = False
-            self._driver_execute(f"{command}; SELECT pg_advisory_unlock_all()")
+            self._driver_execute(f"{command}; SELECT pg_catalog.pg_advisory_unlock_all()")
         else:
             self.conn.exec_driver_sql(command)
 
@@ -238,12 +308,30 @@ class RunConnection:
 
 
 @contextmanager
+def savepoint(conn: Connection, name: str) -> Iterator[None]:
+    """What runs inside is undone alone when it fails; the transaction goes on."""
+    conn.exec_driver_sql(f"SAVEPOINT {name}")
+    try:
+        yield
+    except BaseException:
+        conn.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {name}")
+        raise
+    conn.exec_driver_sql(f"RELEASE SAVEPOINT {name}")
+
+
+@contextmanager
 def run_transaction(
-    engine: Engine, session: SessionSettings, label: str, *, lock: str | None = None, read_only: bool = False
+    engine: Engine,
+    session: SessionSettings,
+    label: str,
+    *,
+    lock: str | None = None,
+    read_only: bool = False,
+    deadline: float | None = None,
 ) -> Iterator[RunConnection]:
     """A RunConnection in a transaction, committed on success and rolled back otherwise."""
     with engine.connect() as conn:
-        run = RunConnection(conn, session, label, lock=lock, read_only=read_only)
+        run = RunConnection(conn, session, label, lock=lock, read_only=read_only, deadline=deadline)
         run.begin()
         try:
             yield run

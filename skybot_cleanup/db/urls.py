@@ -99,21 +99,67 @@ class _Parts:
         return dict(self.parameters)
 
 
+# Characters a URL's userinfo cannot hold unencoded: each ends it early somewhere, and
+# the rest of the password would then be read as a host, a path or a query, and shown.
+_RESERVED_IN_USERINFO = "/?#@[]"
+
+
+def _userinfo_end(rest: str) -> int:
+    """Where the userinfo ends (its "@"), or -1: normally the last "@" before the path or
+    query; failing that, a later "@" after a "user:password" that holds a / ? or #."""
+    boundary = min((index for index in (rest.find(character) for character in "/?#") if index >= 0), default=len(rest))
+    at = rest.rfind("@", 0, boundary)
+    if at < 0:
+        at = rest.rfind("@")
+        if at >= 0 and ":" not in rest[:at]:  # an "@" in a database name or a query value
+            at = -1
+    return at
+
+
 def _split(rest: str) -> _Parts:
+    end = _userinfo_end(rest)
+    if end >= 0 and any(character in rest[:end] for character in _RESERVED_IN_USERINFO):
+        raise ConfigError(
+            "DATABASE_URL: its user or password holds an unencoded / ? # @ [ or ] (not shown): percent-encode "
+            "them (/ is %2F, ? %3F, # %23, @ %40, [ %5B, ] %5D), or leave the password out of the URL and "
+            "give it in PGPASSWORD or a ~/.pgpass file"
+        )
     match = _AUTHORITY.match(rest)
     if match is None:
         raise ConfigError("DATABASE_URL is not a valid database URL")
     userinfo, hosts, path, query = (match.group(name) or "" for name in ("userinfo", "hosts", "path", "query"))
-    # The userinfo ends at the last "@": a password with an unencoded "@" must not
-    # spill into the host name, where libpq would print it in an error.
     user, _, password = userinfo.partition(":")
     if re.search(r":(?!\d*(,|$))", hosts.split("]")[-1]):
         raise ConfigError("DATABASE_URL is not a valid database URL (bad port)")
     return _Parts(unquote(user), unquote(password), hosts, path, parse_qsl(query, keep_blank_values=True))
 
 
+def _names_its_server(parts: _Parts) -> None:
+    """libpq fills what a URL leaves out from the environment and the OS user: the local
+    socket, and a database named after that user. A run must never reach a database by
+    accident, so a URL names both its server and its database."""
+    values = parts.values
+    missing = [
+        what
+        for what, given in (
+            (
+                "host (or a socket directory as ?host=)",
+                parts.hosts.strip(",") or values.get("host") or values.get("hostaddr"),
+            ),
+            ("database", unquote(parts.path.lstrip("/")) or values.get("dbname")),
+        )
+        if not given
+    ]
+    if missing:
+        raise ConfigError(
+            f"DATABASE_URL names no {' and no '.join(missing)}: give both, as in "
+            "postgresql://user@db.internal:5432/app (a password may come from PGPASSWORD or ~/.pgpass)"
+        )
+
+
 def _postgres_target(rest: str, schema_override: str | None) -> DatabaseTarget:
     parts = _split(rest)
+    _names_its_server(parts)
     values = parts.values
     schema = schema_override or values.get("schema") or PRISMA_DEFAULT_SCHEMA
     if not re.match(IDENTIFIER_PATTERN, schema):

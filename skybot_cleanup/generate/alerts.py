@@ -13,7 +13,12 @@ from typing import Any
 from skybot_cleanup import schedule
 from skybot_cleanup.generate import HEADER
 from skybot_cleanup.registry import Registry
+from skybot_cleanup.settings import Settings
 from skybot_cleanup.textfiles import PREFIX as P
+
+# The alert's threshold is the setting's default: a deployment that changes the setting
+# edits the rule too.
+CLOCK_SKEW_WARNING_S = Settings.model_fields["clock_skew_warning_s"].default
 
 
 def _duration(seconds: float) -> str:
@@ -110,6 +115,26 @@ def rules(registry: Registry) -> dict[str, Any]:
             "annotations": {
                 "summary": "skybot-cleanup could not measure some tasks (missing table or column)",
                 "description": "Run `skybot-cleanup check`.",
+            },
+        },
+        {
+            "alert": "SkybotCleanupBacklogUnmeasured",
+            "expr": f"{P}_backlog_measured == 0",
+            "labels": {"severity": "warning"},
+            "annotations": {
+                "summary": "skybot-cleanup cannot measure the backlog of {{ $labels.task }}",
+                "description": "A missing grant, table or column, or row-level security hiding rows: "
+                "`skybot-cleanup check` names it and the statement to run.",
+            },
+        },
+        {
+            "alert": "SkybotCleanupClockSkew",
+            "expr": f"abs({P}_clock_skew_seconds) > {CLOCK_SKEW_WARNING_S:g}",
+            "labels": {"severity": "warning"},
+            "annotations": {
+                "summary": "the clocks of {{ $labels.instance }} and its database disagree by {{ $value }} s",
+                "description": "Runs of {{ $labels.task }} take the earlier clock, so no valid row is deleted, "
+                "but due rows wait for the later one. Fix time synchronisation (NTP) on the host or the server.",
             },
         },
         {
@@ -271,6 +296,44 @@ def rule_tests(registry: Registry) -> dict[str, Any]:
                     "exp_alerts": [expect("SkybotCleanupTextfileScrapeError", host)],
                 },
                 {"eval_time": "10m", "alertname": "SkybotCleanupMetricsMissing", "exp_alerts": []},
+            ],
+        },
+        {
+            "name": "a task whose backlog the snapshot could not measure",
+            "interval": "5m",
+            "input_series": [{"series": f"{P}_backlog_measured{{{labels}}}", "values": "1 1 0"}],
+            "alert_rule_test": [
+                {"eval_time": "5m", "alertname": "SkybotCleanupBacklogUnmeasured", "exp_alerts": []},
+                {
+                    "eval_time": "10m",
+                    "alertname": "SkybotCleanupBacklogUnmeasured",
+                    "exp_alerts": [expect("SkybotCleanupBacklogUnmeasured", on_host)],
+                },
+            ],
+        },
+        {
+            "name": "a host clock ahead of (or behind) the database's beyond the threshold",
+            "interval": "5m",
+            "input_series": [
+                {"series": f"{P}_clock_skew_seconds{{{labels}}}", "values": "0.2 -0.5 3600"},
+                {"series": f"{P}_clock_skew_seconds{{{other_labels}}}", "values": "-7200 -7200 -7200"},
+            ],
+            "alert_rule_test": [
+                {
+                    "eval_time": "5m",
+                    "alertname": "SkybotCleanupClockSkew",
+                    "exp_alerts": [
+                        expect("SkybotCleanupClockSkew", {**host, "task": other.name}, value="7200"),
+                    ],
+                },
+                {
+                    "eval_time": "10m",
+                    "alertname": "SkybotCleanupClockSkew",
+                    "exp_alerts": [
+                        expect("SkybotCleanupClockSkew", on_host, value="3600"),
+                        expect("SkybotCleanupClockSkew", {**host, "task": other.name}, value="7200"),
+                    ],
+                },
             ],
         },
     ]
