@@ -70,7 +70,15 @@ BatchSize = Annotated[
         max=1_000_000,
         metavar="N",
         show_default=False,
-        help="Delete in committed batches of at most N rows (default: one transaction).",
+        help="Rows per committed batch (default 10000).",
+    ),
+]
+SingleTransaction = Annotated[
+    bool,
+    _flag(
+        "--single-transaction",
+        "Delete every due row in one transaction, not in batches: the app then waits for any row it shares "
+        "with the run until the whole run commits.",
     ),
 ]
 MaxRows = Annotated[
@@ -210,7 +218,7 @@ def run_tasks(tasks: Sequence[Task], *, dry_run: bool, as_json: bool, quiet: boo
             settings,
             tasks,
             dry_run=dry_run,
-            progress=lambda task: progress_bar(task.name, enabled=(settings.batch_size is not None and not dry_run)),
+            progress=lambda task: progress_bar(task.name, enabled=not (settings.single_transaction or dry_run)),
         ):
             results.append(result)
             _report(result, as_json, quiet)
@@ -280,7 +288,8 @@ def _task_help(task: Task) -> str:
     return (
         f"{task.summary}\n\nDeletes {task.rule}.\n\n"
         f"Schedule: {describe(task.schedule)} (cron {task.schedule}).{retention} Table and columns: "
-        f"{', '.join(names)}. Batches: {ENV_PREFIX}BATCH_SIZE, MAX_ROWS, MAX_RUNTIME_S, SLEEP_MS.\n\n" + EXIT_CODES
+        f"{', '.join(names)}. Batches: {ENV_PREFIX}BATCH_SIZE, MAX_ROWS, MAX_RUNTIME_S, SLEEP_MS; or "
+        f"{ENV_PREFIX}SINGLE_TRANSACTION.\n\n" + EXIT_CODES
     )
 
 
@@ -291,6 +300,7 @@ def _task_command(tasks: tuple[Task, ...]) -> Any:
         quiet: Quiet = False,
         database_url: DatabaseUrl = None,
         batch_size: BatchSize = None,
+        single_transaction: SingleTransaction = False,
         max_rows: MaxRows = None,
         max_runtime: MaxRuntime = None,
         sleep_ms: SleepMs = None,
@@ -305,6 +315,7 @@ def _task_command(tasks: tuple[Task, ...]) -> Any:
                 quiet=quiet,
                 database_url=database_url,
                 batch_size=batch_size,
+                single_transaction=True if single_transaction else None,
                 max_rows=max_rows,
                 max_runtime_s=max_runtime,
                 sleep_ms=sleep_ms,

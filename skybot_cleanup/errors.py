@@ -41,6 +41,13 @@ class CleanupError(Exception):
 
     exit_code = EXIT_FAILURE
     status = "failed"
+    transient = False  # worth retrying
+
+
+class RowsTakenMidStatement(CleanupError):
+    """The app took due rows mid-statement again and again: the retry tries later."""
+
+    transient = True
 
 
 class ConfigError(CleanupError):
@@ -135,7 +142,7 @@ def classify(exc: BaseException, secrets: Iterable[str] = ()) -> Failure:
     if isinstance(exc, Interrupted):
         return Failure("interrupted", exc.exit_code, "Interrupted", f"interrupted by signal {exc.signum}")
     if isinstance(exc, CleanupError):
-        return Failure(exc.status, exc.exit_code, type(exc).__name__, redact(str(exc), secrets))
+        return Failure(exc.status, exc.exit_code, type(exc).__name__, redact(str(exc), secrets), exc.transient)
 
     original = getattr(exc, "orig", None) or exc
     error_class = type(original).__name__

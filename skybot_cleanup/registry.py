@@ -96,8 +96,10 @@ class Task(Job):
     table: TableSpec
     rule: str  # the deletion rule in words, for --help and the README
     due: Predicate
-    # Batches walk this column in order; it must be indexed (or be the primary key).
-    walk_column: str = "expires_at"
+    # The indexed column whose order batches follow when few rows are due (the index
+    # walk); a big backlog walks the heap instead. None: the due predicate can use no
+    # index, so batches always walk the heap.
+    walk_column: str | None = "expires_at"
     # The timestamp compared with the cutoff: how long the oldest due row has been due.
     age_column: str = "expires_at"
     retention: Retention | None = None
@@ -105,16 +107,8 @@ class Task(Job):
     def __post_init__(self) -> None:
         super().__post_init__()
         for role in (self.walk_column, self.age_column):
-            if role not in self.table.roles:
+            if role is not None and role not in self.table.roles:
                 raise ValueError(f"{self.name}: {self.table.name} has no column with role {role!r}")
-        if "id" not in self.table.roles:  # batches of equal walk values go by primary key
-            raise ValueError(f"{self.name}: {self.table.name} needs its primary key column with role 'id'")
-
-    @property
-    def walk_bounded_by_cutoff(self) -> bool:
-        """True when every due row has its walk column below the cutoff, so a batch
-        walk can stop at the cutoff instead of reading the whole index."""
-        return self.walk_column == self.age_column
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,9 +253,9 @@ TASKS: tuple[Task, ...] = (
         table=MAGIC_LINK,
         rule='"MagicLink" rows with "expiresAt" < now or "used"',
         due=lambda c, cutoff: _or(c["expires_at"] < cutoff, c["used"].is_(True)),
-        # Used links may expire in the future, so no timestamp order covers every
-        # due row; the primary key does (and is its only index besides email/token).
-        walk_column="id",
+        # Used links may expire in the future, so no timestamp order covers every due
+        # row, and the app declares no index on either column: always the heap walk.
+        walk_column=None,
     ),
     Task(
         name="revoked-tokens",

@@ -1,5 +1,13 @@
 """A cleanup run: one task, one cutoff, one connection at a time, batch by batch; the
-library API behind every cleanup command."""
+library API behind every cleanup command.
+
+A batched run picks its walk from what is due, in its first transaction:
+- the index walk, when fewer rows are due than an eighth of the table's pages: batches
+  of due rows in the order of the task's indexed column, each deleted by ctid;
+- the heap walk, for a big backlog (and for tasks whose predicate has no index): the
+  table's pages in order, a TID range per batch, sized to hold about a batch of due rows.
+Both lock rows in heap order and leave the rows the app holds for the next run (db.batches).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +22,7 @@ import sqlalchemy as sa
 from skybot_cleanup import db
 from skybot_cleanup.clock import iso_utc
 from skybot_cleanup.cutoff import RunTime, cutoff, run_time
-from skybot_cleanup.errors import SqlState, is_connection_failure, sqlstate_of
+from skybot_cleanup.errors import RowsTakenMidStatement, SqlState, is_connection_failure, sqlstate_of
 from skybot_cleanup.recording import RecordedRun
 from skybot_cleanup.registry import Task
 from skybot_cleanup.results import RunResult
@@ -22,23 +30,18 @@ from skybot_cleanup.retry import with_retries
 from skybot_cleanup.settings import CleanupSettings
 
 PROGRESS_LOG_INTERVAL_S = 5.0
-# A batch that met a row the app holds is split and retried with this lock timeout.
-PROBE_LOCK_TIMEOUT_MS = 100
-# `remaining` after a run stopped by a cap is counted up to this many rows.
+# A batch that meets rows taken by the app after its snapshot is tried again without them
+# this many times, then its pages are left for the next run: held rows never stall a run.
+RACE_RETRIES = 3
+# The index walk while fewer rows are due than this share of the table's pages; the heap
+# walk past it (docs/benchmarks.md: where each is faster, by layout).
+INDEX_WALK_SHARE_OF_PAGES = 1 / 8
+# `remaining` is counted up to this many rows (a lower bound past it), and never in
+# more than this share of the run's time cap.
 REMAINING_COUNT_CAP = 1_000_000
 REMAINING_AFTER_MAX_RUNTIME_CAP = 10_000
 
 ProgressCallback = Callable[[int, int | None], None]  # (rows done, estimated total)
-
-
-@dataclass
-class Batch:
-    """What one batch did, applied to the run's progress only once it has committed."""
-
-    low: db.LowWater
-    walked_to_end: bool = False
-    deleted: int = 0
-    held: set[Any] = field(default_factory=set)  # ids of due rows the app held
 
 
 @dataclass
@@ -47,9 +50,16 @@ class Progress:
 
     rows: int = 0
     batches: int = 0
-    low: db.LowWater = field(default_factory=db.LowWater)  # where the next batch starts
+    walk: str | None = None  # index | heap | rowid (SQLite), chosen on each connection
+    next_page: int = 0  # the heap walk: the first page of the next batch
+    low: Any = None  # the index walk: its column's value the next batch starts at
     walked_to_end: bool = False
-    held: set[Any] = field(default_factory=set)  # ids of due rows left behind: the app held them
+    held: int = 0  # due rows the app held when a batch reached them (counted by the server)
+    # The heap walk in batches of exactly the batch size (a page holds more due rows than
+    # that, or --max-rows is near): held rows are then counted at the end.
+    capped: bool = False
+    excluded: set[str] = field(default_factory=set)  # ctids taken by the app after a batch's snapshot
+    skipped_pages: list[tuple[int, int]] = field(default_factory=list)  # batches left to the next run
     remaining: int | None = None
     remaining_exact: bool | None = None
     stopped_by: str | None = None
@@ -60,7 +70,8 @@ class Progress:
 
     def restart_walk(self) -> None:
         """Walk from the start of the due range again (on a new connection)."""
-        self.low, self.walked_to_end, self.held = db.LowWater(), False, set()
+        self.walk, self.next_page, self.low, self.walked_to_end = None, 0, None, False
+        self.held, self.capped, self.excluded, self.skipped_pages = 0, False, set(), []
 
 
 def run_task(
@@ -99,7 +110,14 @@ class Run:
         # retry reuses them, so a row whose expiry the app extends mid-run is never deleted.
         self.time: RunTime | None = None
         self.cutoff: datetime | None = None
-        self.batched = not dry_run and settings.batch_size is not None
+        self.batched = not dry_run and not settings.single_transaction
+        # --max-runtime: no statement outlives `deadline`; no batch starts after
+        # `work_deadline`, which leaves a tenth of the time (at most a second) to count
+        # what is left and record the run.
+        self.deadline = self.work_deadline = None
+        if settings.max_runtime_s:
+            self.deadline = self.clock_started + settings.max_runtime_s
+            self.work_deadline = self.deadline - min(1.0, settings.max_runtime_s / 10)
         self.on_progress = on_progress
         self.progress = Progress()
         self.connected = False  # a connection of this run has been open (so a new one replaces it)
@@ -117,12 +135,13 @@ class Run:
 
     def _details(self) -> dict[str, Any]:
         progress = self.progress
+        reports_remaining = not self.dry_run
         return {
             "rows": progress.rows,
             "cutoff": self.cutoff,
             "batches": progress.batches if self.batched else None,
-            "remaining": progress.remaining if self.batched else None,
-            "remaining_exact": progress.remaining_exact if self.batched else None,
+            "remaining": progress.remaining if reports_remaining else None,
+            "remaining_exact": progress.remaining_exact if reports_remaining else None,
             "stopped_by": progress.stopped_by,
             "longest_batch_ms": round(progress.longest_batch_ms) if self.batched else None,
             "clock_skew_s": self.time.skew_s if self.time else None,
@@ -136,7 +155,7 @@ class Run:
     def _attempt(self) -> None:
         """One connection, one chain of transactions. Idempotent: a retry after any
         failure walks the due rows again from their start, under the same cutoff: a
-        low-water mark means nothing on another connection (after a failover, on
+        position in a walk means nothing on another connection (after a failover, on
         another server)."""
         recorded = self.recorded
         assert recorded.engine is not None and recorded.target is not None
@@ -152,24 +171,10 @@ class Run:
             self.task.name,
             lock=None if self.dry_run else self.task.name,
             read_only=self.dry_run,
+            deadline=self.deadline,
         )
         try:
-            run.begin()
-            cutoff = self._cutoff(run)
-            table = db.bind_table(
-                conn, recorded.target.schema, self.task.table, self.settings.table_names(self.task.table)
-            )
-            self._warn_of_row_level_security(table)
-            due = self.task.due(table.columns, cutoff)
-            if self.dry_run:
-                self.progress.rows = int(
-                    conn.scalar(sa.select(sa.func.count()).select_from(table.table).where(due)) or 0
-                )
-            elif self.batched:
-                self._batches(run, table, due)
-            else:
-                self.progress.rows = int(conn.execute(sa.delete(table.table).where(due)).rowcount)
-            run.commit()
+            self._work(run)
         except BaseException as exc:
             # A retry starts on a new connection; this one may be broken. What it committed
             # is unconfirmed when it was lost: the server may have lost it too (a failover).
@@ -178,7 +183,25 @@ class Run:
             self.progress.rows_on_connection = 0
             run.rollback()
             recorded.close_connection()
-            raise
+            if not (sqlstate_of(exc) == SqlState.QUERY_CANCELED and self._out_of_time()):
+                raise
+            self.progress.stopped_by = "max_runtime"  # the cap came before the run could start its walk
+
+    def _work(self, run: db.RunConnection) -> None:
+        recorded, conn = self.recorded, run.conn
+        assert recorded.target is not None
+        run.begin()
+        cutoff = self._cutoff(run)
+        table = db.bind_table(conn, recorded.target.schema, self.task.table, self.settings.table_names(self.task.table))
+        self._warn_of_row_level_security(table)
+        due = self.task.due(table.columns, cutoff)
+        if self.dry_run:
+            self.progress.rows = int(conn.scalar(sa.select(sa.func.count()).select_from(table.table).where(due)) or 0)
+        elif not self.batched:
+            self._single_transaction(run, table, due)
+        else:
+            self._batches(run, table, due)
+        run.commit()
 
     def _cutoff(self, run: db.RunConnection) -> datetime:
         """The first transaction reads the server's clock: the run's now is the earlier
@@ -205,146 +228,250 @@ class Run:
             self.warnings.append(warning)
             self.log.warning("row_level_security", table=table.shown, warning=warning)
 
-    def _batches(self, run: db.RunConnection, table: db.BoundTable, due: sa.ColumnElement[bool]) -> None:
-        """Delete in short committed batches, walking the index from a low-water mark.
+    # -- single-transaction mode --------------------------------------------------------------
 
-        Each batch is a range of the walk column: its end is found by an index-only
-        scan `batch_size` rows ahead, so no batch re-reads what earlier ones deleted
-        (even while a long transaction elsewhere keeps dead tuples around), and the
-        delete itself is one index range scan. No FOR UPDATE: the role needs no
-        UPDATE privilege. A batch that meets a row the app holds is undone and redone
-        around it (_around_held_rows). The progress moves only once a batch has
-        committed, so a retry after a lost commit redoes that batch.
-        """
-        settings, progress = self.settings, self.progress
-        assert settings.batch_size is not None
-        conn = run.conn
-        walk = table.columns[self.task.walk_column]
-        below = self.cutoff if self.task.walk_bounded_by_cutoff else None
+    def _single_transaction(self, run: db.RunConnection, table: db.BoundTable, due: sa.ColumnElement[bool]) -> None:
+        """Every due row nobody holds, in one statement; the held ones are counted and
+        left for the next run. A row the app takes after the statement's snapshot makes
+        it wait, at most its lock timeout, and it is redone without that row."""
+        progress = self.progress
+        if not run.on_postgres:
+            progress.rows = int(run.conn.execute(sa.delete(table.table).where(due)).rowcount)
+            progress.remaining, progress.remaining_exact = 0, True
+            return
+        for _ in range(RACE_RETRIES + 1):
+            try:
+                progress.rows, held = db.delete_all(run.conn, table, due, run.snapshot_xmax, progress.excluded)
+                progress.remaining, progress.remaining_exact = held + len(progress.excluded), True
+                return
+            except sa.exc.OperationalError as exc:
+                self._note_race(run, exc)
+        raise RowsTakenMidStatement(f"the app took due rows mid-statement {RACE_RETRIES + 1} times running")
+
+    def _note_race(self, run: db.RunConnection, exc: sa.exc.OperationalError) -> None:
+        """A lock timeout on a row the app took after the statement began: undo the
+        statement, and leave that row out of the next try. Anything else is raised."""
+        held = db.held_tuple(exc) if sqlstate_of(exc) == SqlState.LOCK_NOT_AVAILABLE and run.on_postgres else None
+        if held is None:
+            raise exc
+        run.undo_work()
+        self.progress.excluded.add(held)
+        self.log.info("batch_met_held_row", ctid=held)
+
+    # -- batches ------------------------------------------------------------------------------
+
+    def _batches(self, run: db.RunConnection, table: db.BoundTable, due: sa.ColumnElement[bool]) -> None:
+        """Delete in short committed batches. The progress moves only once a batch has
+        committed, so a retry after a lost commit redoes that batch."""
+        progress = self.progress
         if self.on_progress is not None and progress.estimated_total is None:
-            progress.estimated_total = progress.rows + _estimate(conn, table, due)
+            progress.estimated_total = progress.rows + _estimate(run.conn, table, due)
+        if not run.on_postgres:
+            progress.walk = "rowid"
+            self._walk(run, lambda limit: self._rowid_batch(run, table, due, limit))
+            progress.remaining = db.count_capped(run.conn, table, due, REMAINING_COUNT_CAP)
+            progress.remaining_exact = progress.remaining < REMAINING_COUNT_CAP
+            return
+        pages = db.heap_pages(run.conn, table)
+        progress.walk = progress.walk or self._choose_walk(run, table, due, pages)
+        if progress.walk == "index":
+            run.commit_and_continue(planner=db.INDEX_WALK_PLANNER)
+            walk = table.columns[str(self.task.walk_column)]
+            self._walk(run, lambda limit: self._index_batch(run, table, due, walk, limit))
+        else:
+            run.commit_and_continue(planner=db.HEAP_WALK_PLANNER)
+            batch_pages = _initial_pages(table, self.settings.batch_size)
+            self._walk(run, lambda limit: self._heap_batch(run, table, due, pages, limit, batch_pages))
+        self._count_remaining(run, table, due, pages)
+
+    def _choose_walk(self, run: db.RunConnection, table: db.BoundTable, due: sa.ColumnElement[bool], pages: int) -> str:
+        """The index walk when few rows are due (counted through the index, up to a cap:
+        cheap whatever the backlog); the heap walk otherwise, and always for a task whose
+        predicate no index serves."""
+        if self.task.walk_column is None:
+            return "heap"
+        cap = max(1, int(pages * INDEX_WALK_SHARE_OF_PAGES))
+        run.conn.exec_driver_sql("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off")
+        counted = db.count_capped(run.conn, table, due, cap)
+        walk = "index" if counted < cap else "heap"
+        self.log.debug("walk", walk=walk, due_counted=counted, pages=pages)
+        return walk
+
+    def _walk(self, run: db.RunConnection, batch: Callable[[int], int]) -> None:
+        """Batches until the walk ends or a cap stops it: `batch(limit)` deletes up to
+        about `limit` rows, sets progress.walked_to_end when it was the last one, and
+        returns the rows it deleted."""
+        settings, progress = self.settings, self.progress
         while not progress.walked_to_end:
             limit = settings.batch_size
             if settings.max_rows is not None:
                 limit = min(limit, settings.max_rows - progress.rows)
                 if limit <= 0:  # reached by an earlier attempt of this run
                     progress.stopped_by = "max_rows"
-                    break
-            batch_started = time.monotonic()
-            end = db.batch_end(conn, table, walk, progress.low, limit, below)
-            if end is not None and not progress.low.exclusive and end == progress.low.value:
-                batch = self._delete_ties(run, table, due, walk, end, limit)
-            else:
-                batch = self._delete_range(run, table, due, walk, progress.low, end, limit)
+                    return
+            if self._out_of_time():
+                progress.stopped_by = "max_runtime"
+                return
+            started = time.monotonic()
+            try:
+                deleted = batch(limit)
+            except sa.exc.OperationalError as exc:
+                if not (sqlstate_of(exc) == SqlState.QUERY_CANCELED and self._out_of_time()):
+                    raise
+                run.undo_work()  # the batch met the end of --max-runtime: stop, keep what committed
+                progress.stopped_by = "max_runtime"
+                return
             run.commit_and_continue()
-            progress.rows += batch.deleted
-            progress.rows_on_connection += batch.deleted
-            progress.held |= batch.held
-            progress.low, progress.walked_to_end = batch.low, batch.walked_to_end
+            progress.rows += deleted
+            progress.rows_on_connection += deleted
             progress.batches += 1
-            progress.longest_batch_ms = max(progress.longest_batch_ms, (time.monotonic() - batch_started) * 1000)
+            progress.longest_batch_ms = max(progress.longest_batch_ms, (time.monotonic() - started) * 1000)
             self._report_progress()
             if progress.walked_to_end:
-                break
+                return
             if settings.max_rows is not None and progress.rows >= settings.max_rows:
                 progress.stopped_by = "max_rows"
-                break
-            if settings.max_runtime_s is not None and time.monotonic() - self.clock_started >= settings.max_runtime_s:
-                progress.stopped_by = "max_runtime"
-                break
+                return
             if settings.sleep_ms:
+                if self._out_of_time(after_s=settings.sleep_ms / 1000):  # do not sleep past the cap
+                    progress.stopped_by = "max_runtime"
+                    return
                 time.sleep(settings.sleep_ms / 1000)
-        if progress.walked_to_end and not self.reconnects:
-            progress.remaining, progress.remaining_exact = len(progress.held), True
+
+    def _rowid_batch(self, run: db.RunConnection, table: db.BoundTable, due: sa.ColumnElement[bool], limit: int) -> int:
+        deleted = db.delete_rowids(run.conn, table, due, limit)
+        self.progress.walked_to_end = deleted < limit
+        return deleted
+
+    def _out_of_time(self, after_s: float = 0.0) -> bool:
+        """No batch may start now (or, after a pause of `after_s`)."""
+        return self.work_deadline is not None and time.monotonic() + after_s >= self.work_deadline
+
+    def _index_batch(
+        self,
+        run: db.RunConnection,
+        table: db.BoundTable,
+        due: sa.ColumnElement[bool],
+        walk: sa.ColumnElement[Any],
+        limit: int,
+    ) -> int:
+        """The next `limit` due rows nobody holds, in the walk column's order, deleted by ctid."""
+        progress = self.progress
+        where = sa.and_(due, db.guard(due, run.snapshot_xmax, count=False))
+        if progress.low is not None:
+            where = sa.and_(where, walk >= progress.low)  # ">=": rows of equal value may be left
+        picked = db.pick(run.conn, table, where, limit, order_by=walk, partitioned=table.info.partitioned)
+        ctids = [ctid for ctid, _ in picked]
+        for _ in range(RACE_RETRIES + 1):
+            try:
+                deleted = db.delete_ctids(
+                    run.conn, table, due, ctids, run.snapshot_xmax, progress.excluded, picked=picked
+                )
+                break
+            except sa.exc.OperationalError as exc:
+                self._note_race(run, exc)
+        else:
+            deleted = 0  # left for the next run, and counted in remaining
+        # Fewer than asked: none are left. None deleted of a full batch (all taken by the
+        # app since they were picked): stop rather than pick them again and again.
+        progress.walked_to_end = len(picked) < limit or deleted == 0
+        if picked:
+            progress.low = picked[-1][1][0] if table.info.partitioned else picked[-1][1]
+        return deleted
+
+    def _heap_batch(
+        self,
+        run: db.RunConnection,
+        table: db.BoundTable,
+        due: sa.ColumnElement[bool],
+        pages: int,
+        limit: int,
+        batch_pages: list[int],
+    ) -> int:
+        """The due rows nobody holds on the next pages of the heap: as many pages as held
+        about `limit` due rows last time (batch_pages[0], adapted here)."""
+        progress = self.progress
+        first = progress.next_page
+        if batch_pages[0] < 1:  # a page holds more due rows than a batch may: a page at a time
+            return self._heap_batch_capped(run, table, due, pages, limit, span=1)
+        end = min(first + batch_pages[0], pages)
+        if limit < self.settings.batch_size:  # the last batch under --max-rows: exactly `limit` rows
+            return self._heap_batch_capped(run, table, due, pages, limit, span=end - first)
+        for _ in range(RACE_RETRIES + 1):
+            try:
+                deleted, held = db.delete_pages(run.conn, table, due, first, end, run.snapshot_xmax, progress.excluded)
+                break
+            except sa.exc.OperationalError as exc:
+                self._note_race(run, exc)
+        else:
+            deleted, held = 0, 0
+            progress.skipped_pages.append((first, end))
+        if held:
+            self.log.info("held_rows_left", rows=held, pages=f"{first}-{end - 1}")
+        progress.held += held
+        progress.next_page = end
+        progress.walked_to_end = end >= pages
+        batch_pages[0] = _next_pages(batch_pages[0], deleted + held, limit)
+        if end - first == 1 and deleted + held > limit:
+            batch_pages[0] = 0  # one page is more than a batch: a page at a time from now on
+        return deleted
+
+    def _heap_batch_capped(
+        self,
+        run: db.RunConnection,
+        table: db.BoundTable,
+        due: sa.ColumnElement[bool],
+        pages: int,
+        limit: int,
+        span: int,
+    ) -> int:
+        """Exactly `limit` due rows (or all that are left) of the next `span` pages. The
+        walk stays on those pages until they hold no more: no row is passed over, in any
+        partition. Held rows are counted at the end (progress.capped)."""
+        progress = self.progress
+        progress.capped = True
+        first = progress.next_page
+        end = min(first + span, pages)
+        in_range = sa.and_(db.ctid >= db.tid(first), db.ctid < db.tid(end))
+        where = sa.and_(in_range, due, db.guard(due, run.snapshot_xmax, count=False))
+        picked = db.pick(run.conn, table, where, limit, excluded=progress.excluded, partitioned=table.info.partitioned)
+        deleted = db.delete_ctids(
+            run.conn, table, due, [ctid for ctid, _ in picked], run.snapshot_xmax, progress.excluded, picked=picked
+        )
+        if len(picked) < limit or deleted == 0:  # these pages hold no more (or only rows just taken)
+            progress.next_page = end
+            progress.walked_to_end = end >= pages
+        return deleted
+
+    def _count_remaining(
+        self, run: db.RunConnection, table: db.BoundTable, due: sa.ColumnElement[bool], pages: int
+    ) -> None:
+        """Due rows left: counted, on this connection. A walk to the end knows its held
+        rows; what a cap left, and the index walk's rest, is counted up to a cap (after
+        --max-runtime, about ten batches' worth), and past it is a lower bound."""
+        progress, conn = self.progress, run.conn
+        known = len(progress.excluded)
+        for first, end in progress.skipped_pages:
+            known += db.count_capped(conn, table, sa.and_(db.ctid >= db.tid(first), db.ctid < db.tid(end), due), 10**9)
+        if progress.walk == "heap" and progress.walked_to_end and not progress.capped:
+            progress.remaining, progress.remaining_exact = progress.held + known, True
             return
-        # Counted on this connection, not estimated, but never far: after a --max-runtime
-        # stop, about ten batches' worth. A count that reaches its cap is a lower bound.
         cap = REMAINING_COUNT_CAP
         if progress.stopped_by == "max_runtime":
-            cap = max(10 * settings.batch_size, REMAINING_AFTER_MAX_RUNTIME_CAP)
-        counted = db.count_capped(conn, table, due, cap)
-        progress.remaining, progress.remaining_exact = counted, counted < cap
-
-    def _delete_range(
-        self,
-        run: db.RunConnection,
-        table: db.BoundTable,
-        due: sa.ColumnElement[bool],
-        walk: sa.ColumnElement[Any],
-        low: db.LowWater,
-        end: Any,
-        rows: int,
-    ) -> Batch:
-        after = Batch(low=db.LowWater(end), walked_to_end=end is None)
+            cap = max(10 * self.settings.batch_size, REMAINING_AFTER_MAX_RUNTIME_CAP)
+        whole = progress.walk == "index" or progress.capped
+        rest = due if whole else sa.and_(db.ctid >= db.tid(progress.next_page), due)
+        run.commit_and_continue(planner={})  # the count may use any plan; its time is still bounded
         try:
-            after.deleted = db.delete_range(run.conn, table, due, walk, low, end)
-            return after
+            with db.savepoint(conn, "count"):
+                counted = db.count_capped(conn, table, rest, cap)
         except sa.exc.OperationalError as exc:
-            if not (run.on_postgres and _is_lock_timeout(exc)):
+            if sqlstate_of(exc) != SqlState.QUERY_CANCELED:
                 raise
-        run.undo_work()
-        self.log.info("batch_met_held_rows", low=str(low.value), end=str(end))
-        in_range = sa.and_(low.clause(walk), walk < end if end is not None else sa.true())
-        after.deleted, after.held = self._around_held_rows(
-            run, table, due, db.ids_where(run.conn, table, sa.and_(due, in_range), rows)
-        )
-        return after
-
-    def _around_held_rows(
-        self, run: db.RunConnection, table: db.BoundTable, due: sa.ColumnElement[bool], ids: list[Any]
-    ) -> tuple[int, set[Any]]:
-        """Delete these rows in halves, each with a short lock timeout, down to single
-        rows: only the rows the app holds are left (and counted in `remaining`), or
-        those not yet tried when --max-runtime is up."""
-        deleted, held = 0, set[Any]()
-        probe_ms = min(self.settings.lock_timeout_ms or PROBE_LOCK_TIMEOUT_MS, PROBE_LOCK_TIMEOUT_MS)
-        deadline = self.clock_started + self.settings.max_runtime_s if self.settings.max_runtime_s else None
-        pending = [ids]
-        while pending:
-            if deadline is not None and time.monotonic() >= deadline:
-                # Many held rows cost a probe each: the time cap stops the splitting too, and
-                # the rows not yet tried are left (and counted) like the held ones.
-                held.update(row_id for part in pending for row_id in part)
-                break
-            part = pending.pop()
-            try:
-                with run.probe(probe_ms):
-                    deleted += db.delete_ids(run.conn, table, due, part)
-                continue
-            except sa.exc.OperationalError as exc:
-                if not _is_lock_timeout(exc):
-                    raise
-            if len(part) == 1:
-                held.add(part[0])
-            else:
-                pending += [part[len(part) // 2 :], part[: len(part) // 2]]
-        return deleted, held
-
-    def _delete_ties(
-        self,
-        run: db.RunConnection,
-        table: db.BoundTable,
-        due: sa.ColumnElement[bool],
-        walk: sa.ColumnElement[Any],
-        value: Any,
-        limit: int,
-    ) -> Batch:
-        """More than a batch of rows share the low-water value: delete them in chunks,
-        leaving out the rows found held by earlier chunks of this run."""
-        chunk = sa.and_(walk == value, due)
-        held = self.progress.held
-        batch = Batch(low=db.LowWater(value))
-        try:
-            batch.deleted = db.delete_ties(run.conn, table, chunk, limit, held)
-        except sa.exc.OperationalError as exc:
-            if not (run.on_postgres and _is_lock_timeout(exc)):
-                raise
-            run.undo_work()
-            ids = db.ids_where(run.conn, table, chunk, limit, exclude=held)
-            batch.deleted, batch.held = self._around_held_rows(run, table, due, ids)
-        if batch.deleted + len(batch.held) < limit:  # every row of this value is done
-            batch.low = db.LowWater(value, exclusive=True)
-        return batch
+            progress.remaining, progress.remaining_exact = progress.held + known, False  # out of time: at least
+            return
+        already = 0 if whole else progress.held + known
+        progress.remaining, progress.remaining_exact = already + counted, counted < cap
 
     def _report_progress(self) -> None:
         progress = self.progress
@@ -362,8 +489,27 @@ class Run:
             )
 
 
-def _is_lock_timeout(exc: sa.exc.OperationalError) -> bool:
-    return sqlstate_of(exc) == SqlState.LOCK_NOT_AVAILABLE
+# Rows a page may hold at the most, for a first batch on a table the planner knows nothing
+# of: the batch is then small, and the next ones are sized by what it found.
+MAX_ROWS_PER_PAGE = 200
+
+
+def _initial_pages(table: db.BoundTable, batch_size: int) -> list[int]:
+    """Pages the first heap batch covers: as many as hold `batch_size` rows by the planner's
+    rows per page (a guess the next batches correct); 0 when one page holds more."""
+    per_page = float(MAX_ROWS_PER_PAGE)
+    if table.info.estimated_rows and table.info.pages:
+        per_page = max(table.info.estimated_rows / table.info.pages, 1.0)
+    return [0 if per_page > batch_size else max(1, round(batch_size / per_page))]
+
+
+def _next_pages(pages: int, found: int, limit: int) -> int:
+    """The next heap batch's size: the pages that would have held `limit` due rows at the
+    density just seen, growing at most fourfold a batch (a stretch of live rows must not
+    make one batch read the rest of the table)."""
+    if found == 0:
+        return pages * 4
+    return max(1, min(pages * 4, round(pages * limit / found)))
 
 
 def _estimate(conn: sa.Connection, table: db.BoundTable, due: sa.ColumnElement[bool]) -> int:

@@ -87,23 +87,24 @@ class CleanupSettings(BaseSettings):
         pattern=r"^[A-Za-z0-9 _.,:@/+-]{1,40}$",
         description="application_name shown in pg_stat_activity (the task name is appended).",
     )
-    batch_size: int | None = Field(
-        default=None,
+    batch_size: int = Field(
+        default=DEFAULT_BATCH_SIZE,
         ge=1,
         le=1_000_000,
-        description="Delete in committed batches of at most this many rows (default: one transaction).",
+        description="Rows per committed batch (about: a batch of the heap walk covers the pages that hold about "
+        "this many due rows). Each batch holds its row locks only until it commits.",
     )
-    max_rows: int | None = Field(
-        default=None,
-        ge=1,
-        le=10**12,
-        description=f"Stop a run after this many rows (implies batches of {DEFAULT_BATCH_SIZE} unless set).",
+    single_transaction: bool = Field(
+        default=False,
+        description="Delete every due row in one transaction instead of batches: all or nothing, but the app "
+        "waits for any row it shares with the run until the whole run commits (docs/operations.md).",
     )
+    max_rows: int | None = Field(default=None, ge=1, le=10**12, description="Stop a run after this many rows.")
     max_runtime_s: float | None = Field(
         default=None,
         gt=0,
         le=604_800,
-        description="Stop a batched run between batches once it has run this long (implies batches).",
+        description="Stop a run once it has run this long: between batches, and no statement outlives it.",
     )
     sleep_ms: int = Field(default=0, ge=0, le=600_000, description="Pause between batches, to spare a busy database.")
     max_retries: int = Field(
@@ -217,9 +218,12 @@ class CleanupSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> CleanupSettings:
-        # A cap can only stop a run between batches.
-        if self.batch_size is None and (self.max_rows is not None or self.max_runtime_s is not None):
-            self.batch_size = DEFAULT_BATCH_SIZE
+        if self.single_transaction and (self.max_rows is not None or self.max_runtime_s is not None):
+            # A cap can only stop a run between batches.
+            raise ValueError(
+                f"{ENV_PREFIX}SINGLE_TRANSACTION cannot be combined with {ENV_PREFIX}MAX_ROWS or "
+                f"{ENV_PREFIX}MAX_RUNTIME_S: a cap stops a run between batches"
+            )
         if self.idle_timeout_s * 1000 < self.sleep_ms + 1000:
             raise ValueError(f"{ENV_PREFIX}IDLE_TIMEOUT_S must be at least 1 s more than {ENV_PREFIX}SLEEP_MS")
         return self

@@ -375,7 +375,7 @@ def statement_running(backend: Any, application: str = APP_NAME) -> bool:
         scalar(
             backend,
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = :app AND state = 'active'"
-            " AND query ILIKE 'DELETE%' AND datname = current_database()",
+            " AND query ILIKE '%DELETE FROM%' AND datname = current_database()",
             app=application,
         )
     )

@@ -7,13 +7,13 @@ import signal
 import threading
 import time
 
+import pytest
 import sqlalchemy as sa
 from helpers import (
     APP_NAME,
     SLOW_DELETES,
     advisory_lock_held,
     advisory_lock_sql,
-    backend_waiting,
     env_for,
     events,
     remaining_ids,
@@ -27,20 +27,23 @@ from helpers import (
 )
 
 
-def test_two_concurrent_batched_runs_delete_each_row_once(postgres):
-    """The first run waits on a row the app holds, its lock taken; the second arrives
-    meanwhile. No timing window: the app's row lock decides when the first goes on."""
-    _due, live = seed_due_and_live(postgres, due=8)
-    env = env_for(postgres, lock_timeout_ms=0)
-    with postgres.engine.connect() as app_conn:
-        app_conn.exec_driver_sql("""SELECT 1 FROM "RefreshToken" WHERE id = 'due_0003' FOR UPDATE""")
-        first = start_cli("refresh-tokens", "--batch-size", "3", "--json", env=env)
-        wait_until(lambda: backend_waiting(postgres), what="the first run to wait on the app's row")
-        second = run_cli("refresh-tokens", "--batch-size", "3", "--json", env=env)
-        app_conn.rollback()
+@pytest.mark.parametrize("mode", [["--batch-size", "3"], ["--single-transaction"]], ids=["batches", "single"])
+def test_two_concurrent_runs_delete_each_row_once(postgres, mode):
+    """The first run is in the middle of a slow statement, its lock taken; the second
+    arrives meanwhile and skips. No timing window: it starts once the first is mid-DELETE."""
+    _due, live = seed_due_and_live(postgres, due=4)
+    postgres.execute(SLOW_DELETES)
+    env = env_for(postgres)
+    first = start_cli("refresh-tokens", *mode, "--json", env=env)
+    wait_until(lambda: statement_running(postgres), what="the first run's DELETE")
+    second = run_cli("refresh-tokens", *mode, "--json", env=env)
     out, err = first.communicate(timeout=60)
-    assert (second.returncode, json.loads(second.stdout)["rows"]) == (75, 0)
-    assert (first.returncode, json.loads(out)["rows"]) == (0, 8), err
+    assert (second.returncode, json.loads(second.stdout)["status"], json.loads(second.stdout)["rows"]) == (
+        75,
+        "skipped",
+        0,
+    )
+    assert (first.returncode, json.loads(out)["rows"]) == (0, 4), err
     assert remaining_ids(postgres) == live
 
 
@@ -162,22 +165,6 @@ def test_lock_held_by_another_run_skips_with_75_or_the_configured_code(postgres)
     assert mapped.returncode == 0, mapped.stderr
     assert other_task.returncode == 0, other_task.stderr
     assert postgres.ids("RefreshToken") == {"expired_1", "expired_2", "live", "revoked_expired"}
-
-
-def test_two_concurrent_runs_delete_each_row_once(postgres):
-    """The first run blocks on a row the app holds; the second arrives meanwhile."""
-    seed_tokens(postgres)
-    env = {"DATABASE_URL": postgres.url, "SKYBOT_CLEANUP_LOCK_TIMEOUT_MS": "0"}
-    with postgres.engine.connect() as app_conn:
-        app_conn.exec_driver_sql("""SELECT 1 FROM "RefreshToken" WHERE id = 'expired_1' FOR UPDATE""")
-        first = start_cli("refresh-tokens", "--json", env=env)
-        wait_until(lambda: backend_waiting(postgres), what="the run to wait for the app's row")
-        second = run_cli("refresh-tokens", "--json", env=env)
-        app_conn.rollback()
-    out, err = first.communicate(timeout=60)
-    assert (first.returncode, json.loads(out)["rows"]) == (0, 2), err
-    assert (second.returncode, json.loads(second.stdout)["status"]) == (75, "skipped")
-    assert postgres.ids("RefreshToken") == {"live", "revoked_expired"}
 
 
 def test_a_killed_run_frees_its_lock_within_seconds_even_mid_statement(postgres):

@@ -47,24 +47,12 @@ def test_terminated_backend_is_retried_and_the_run_completes(postgres):
     assert remaining_ids(postgres) == live
 
 
-def test_lock_timeout_on_a_held_row_is_retried_then_reported(postgres):
-    due, live = seed_due_and_live(postgres, due=3)
-    with postgres.engine.connect() as app_conn:
-        app_conn.exec_driver_sql("""SELECT 1 FROM "RefreshToken" WHERE id = 'due_0001' FOR UPDATE""")
-        completed = run_cli("refresh-tokens", env=env_for(postgres, lock_timeout_ms=100, max_retries=2))
-        app_conn.rollback()
-    assert completed.returncode == 1
-    retries = [e for e in events(completed.stderr) if e["event"] == "retrying"]
-    assert [e["error_class"] for e in retries] == ["LockNotAvailable", "LockNotAvailable"]
-    failed = next(e for e in events(completed.stderr) if e["event"] == "run_failed")
-    assert failed["error"] == "canceling statement due to lock timeout"
-    assert remaining_ids(postgres) == due | live
-
-
 def test_app_retry_settings_are_honoured(postgres):
+    """JOB_MAX_RETRIES and JOB_RETRY_DELAY, the app's own: a migration's table lock makes
+    every attempt time out."""
     seed_due_and_live(postgres, due=1)
-    with postgres.engine.connect() as app_conn:
-        app_conn.exec_driver_sql("""SELECT 1 FROM "RefreshToken" WHERE id = 'due_0000' FOR UPDATE""")
+    with postgres.engine.connect() as migration:
+        migration.exec_driver_sql('BEGIN; LOCK TABLE "RefreshToken" IN ACCESS EXCLUSIVE MODE')
         completed = run_cli(
             "refresh-tokens",
             env={
@@ -74,10 +62,13 @@ def test_app_retry_settings_are_honoured(postgres):
                 "SKYBOT_CLEANUP_LOCK_TIMEOUT_MS": "50",
             },
         )
-        app_conn.rollback()
+        migration.exec_driver_sql("ROLLBACK")
     retries = [e for e in events(completed.stderr) if e["event"] == "retrying"]
     assert (completed.returncode, len(retries)) == (1, 1)
+    assert [e["error_class"] for e in retries] == ["LockNotAvailable"]
     assert 0.01 <= retries[0]["delay_s"] <= 0.02  # 10 ms, plus up to 10 ms of jitter
+    failed = next(e for e in events(completed.stderr) if e["event"] == "run_failed")
+    assert failed["error"] == "canceling statement due to lock timeout"
 
 
 FAIL_AT_COMMIT = """

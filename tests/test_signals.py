@@ -8,7 +8,7 @@ import time
 
 import pytest
 from helpers import (
-    backend_waiting,
+    SLOW_DELETES,
     env_for,
     events,
     history_rows,
@@ -19,6 +19,7 @@ from helpers import (
     seed_due_and_live,
     seed_operator_data,
     start_cli,
+    statement_running,
     wait_until,
 )
 
@@ -42,35 +43,32 @@ def test_sigterm_mid_batched_run_keeps_whole_batches_and_exits_143(postgres):
 
 
 def test_sigterm_during_single_transaction_rolls_back(postgres):
+    """SIGTERM mid-statement (a statement that would take ten seconds): psycopg cancels it
+    on the server, the transaction rolls back, nothing is deleted."""
     due, live = seed_due_and_live(postgres, due=10)
-    with postgres.engine.connect() as app_conn:
-        app_conn.exec_driver_sql("""SELECT 1 FROM "RefreshToken" WHERE id = 'due_0005' FOR UPDATE""")
-        process = start_cli("refresh-tokens", "--json", env=env_for(postgres, lock_timeout_ms=0))
-        wait_until(lambda: backend_waiting(postgres), what="the DELETE to wait on the app's row")
-        started = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        out, _err = process.communicate(timeout=10)
-        elapsed = time.monotonic() - started
-        # psycopg cancelled the statement on the server: nothing of ours is left running.
-        assert not backend_waiting(postgres)
-        app_conn.rollback()
-    assert process.returncode == 143 and elapsed < 5
+    postgres.execute(SLOW_DELETES)
+    process = start_cli("refresh-tokens", "--single-transaction", "--json", env=env_for(postgres))
+    wait_until(lambda: statement_running(postgres), what="the DELETE to run")
+    process.send_signal(signal.SIGTERM)
+    out, _err = process.communicate(timeout=30)
+    # Cancelled on the server, not left to run its ten seconds: nothing of ours runs on.
+    assert not statement_running(postgres)
+    assert process.returncode == 143
     assert json.loads(out)["status"] == "interrupted"
     assert remaining_ids(postgres) == due | live
 
 
 def test_kill_9_in_single_transaction_mode_deletes_nothing(postgres):
     due, live = seed_due_and_live(postgres, due=10)
-    with postgres.engine.connect() as app_conn:
-        app_conn.exec_driver_sql("""SELECT 1 FROM "RefreshToken" WHERE id = 'due_0005' FOR UPDATE""")
-        process = start_cli("refresh-tokens", env=env_for(postgres, lock_timeout_ms=0))
-        wait_until(lambda: backend_waiting(postgres), what="the DELETE to wait")
-        process.kill()
-        process.communicate(timeout=10)
-        app_conn.rollback()
-    # The orphaned server backend finishes its statement, finds no client and rolls back.
+    postgres.execute(SLOW_DELETES)
+    process = start_cli("refresh-tokens", "--single-transaction", env=env_for(postgres))
+    wait_until(lambda: statement_running(postgres), what="the DELETE to run")
+    process.kill()
+    process.communicate(timeout=10)
+    # The orphaned server backend notices its client is gone, and rolls back.
     wait_until(lambda: our_backends(postgres) == 0, what="the orphaned backend to go")
     assert remaining_ids(postgres) == due | live
+    postgres.execute('DROP TRIGGER slow_delete ON "RefreshToken"')
     rerun = run_cli("refresh-tokens", "--json", env=env_for(postgres))
     assert (rerun.returncode, json.loads(rerun.stdout)["rows"]) == (0, 10)
     assert remaining_ids(postgres) == live

@@ -1,89 +1,213 @@
-"""The batch statements: each deletes one bounded slice of a task's due rows.
+"""The statements that delete a slice of a task's due rows, and only due rows.
 
-Only counts come back to Python, never rows.
+Three properties hold for every one of them, so that the app never fails or waits long
+because of the tool:
+- Rows are locked in heap order. A TID range scan reads pages in order, and a TID scan
+  sorts its list of ctids, so a batch takes its row locks in the same order as the app's
+  statements (an update by key, or of one user's rows through an index or a bitmap heap
+  scan): two such statements cannot wait on each other in a cycle.
+- No row another transaction holds is waited for. `guard` leaves out a due row whose
+  xmax names a transaction still running (a lock, an update, a delete), and counts it;
+  a race it cannot see waits at most the run's lock_timeout, which the connection keeps
+  below the server's deadlock_timeout.
+- No plan depends on the planner's estimates: the heap walk's scan is forced by the
+  transaction's planner settings, and a list of ctids is built once per statement.
+
+Only counts (and a batch's ctids) come back to Python, never rows.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, cast
+import re
+from collections.abc import Collection, Sequence
+from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import UserDefinedType
 
 from skybot_cleanup.db.catalog import BoundTable
+from skybot_cleanup.db.connection import HELD_COUNTER
+
+# Planner settings of a batch's transaction (set in its prologue), so its plan never
+# depends on statistics: the heap walk can only scan a TID range; the index walk only
+# its index, in order.
+HEAP_WALK_PLANNER = {"enable_seqscan": "off", "enable_indexscan": "off", "enable_bitmapscan": "off"}
+INDEX_WALK_PLANNER = {"enable_seqscan": "off", "enable_bitmapscan": "off", "enable_sort": "off"}
+
+_XID_WRAP = 2**32
+_LOCK_CONTEXT = re.compile(r"while (?:deleting|locking|updating) tuple (\(\d+,\d+\)) in relation")
 
 
-@dataclass(frozen=True)
-class LowWater:
-    """Where the next batch starts on the walk column: at `value`, or just past it."""
+class TID(UserDefinedType[str]):
+    cache_ok = True
 
-    value: Any = None
-    exclusive: bool = False
-
-    def clause(self, walk: ColumnElement[Any]) -> ColumnElement[bool]:
-        if self.value is None:
-            return sa.true()
-        return cast("ColumnElement[bool]", walk > self.value if self.exclusive else walk >= self.value)
+    def get_col_spec(self, **kw: Any) -> str:
+        return "tid"
 
 
-def batch_end(
-    conn: Connection, table: BoundTable, walk: ColumnElement[Any], low: LowWater, rows: int, below: datetime | None
-) -> Any:
-    """The walk value `rows` rows past the low-water mark (an index-only scan of the
-    walk column), or None when fewer rows are left: the end of the next batch."""
-    query = sa.select(walk).select_from(table.table).where(low.clause(walk))
-    if below is not None:
-        query = query.where(walk < below)
-    return conn.scalar(query.order_by(walk).offset(rows).limit(1))
+class XID8(UserDefinedType[str]):
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "xid8"
 
 
-def delete_range(
-    conn: Connection, table: BoundTable, due: ColumnElement[bool], walk: ColumnElement[Any], low: LowWater, end: Any
+ctid: ColumnElement[str] = sa.literal_column("ctid", TID())
+xmax_column: ColumnElement[Any] = sa.literal_column("xmax")
+
+
+def tid(page: int, item: int = 0) -> ColumnElement[str]:
+    return sa.cast(sa.literal(f"({page},{item})"), TID())
+
+
+def page_of(ctid: str) -> int:
+    return int(ctid.strip("()").split(",")[0])
+
+
+def _held(snapshot_xmax: int) -> ColumnElement[bool]:
+    """The row's xmax names a transaction that is still running, or one that began after
+    this statement's snapshot was taken (it may hold the row now). xmax is 32 bits and
+    wraps: it is placed relative to the snapshot's xmax, the one xid8 known to be later."""
+    xmax = sa.bindparam("snapshot_xmax", snapshot_xmax, type_=sa.BigInteger)
+    raw = sa.cast(sa.cast(xmax_column, sa.Text), sa.BigInteger)
+    back = ((xmax % _XID_WRAP) - raw + _XID_WRAP) % _XID_WRAP  # how far before the snapshot's xmax
+    status = sa.func.pg_catalog.pg_xact_status(sa.cast(sa.cast(xmax - back, sa.Text), XID8()))
+    return sa.or_(back == 0, back > _XID_WRAP // 2, sa.func.coalesce(status == "in progress", sa.false()))
+
+
+def guard(due: ColumnElement[bool], snapshot_xmax: int, *, count: bool) -> ColumnElement[bool]:
+    """False for a due row another transaction holds (counted in HELD_COUNTER when
+    `count`); true otherwise. Cheap for the rows nobody ever touched (xmax 0)."""
+    left_out: ColumnElement[bool] = sa.false()
+    if count:
+        current = sa.cast(sa.func.pg_catalog.current_setting(HELD_COUNTER), sa.Integer)
+        left_out = sa.func.pg_catalog.set_config(HELD_COUNTER, sa.cast(current + 1, sa.Text), sa.true()).is_(None)
+    return sa.case(
+        (xmax_column == sa.literal_column("'0'::xid"), sa.true()),
+        (sa.not_(due), sa.true()),  # not counted: the statement's own due condition rejects it
+        (_held(snapshot_xmax), left_out),
+        else_=sa.true(),
+    )
+
+
+def _excluding(ctids: Collection[str]) -> list[ColumnElement[bool]]:
+    """Rows found held by an earlier try of this statement (a race `guard` could not see)."""
+    if not ctids:
+        return []
+    listed = sa.cast(sa.bindparam("excluded", sorted(ctids), type_=ARRAY(sa.Text)), ARRAY(TID()))
+    return [ctid != sa.func.all(listed)]
+
+
+def _counted_delete(conn: Connection, statement: sa.Delete) -> tuple[int, int]:
+    """(rows deleted, due rows left out as held), in one round trip."""
+    deleted = statement.returning(sa.literal(1)).cte("deleted")
+    row = conn.execute(
+        sa.select(sa.func.count(), sa.func.pg_catalog.current_setting(HELD_COUNTER)).select_from(deleted)
+    ).one()
+    return int(row[0]), int(row[1] or 0)
+
+
+def delete_all(
+    conn: Connection, table: BoundTable, due: ColumnElement[bool], snapshot_xmax: int, excluded: Collection[str]
+) -> tuple[int, int]:
+    """Single-transaction mode: every due row nobody holds, in one statement."""
+    statement = sa.delete(table.table).where(due, guard(due, snapshot_xmax, count=True), *_excluding(excluded))
+    return _counted_delete(conn, statement)
+
+
+def heap_pages(conn: Connection, table: BoundTable) -> int:
+    """The table's size in pages (its largest partition's: a TID range applies to each)."""
+    return int(
+        conn.scalar(
+            sa.text("""
+                SELECT coalesce((SELECT pg_catalog.max(pg_catalog.pg_relation_size(t.relid))
+                                 FROM pg_catalog.pg_partition_tree(r.oid) t WHERE t.isleaf),
+                                pg_catalog.pg_relation_size(r.oid))
+                       / pg_catalog.current_setting('block_size')::bigint
+                FROM (SELECT CAST(:oid AS pg_catalog.regclass) AS oid) r
+            """),
+            {"oid": table.shown},
+        )
+        or 0
+    )
+
+
+def delete_pages(
+    conn: Connection,
+    table: BoundTable,
+    due: ColumnElement[bool],
+    first: int,
+    end: int,
+    snapshot_xmax: int,
+    excluded: Collection[str] = (),
+) -> tuple[int, int]:
+    """The heap walk's batch: due rows on pages [first, end), nobody's held ones."""
+    statement = sa.delete(table.table).where(
+        ctid >= tid(first), ctid < tid(end), due, guard(due, snapshot_xmax, count=True), *_excluding(excluded)
+    )
+    return _counted_delete(conn, statement)
+
+
+def pick(
+    conn: Connection,
+    table: BoundTable,
+    where: ColumnElement[bool],
+    limit: int,
+    order_by: ColumnElement[Any] | None = None,
+    excluded: Collection[str] = (),
+    *,
+    partitioned: bool = False,
+) -> list[tuple[str, Any]]:
+    """At most `limit` rows' (ctid, order value): a batch of the index walk (in the
+    index's order), or a capped batch of the heap walk. On a partitioned table a ctid
+    names a row in each partition, so the value also carries the row's partition."""
+    columns = [ctid, order_by if order_by is not None else sa.null()]
+    if partitioned:
+        columns.append(sa.cast(sa.literal_column("tableoid"), sa.BigInteger))
+    query = sa.select(*columns).select_from(table.table).where(where, *_excluding(excluded))
+    if order_by is not None:
+        query = query.order_by(order_by)
+    rows = conn.execute(query.limit(limit)).all()
+    if partitioned:
+        return [(str(row[0]), (row[1], int(row[2]))) for row in rows]
+    return [(str(row[0]), row[1]) for row in rows]
+
+
+def delete_ctids(
+    conn: Connection,
+    table: BoundTable,
+    due: ColumnElement[bool],
+    ctids: Sequence[str],
+    snapshot_xmax: int,
+    excluded: Collection[str] = (),
+    *,
+    picked: Sequence[tuple[str, Any]] = (),
 ) -> int:
-    """Delete the due rows from the low-water mark up to (not including) `end`: one
-    index range scan, each row visited once, nothing returned but the count."""
-    statement = sa.delete(table.table).where(due, low.clause(walk))
-    if end is not None:
-        statement = statement.where(walk < end)
-    return int(conn.execute(statement).rowcount)
+    """Delete these rows, in heap order, if they are still due and nobody holds them. On a
+    partitioned table, only in the partition each was picked from (pick's values)."""
+    listed = sa.cast(sa.bindparam("ctids", list(ctids), type_=ARRAY(sa.Text)), ARRAY(TID()))
+    conditions = [ctid == sa.func.any(listed), due, guard(due, snapshot_xmax, count=False), *_excluding(excluded)]
+    if table.info.partitioned:
+        keys = [f"{value[1]}:{row_ctid}" for row_ctid, value in picked]
+        key = sa.cast(sa.literal_column("tableoid"), sa.BigInteger).op("||")(":").op("||")(sa.cast(ctid, sa.Text))
+        conditions.append(key == sa.func.any(sa.bindparam("keys", keys, type_=ARRAY(sa.Text))))
+    return int(conn.execute(sa.delete(table.table).where(*conditions)).rowcount)
 
 
-def delete_ties(conn: Connection, table: BoundTable, chunk: ColumnElement[bool], rows: int, exclude: set[Any]) -> int:
-    """Delete up to `rows` rows of `chunk` (due rows sharing one walk value, when there
-    are more than a batch of them: a mass revocation writes one "revokedAt").
-
-    By primary key, not ctid: on a partitioned table a ctid names a row in every
-    partition, so `ctid = ANY(...)` would take up to a batch per partition."""
-    key = table.columns["id"]
-    picked = sa.select(key).select_from(table.table).where(chunk, *_excluding(conn, key, exclude)).limit(rows)
-    return int(conn.execute(sa.delete(table.table).where(key.in_(picked.scalar_subquery()), chunk)).rowcount)
+def held_tuple(exc: BaseException) -> str | None:
+    """The ctid a lock timeout waited for (PostgreSQL names it in the error's context),
+    or None when it waited for something else (a table lock)."""
+    diag = getattr(getattr(exc, "orig", exc), "diag", None)
+    match = _LOCK_CONTEXT.search(getattr(diag, "context", None) or "")
+    return match.group(1) if match else None
 
 
-def ids_where(
-    conn: Connection, table: BoundTable, where: ColumnElement[bool], rows: int, exclude: set[Any] | None = None
-) -> list[Any]:
-    """The primary keys of at most `rows` rows: a batch to redo around rows the app holds."""
-    key = table.columns["id"]
-    query = sa.select(key).select_from(table.table).where(where, *_excluding(conn, key, exclude or set()))
-    return list(conn.scalars(query.order_by(key).limit(rows)))
-
-
-def delete_ids(conn: Connection, table: BoundTable, due: ColumnElement[bool], ids: list[Any]) -> int:
-    key = table.columns["id"]
-    return int(conn.execute(sa.delete(table.table).where(_any(conn, key, ids), due)).rowcount)
-
-
-def _any(conn: Connection, key: ColumnElement[Any], ids: list[Any] | set[Any]) -> ColumnElement[bool]:
-    """key = ANY(array) on PostgreSQL: one parameter, however many ids."""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import ARRAY
-
-        return key == sa.func.any(sa.bindparam("ids", list(ids), type_=ARRAY(key.type), unique=True))
-    return key.in_(list(ids))
-
-
-def _excluding(conn: Connection, key: ColumnElement[Any], ids: set[Any]) -> list[ColumnElement[bool]]:
-    return [sa.not_(_any(conn, key, ids))] if ids else []
+def delete_rowids(conn: Connection, table: BoundTable, due: ColumnElement[bool], limit: int) -> int:
+    """SQLite (the demo, tests): a batch by rowid. Its write lock is the run lock, so no
+    row is ever held by someone else."""
+    rowid: ColumnElement[Any] = sa.literal_column("rowid")
+    picked = sa.select(rowid).select_from(table.table).where(due).limit(limit).scalar_subquery()
+    return int(conn.execute(sa.delete(table.table).where(rowid.in_(picked), due)).rowcount)

@@ -67,6 +67,7 @@ class TableInfo:
     columns: dict[str, str]  # name -> type as the database spells it
     estimated_rows: int | None  # the planner's reltuples; None when never analyzed (or SQLite)
     partitioned: bool = False
+    pages: int | None = None  # the planner's relpages (0 when never analyzed or vacuumed)
     # Row-level security applies to this role: every statement sees only what its policies allow.
     rls_hides_rows: bool = False
     rls_forced: bool = False
@@ -86,7 +87,7 @@ class TableInfo:
 # row-level security hides rows from this role (RLS is on, and the role is not a
 # superuser, not BYPASSRLS, and not the owner, or the owner of a table that forces it).
 PG_TABLE = sa.text("""
-    SELECT n.nspname, c.relname, c.reltuples::bigint, c.relkind = 'p',
+    SELECT n.nspname, c.relname, c.reltuples::bigint, c.relkind = 'p', c.relpages,
            pg_catalog.array_agg(a.attname::text ORDER BY a.attnum),
            pg_catalog.array_agg(pg_catalog.format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum),
            c.relrowsecurity AND NOT (r.rolsuper OR r.rolbypassrls)
@@ -98,7 +99,7 @@ PG_TABLE = sa.text("""
     JOIN pg_catalog.pg_roles r ON r.rolname = CURRENT_USER
     WHERE c.oid = pg_catalog.to_regclass(pg_catalog.quote_ident(CAST(:schema AS text)) || '.'
                                          || pg_catalog.quote_ident(CAST(:name AS text)))
-    GROUP BY n.nspname, c.relname, c.reltuples, c.relkind, c.relrowsecurity, c.relforcerowsecurity,
+    GROUP BY n.nspname, c.relname, c.reltuples, c.relkind, c.relpages, c.relrowsecurity, c.relforcerowsecurity,
              c.relowner, r.rolsuper, r.rolbypassrls
 """)
 
@@ -108,13 +109,14 @@ def lookup_table(conn: Connection, schema: str | None, name: str) -> TableInfo |
         row = conn.execute(PG_TABLE, {"schema": schema, "name": name}).one_or_none()
         if row is None:
             return None
-        namespace, relname, reltuples, partitioned, names, types, rls_hides_rows, rls_forced = row
+        namespace, relname, reltuples, partitioned, pages, names, types, rls_hides_rows, rls_forced = row
         return TableInfo(
             schema=namespace,
             name=relname,
             columns=dict(zip(names, types, strict=True)),
             estimated_rows=reltuples if reltuples >= 0 else None,
             partitioned=bool(partitioned),
+            pages=pages,
             rls_hides_rows=bool(rls_hides_rows),
             rls_forced=bool(rls_forced),
         )

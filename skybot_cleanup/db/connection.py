@@ -22,7 +22,7 @@ from sqlalchemy.pool import NullPool
 
 from skybot_cleanup.clock import naive_utc, utc_now
 from skybot_cleanup.db.urls import DatabaseTarget
-from skybot_cleanup.errors import ConfigError, LockHeld, SqlState, sqlstate_of
+from skybot_cleanup.errors import ConfigError, LockHeld
 
 # Every transaction resolves names here only, whatever the role's or the database's
 # search_path says (CVE-2018-1058): no object planted in a schema on that path can stand
@@ -34,6 +34,11 @@ PINNED_SEARCH_PATH = "pg_catalog, pg_temp"
 CLIENT_CHECK_INTERVAL_MS = 1000
 # TID range scans (the physical walk) and client_connection_check_interval: PostgreSQL 14.
 MIN_SERVER_VERSION = 140000
+# The tool's lock_timeout never exceeds this share of the server's deadlock_timeout.
+DEADLOCK_TIMEOUT_SHARE = 5
+# Transaction-local counter of the due rows a batch left out because another
+# transaction held them (db.batches.guard), reset by every transaction's prologue.
+HELD_COUNTER = "skybot_cleanup.held"
 
 
 class PinnedPathDialect(PGDialect_psycopg):
@@ -163,7 +168,9 @@ class RunConnection:
         self.locked = False  # PostgreSQL: this session holds the task's lock
         self.server_now: datetime | None = None
         self.host_now: datetime | None = None
-        self.deadlock_timeout_ms: int | None = None
+        self.snapshot_xmax = 0  # the next transaction id when this transaction began
+        # Planner settings of the transactions to come (a batch walk's: db.batches).
+        self.planner: dict[str, str] = {}
 
     def statement_timeout_ms(self) -> int:
         """The configured statement_timeout, never longer than the time left (0: none)."""
@@ -175,7 +182,7 @@ class RunConnection:
 
     # PostgreSQL: the statement run at the start of every transaction of the chain. It
     # runs after the path is pinned, and qualifies every call all the same.
-    def _prologue(self, take_lock: bool) -> str:
+    def _prologue(self, take_lock: bool) -> tuple[list[str], str]:
         session = self.session
         idle = session.idle_timeout_ms
         # Never weaken a DBA's shorter idle timeout: take the smaller of the two.
@@ -183,21 +190,37 @@ class RunConnection:
             f"(SELECT CASE WHEN setting::bigint > 0 AND setting::bigint < {idle} THEN setting "
             f"ELSE '{idle}' END FROM pg_catalog.pg_settings WHERE name = 'idle_in_transaction_session_timeout')"
         )
-        columns = [
-            f"pg_catalog.set_config('application_name', {sql_literal(application_name(session, self.label))}, true)",
-            f"pg_catalog.set_config('lock_timeout', '{session.lock_timeout_ms}', true)",
-            f"pg_catalog.set_config('statement_timeout', '{self.statement_timeout_ms()}', true)",
-            f"pg_catalog.set_config('idle_in_transaction_session_timeout', {idle_sql}, true)",
-            f"pg_catalog.set_config('client_connection_check_interval', '{CLIENT_CHECK_INTERVAL_MS}', true)",
-            "pg_catalog.pg_is_in_recovery() OR pg_catalog.current_setting('transaction_read_only')::boolean",
-            "pg_catalog.timezone('UTC', pg_catalog.clock_timestamp())",
-            "pg_catalog.current_setting('server_version_num')::integer",
-            "(SELECT setting::integer FROM pg_catalog.pg_settings WHERE name = 'deadlock_timeout')",
-        ]
+        # Below the server's deadlock_timeout, so that a wait of the tool's ends before the
+        # deadlock detector could pick anyone: the tool gives way, the app never fails.
+        lock_sql = (
+            f"(SELECT CASE WHEN {session.lock_timeout_ms} > 0 AND {session.lock_timeout_ms} < setting::bigint / "
+            f"{DEADLOCK_TIMEOUT_SHARE} THEN '{session.lock_timeout_ms}' ELSE (setting::bigint / "
+            f"{DEADLOCK_TIMEOUT_SHARE})::text END FROM pg_catalog.pg_settings WHERE name = 'deadlock_timeout')"
+        )
+        settings = {
+            "application_name": sql_literal(application_name(session, self.label)),
+            "lock_timeout": lock_sql,
+            "statement_timeout": f"'{self.statement_timeout_ms()}'",
+            "idle_in_transaction_session_timeout": idle_sql,
+            "client_connection_check_interval": f"'{CLIENT_CHECK_INTERVAL_MS}'",
+            HELD_COUNTER: "'0'",
+            **{name: sql_literal(value) for name, value in self.planner.items()},
+        }
+        columns = {
+            f"set_{index}": f"pg_catalog.set_config({sql_literal(name)}, {value}, true)"
+            for index, (name, value) in enumerate(settings.items())
+        }
+        columns |= {
+            "read_only": "pg_catalog.pg_is_in_recovery() "
+            "OR pg_catalog.current_setting('transaction_read_only')::boolean",
+            "server_now": "pg_catalog.timezone('UTC', pg_catalog.clock_timestamp())",
+            "version": "pg_catalog.current_setting('server_version_num')::integer",
+            "snapshot_xmax": "pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::text::bigint",
+        }
         if take_lock:
             key = sql_literal(lock_key(str(self.lock)))
-            columns.append(f"pg_catalog.pg_try_advisory_lock(pg_catalog.hashtextextended({key}, 0::bigint))")
-        return "SELECT " + ", ".join(columns)
+            columns["locked"] = f"pg_catalog.pg_try_advisory_lock(pg_catalog.hashtextextended({key}, 0::bigint))"
+        return list(columns), "SELECT " + ", ".join(columns.values())
 
     def _driver_execute(self, sql: str) -> Any:
         """Straight to psycopg, without parameters: its simple protocol, so several
@@ -211,23 +234,25 @@ class RunConnection:
         savepoint in one message. Any error aborts the transaction; inside the savepoint
         it only undoes the batch."""
         sent = time.monotonic()
+        names, prologue = self._prologue(take_lock)
         cursor = self._driver_execute(
-            f"{command}; SET LOCAL search_path = {PINNED_SEARCH_PATH}; {self._prologue(take_lock)}; SAVEPOINT work"
+            f"{command}; SET LOCAL search_path = {PINNED_SEARCH_PATH}; {prologue}; SAVEPOINT work"
         )
         while cursor.description is None and cursor.nextset():
             pass
-        row = cursor.fetchone()
-        assert row is not None
+        row = dict(zip(names, cursor.fetchone() or (), strict=True))
         self.in_transaction = True
         if take_lock:
-            self.locked = bool(row[9])  # first: whatever is raised next, the unlock must follow
+            self.locked = bool(row["locked"])  # first: whatever is raised next, the unlock must follow
         # The host's clock halfway through the round trip: the moment the server read its own.
         self.host_now = naive_utc(utc_now() - timedelta(seconds=(time.monotonic() - sent) / 2))
-        self.server_now = row[6]
-        self.deadlock_timeout_ms = int(row[8])
-        if row[7] < MIN_SERVER_VERSION:
-            raise ConfigError(f"PostgreSQL {row[7] // 10000} is not supported: the tool needs PostgreSQL 14 or later")
-        if row[5] and not self.read_only:
+        self.server_now = row["server_now"]
+        self.snapshot_xmax = int(row["snapshot_xmax"])
+        if row["version"] < MIN_SERVER_VERSION:
+            raise ConfigError(
+                f"PostgreSQL {row['version'] // 10000} is not supported: the tool needs PostgreSQL 14 or later"
+            )
+        if row["read_only"] and not self.read_only:
             raise ConfigError(
                 "the database is read-only (a hot standby, or default_transaction_read_only is on): point "
                 "DATABASE_URL at the primary, or add target_session_attrs=read-write"
@@ -276,8 +301,11 @@ class RunConnection:
         with contextlib.suppress(Exception, KeyboardInterrupt):
             self._end("ROLLBACK")
 
-    def commit_and_continue(self) -> None:
-        """Commit this transaction's work and start the next one, still holding the lock."""
+    def commit_and_continue(self, planner: dict[str, str] | None = None) -> None:
+        """Commit this transaction's work and start the next one, still holding the lock
+        (with these planner settings, from now on)."""
+        if planner is not None:
+            self.planner = planner
         if self.on_postgres:
             self._send("COMMIT AND CHAIN")
         else:
@@ -289,22 +317,6 @@ class RunConnection:
         """Roll back what this transaction did since it began, keeping the lock
         (PostgreSQL only: SQLite has no row locks to run into)."""
         self.conn.exec_driver_sql("ROLLBACK TO SAVEPOINT work")
-
-    @contextmanager
-    def probe(self, lock_timeout_ms: int) -> Iterator[None]:
-        """A nested savepoint with a short lock timeout: a statement that meets a held
-        row fails fast, and only that statement is undone."""
-        self.conn.exec_driver_sql(f"SAVEPOINT probe; SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
-        restore = f"RELEASE probe; SET LOCAL lock_timeout = {self.session.lock_timeout_ms}"
-        try:
-            yield
-        except sa.exc.OperationalError as exc:
-            if sqlstate_of(exc) != SqlState.LOCK_NOT_AVAILABLE:
-                raise
-            self.conn.exec_driver_sql("ROLLBACK TO SAVEPOINT probe")
-            self.conn.exec_driver_sql(restore)
-            raise
-        self.conn.exec_driver_sql(restore)
 
 
 @contextmanager
