@@ -55,6 +55,7 @@ class Progress:
     low: Any = None  # the index walk: its column's value the next batch starts at
     walked_to_end: bool = False
     held: int = 0  # due rows the app held when a batch reached them (counted by the server)
+    last_batch: tuple[int, int] = (0, 0)  # the heap walk's last committed batch: its pages, the due rows it found
     # The heap walk in batches of exactly the batch size (a page holds more due rows than
     # that, or --max-rows is near): held rows are then counted at the end.
     capped: bool = False
@@ -72,6 +73,7 @@ class Progress:
         """Walk from the start of the due range again (on a new connection)."""
         self.walk, self.next_page, self.low, self.walked_to_end = None, 0, None, False
         self.held, self.capped, self.excluded, self.skipped_pages = 0, False, set(), []
+        self.last_batch = (0, 0)
 
 
 def run_task(
@@ -202,6 +204,9 @@ class Run:
         else:
             self._batches(run, table, due)
         run.commit()
+        if not (self.batched or self.dry_run) and run.on_postgres:  # held rows are counted as it commits
+            self.progress.remaining = run.held_in_last_transaction + len(self.progress.excluded)
+            self.progress.remaining_exact = True
 
     def _cutoff(self, run: db.RunConnection) -> datetime:
         """The first transaction reads the server's clock: the run's now is the earlier
@@ -241,8 +246,7 @@ class Run:
             return
         for _ in range(RACE_RETRIES + 1):
             try:
-                progress.rows, held = db.delete_all(run.conn, table, due, run.snapshot_xmax, progress.excluded)
-                progress.remaining, progress.remaining_exact = held + len(progress.excluded), True
+                progress.rows = db.delete_all(run.conn, table, due, run.snapshot_xmax, progress.excluded)
                 return
             except sa.exc.OperationalError as exc:
                 self._note_race(run, exc)
@@ -322,6 +326,11 @@ class Run:
                 progress.stopped_by = "max_runtime"
                 return
             run.commit_and_continue()
+            held = run.held_in_last_transaction
+            if held:
+                self.log.info("held_rows_left", rows=held, batch=progress.batches + 1)
+            progress.held += held
+            progress.last_batch = (progress.last_batch[0], deleted + held)
             progress.rows += deleted
             progress.rows_on_connection += deleted
             progress.batches += 1
@@ -392,28 +401,26 @@ class Run:
         about `limit` due rows last time (batch_pages[0], adapted here)."""
         progress = self.progress
         first = progress.next_page
-        if batch_pages[0] < 1:  # a page holds more due rows than a batch may: a page at a time
+        span, found = progress.last_batch
+        if span and not progress.capped:  # sized by what the last batch found
+            batch_pages[0] = 0 if span == 1 and found > limit else _next_pages(span, found, limit)
+        if batch_pages[0] < 1 or progress.capped:  # a page holds more due rows than a batch may: a page at a time
             return self._heap_batch_capped(run, table, due, pages, limit, span=1)
         end = min(first + batch_pages[0], pages)
         if limit < self.settings.batch_size:  # the last batch under --max-rows: exactly `limit` rows
             return self._heap_batch_capped(run, table, due, pages, limit, span=end - first)
         for _ in range(RACE_RETRIES + 1):
             try:
-                deleted, held = db.delete_pages(run.conn, table, due, first, end, run.snapshot_xmax, progress.excluded)
+                deleted = db.delete_pages(run.conn, table, due, first, end, run.snapshot_xmax, progress.excluded)
                 break
             except sa.exc.OperationalError as exc:
                 self._note_race(run, exc)
         else:
-            deleted, held = 0, 0
+            deleted = 0
             progress.skipped_pages.append((first, end))
-        if held:
-            self.log.info("held_rows_left", rows=held, pages=f"{first}-{end - 1}")
-        progress.held += held
         progress.next_page = end
         progress.walked_to_end = end >= pages
-        batch_pages[0] = _next_pages(batch_pages[0], deleted + held, limit)
-        if end - first == 1 and deleted + held > limit:
-            batch_pages[0] = 0  # one page is more than a batch: a page at a time from now on
+        progress.last_batch = (end - first, deleted)  # the held ones are added as it commits
         return deleted
 
     def _heap_batch_capped(

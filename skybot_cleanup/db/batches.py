@@ -101,21 +101,13 @@ def _excluding(ctids: Collection[str]) -> list[ColumnElement[bool]]:
     return [ctid != sa.func.all(listed)]
 
 
-def _counted_delete(conn: Connection, statement: sa.Delete) -> tuple[int, int]:
-    """(rows deleted, due rows left out as held), in one round trip."""
-    deleted = statement.returning(sa.literal(1)).cte("deleted")
-    row = conn.execute(
-        sa.select(sa.func.count(), sa.func.pg_catalog.current_setting(HELD_COUNTER)).select_from(deleted)
-    ).one()
-    return int(row[0]), int(row[1] or 0)
-
-
 def delete_all(
     conn: Connection, table: BoundTable, due: ColumnElement[bool], snapshot_xmax: int, excluded: Collection[str]
-) -> tuple[int, int]:
-    """Single-transaction mode: every due row nobody holds, in one statement."""
+) -> int:
+    """Single-transaction mode: every due row nobody holds, in one statement (the held
+    ones are counted in HELD_COUNTER, which the connection reads as it commits)."""
     statement = sa.delete(table.table).where(due, guard(due, snapshot_xmax, count=True), *_excluding(excluded))
-    return _counted_delete(conn, statement)
+    return int(conn.execute(statement).rowcount)
 
 
 def heap_pages(conn: Connection, table: BoundTable) -> int:
@@ -143,12 +135,13 @@ def delete_pages(
     end: int,
     snapshot_xmax: int,
     excluded: Collection[str] = (),
-) -> tuple[int, int]:
-    """The heap walk's batch: due rows on pages [first, end), nobody's held ones."""
+) -> int:
+    """The heap walk's batch: due rows on pages [first, end), nobody's held ones (counted
+    in HELD_COUNTER, which the connection reads as it commits)."""
     statement = sa.delete(table.table).where(
         ctid >= tid(first), ctid < tid(end), due, guard(due, snapshot_xmax, count=True), *_excluding(excluded)
     )
-    return _counted_delete(conn, statement)
+    return int(conn.execute(statement).rowcount)
 
 
 def pick(

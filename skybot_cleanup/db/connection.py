@@ -169,6 +169,11 @@ class RunConnection:
         self.server_now: datetime | None = None
         self.host_now: datetime | None = None
         self.snapshot_xmax = 0  # the next transaction id when this transaction began
+        # Due rows the last committed transaction left out as held (HELD_COUNTER).
+        self.held_in_last_transaction = 0
+        # lock_timeout and idle_in_transaction_session_timeout as the first transaction
+        # derived them from the server's settings: later ones reuse the values.
+        self._derived: dict[str, str] = {}
         # Planner settings of the transactions to come (a batch walk's: db.batches).
         self.planner: dict[str, str] = {}
 
@@ -199,16 +204,16 @@ class RunConnection:
         )
         settings = {
             "application_name": sql_literal(application_name(session, self.label)),
-            "lock_timeout": lock_sql,
+            "lock_timeout": self._derived.get("lock_timeout", lock_sql),
             "statement_timeout": f"'{self.statement_timeout_ms()}'",
-            "idle_in_transaction_session_timeout": idle_sql,
+            "idle_in_transaction_session_timeout": self._derived.get("idle_in_transaction_session_timeout", idle_sql),
             "client_connection_check_interval": f"'{CLIENT_CHECK_INTERVAL_MS}'",
             HELD_COUNTER: "'0'",
             **{name: sql_literal(value) for name, value in self.planner.items()},
         }
         columns = {
-            f"set_{index}": f"pg_catalog.set_config({sql_literal(name)}, {value}, true)"
-            for index, (name, value) in enumerate(settings.items())
+            f"set {name}": f"pg_catalog.set_config({sql_literal(name)}, {value}, true)"
+            for name, value in settings.items()
         }
         columns |= {
             "read_only": "pg_catalog.pg_is_in_recovery() "
@@ -229,19 +234,30 @@ class RunConnection:
         assert driver is not None
         return driver.execute(sql)
 
+    def _read_held(self, cursor: Any) -> None:
+        """The held-row count of the transaction that just ended, read in its last message."""
+        self.held_in_last_transaction = int(cursor.fetchone()[0] or 0)
+        cursor.nextset()
+
     def _send(self, command: str, take_lock: bool = False) -> None:
         """`command` (BEGIN, COMMIT AND CHAIN), the pinned path, the prologue and a
         savepoint in one message. Any error aborts the transaction; inside the savepoint
         it only undoes the batch."""
         sent = time.monotonic()
         names, prologue = self._prologue(take_lock)
+        ending = command.startswith("COMMIT")
+        read_held = f"SELECT pg_catalog.current_setting('{HELD_COUNTER}', true); " if ending else ""
         cursor = self._driver_execute(
-            f"{command}; SET LOCAL search_path = {PINNED_SEARCH_PATH}; {prologue}; SAVEPOINT work"
+            f"{read_held}{command}; SET LOCAL search_path = {PINNED_SEARCH_PATH}; {prologue}; SAVEPOINT work"
         )
+        if ending:
+            self._read_held(cursor)
         while cursor.description is None and cursor.nextset():
             pass
         row = dict(zip(names, cursor.fetchone() or (), strict=True))
         self.in_transaction = True
+        for name in ("lock_timeout", "idle_in_transaction_session_timeout"):
+            self._derived.setdefault(name, sql_literal(str(row[f"set {name}"])))
         if take_lock:
             self.locked = bool(row["locked"])  # first: whatever is raised next, the unlock must follow
         # The host's clock halfway through the round trip: the moment the server read its own.
@@ -279,7 +295,14 @@ class RunConnection:
         that locks, even when it does not know it holds the lock (a signal may have cut
         the BEGIN short): unlocking nothing is harmless, a lock left behind is not."""
         self.in_transaction = False
-        if self.on_postgres and self.lock:
+        if self.on_postgres and command == "COMMIT":
+            cursor = self._driver_execute(
+                f"SELECT pg_catalog.current_setting('{HELD_COUNTER}', true); {command}"
+                + ("; SELECT pg_catalog.pg_advisory_unlock_all()" if self.lock else "")
+            )
+            self.locked = False
+            self._read_held(cursor)
+        elif self.on_postgres and self.lock:
             self.locked = False
             self._driver_execute(f"{command}; SELECT pg_catalog.pg_advisory_unlock_all()")
         else:
