@@ -137,6 +137,16 @@ def _clock_finding(ctx: Context) -> Finding:
     )
 
 
+def heartbeat_url(ctx: Context) -> Iterator[Finding]:
+    """A ping URL that cannot work turns heartbeats off (a warning at run time): here, an error."""
+    from skybot_cleanup.heartbeat import check_url
+
+    if ctx.settings.ping_url is not None:
+        problem = check_url(ctx.settings.ping_url.get_secret_value())
+        if problem:
+            yield Finding("error", f"{env_name('ping_url')} is unusable: {problem}; no heartbeat is sent")
+
+
 def schema_usage(ctx: Context) -> Iterator[Finding]:
     """The role must be able to use the app's schema, or every table looks missing."""
     if not ctx.on_postgres:
@@ -423,6 +433,7 @@ def _history_advice(ctx: Context, shown: str, error: str) -> Finding:
 
 
 CHECKS: tuple[Check, ...] = (
+    heartbeat_url,
     server,
     schema_usage,
     tables,

@@ -77,8 +77,9 @@ SingleTransaction = Annotated[
     bool,
     _flag(
         "--single-transaction",
-        "Delete every due row in one transaction, not in batches: the app then waits for any row it shares "
-        "with the run until the whole run commits.",
+        "Delete every due row in one transaction, not in batches: all or nothing. Rows the app holds are "
+        "skipped (counted in remaining) as in batches, but an app write to a row the run has deleted waits "
+        "until the whole run commits.",
     ),
 ]
 MaxRows = Annotated[
@@ -121,7 +122,17 @@ DatabaseUrl = Annotated[
         "--database-url",
         metavar="URL",
         show_default=False,
-        help="Overrides SKYBOT_CLEANUP_DATABASE_URL and DATABASE_URL.",
+        help="Overrides SKYBOT_CLEANUP_DATABASE_URL and DATABASE_URL. Other local users see a command line: "
+        "give a URL with a password in a file (--database-url-file) or the environment instead.",
+    ),
+]
+DatabaseUrlFile = Annotated[
+    Optional[str],
+    typer.Option(
+        "--database-url-file",
+        metavar="PATH",
+        show_default=False,
+        help="Read the database URL from this file (as DATABASE_URL_FILE does: the secret-file convention).",
     ),
 ]
 
@@ -228,11 +239,7 @@ def run_tasks(tasks: Sequence[Task], *, dry_run: bool, as_json: bool, quiet: boo
         report_failure(f"interrupted by signal {exc.signum}")
         codes.append(exc.exit_code)
     # Whatever stopped the command, the runs that ended have their textfiles.
-    try:
-        commands.write_run_textfiles(settings.prom_file, results)
-    except OSError as exc:
-        report_failure(f"error: cannot write the textfile under {settings.prom_file}: {exc.strerror}")
-        codes.append(EXIT_FAILURE)
+    commands.write_run_textfiles(settings.prom_file, results)
     return worst_exit_code([commands.exit_code_of(results), *codes])
 
 
@@ -299,6 +306,7 @@ def _task_command(tasks: tuple[Task, ...]) -> Any:
         as_json: JsonOutput = False,
         quiet: Quiet = False,
         database_url: DatabaseUrl = None,
+        database_url_file: DatabaseUrlFile = None,
         batch_size: BatchSize = None,
         single_transaction: SingleTransaction = False,
         max_rows: MaxRows = None,
@@ -314,6 +322,7 @@ def _task_command(tasks: tuple[Task, ...]) -> Any:
                 as_json=as_json,
                 quiet=quiet,
                 database_url=database_url,
+                database_url_file=database_url_file,
                 batch_size=batch_size,
                 single_transaction=True if single_transaction else None,
                 max_rows=max_rows,
@@ -362,6 +371,7 @@ def metrics_command(
         ),
     ] = False,
     database_url: DatabaseUrl = None,
+    database_url_file: DatabaseUrlFile = None,
     prom_file: Annotated[
         Optional[str],
         typer.Option(
@@ -384,7 +394,12 @@ def metrics_command(
     from skybot_cleanup import commands, textfiles, views
     from skybot_cleanup.logs import get_logger, report_failure
 
-    settings = _load((REGISTRY.metrics,), database_url=database_url, history=False if no_history else None)
+    settings = _load(
+        (REGISTRY.metrics,),
+        database_url=database_url,
+        database_url_file=database_url_file,
+        history=False if no_history else None,
+    )
     install_signal_handlers()
     snapshot_file = prom_file or (
         str(textfiles.textfile_path(settings.prom_file, "snapshot")) if settings.prom_file else None
@@ -397,11 +412,7 @@ def metrics_command(
             typer.echo(views.as_json(taken))
         elif sys.stdout.isatty() and not quiet:  # every 5 minutes under cron, the log event is enough
             typer.echo(views.snapshot_table(run.snapshot))
-    try:
-        commands.write_run_textfiles(settings.prom_file, [run.result])
-    except OSError as exc:
-        report_failure(f"error: cannot write the textfile under {settings.prom_file}: {exc.strerror}")
-        raise typer.Exit(worst_exit_code([run.result.exit_code, EXIT_FAILURE])) from None
+    commands.write_run_textfiles(settings.prom_file, [run.result])
     if run.result.status != "ok":
         report_failure(views.failure_line(run.result), logged=True)
     signalled = [] if run.result.signal is None else [exit_code_for_signal(run.result.signal)]
@@ -419,12 +430,13 @@ def status_command(
         ),
     ] = False,
     database_url: DatabaseUrl = None,
+    database_url_file: DatabaseUrlFile = None,
 ) -> None:
     """Per job: health, last success and failure, next run, rows due. Exit 1 if any is OVERDUE, FAILING or UNKNOWN."""
     from skybot_cleanup import commands, views
     from skybot_cleanup.logs import get_logger
 
-    settings = _load(database_url=database_url)
+    settings = _load(database_url=database_url, database_url_file=database_url_file)
     if not settings.history:
         get_logger().warning(
             "history_disabled", hint="SKYBOT_CLEANUP_HISTORY is off: no run is known, so every job shows UNKNOWN"
@@ -445,11 +457,12 @@ def check_command(
         ),
     ] = False,
     database_url: DatabaseUrl = None,
+    database_url_file: DatabaseUrlFile = None,
 ) -> None:
     """Pre-flight: server, tables, column types, privileges, indexes, backlogs, history. Exit 1 on errors."""
     from skybot_cleanup import commands, views
 
-    settings = _load(database_url=database_url)
+    settings = _load(database_url=database_url, database_url_file=database_url_file)
     findings = _guarded("check", settings, lambda: commands.check(settings))
     _echo(views.findings_lines(findings, as_json))
     raise typer.Exit(1 if any(finding.level == "error" for finding in findings) else 0)
@@ -475,6 +488,15 @@ def history_command(
             help="Only runs since then: 6h, 7d, or 2026-11-01T00:00Z.",
         ),
     ] = None,
+    until: Annotated[
+        Optional[str],
+        typer.Option(
+            "--until",
+            metavar="DURATION|TIMESTAMP",
+            show_default=False,
+            help="Only runs before then: 6h (ago), or 2026-11-02T00:00Z.",
+        ),
+    ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=100_000, metavar="N", help="At most N runs.")] = 50,
     as_json: Annotated[
         bool,
@@ -485,10 +507,11 @@ def history_command(
         ),
     ] = False,
     database_url: DatabaseUrl = None,
+    database_url_file: DatabaseUrlFile = None,
 ) -> None:
     """Recorded runs, newest first, and a per-task summary: runs, failures, rows deleted."""
     from skybot_cleanup import commands, views
-    from skybot_cleanup.clock import parse_duration, parse_iso, utc_now
+    from skybot_cleanup.clock import parse_moment, utc_now
     from skybot_cleanup.history import HistoryQuery
 
     known = [job.name for job in REGISTRY.jobs]
@@ -496,21 +519,15 @@ def history_command(
         _fail(f"error: --task must be one of {', '.join(known)}, not {task!r}")
     if status is not None and status not in ("ok", "failed", "skipped", "interrupted"):
         _fail(f"error: --status must be ok, failed, skipped or interrupted, not {status!r}")
-    start = None
-    if since:
+    moments = {}
+    for option, text in (("--since", since), ("--until", until)):
         try:
-            start = parse_iso(since)
+            moments[option] = parse_moment(text, utc_now()) if text else None
         except ValueError:
-            try:
-                start = utc_now() - parse_duration(since)
-            except (ValueError, OverflowError):
-                _fail(f"error: --since takes a duration (90m, 6h, 7d) or an ISO time, not {since!r}")
-    settings = _load(database_url=database_url)
-    view = _guarded(
-        "history",
-        settings,
-        lambda: commands.run_history(settings, HistoryQuery(task=task, status=status, since=start, limit=limit)),
-    )
+            _fail(f"error: {option} takes a duration (90m, 6h, 7d) or an ISO time from 1970 on, not {text!r}")
+    settings = _load(database_url=database_url, database_url_file=database_url_file)
+    query = HistoryQuery(task=task, status=status, since=moments["--since"], until=moments["--until"], limit=limit)
+    view = _guarded("history", settings, lambda: commands.run_history(settings, query))
     _echo(views.history_lines(view, as_json))
 
 
@@ -520,6 +537,7 @@ def config_command(
         bool, _flag("--json", "One JSON object: settings (variable, value, source) and unknown variables.")
     ] = False,
     database_url: DatabaseUrl = None,
+    database_url_file: DatabaseUrlFile = None,
 ) -> None:
     """Every setting in effect and where it came from; secrets redacted."""
     from skybot_cleanup import settings as settings_module
@@ -527,10 +545,18 @@ def config_command(
     from skybot_cleanup.settings import describe_settings
 
     try:
-        loaded = settings_module.load({"database_url": database_url})
+        loaded = settings_module.load({"database_url": database_url, "database_url_file": database_url_file})
     except ConfigError as exc:
         _fail(f"error: {exc}")
-    _echo(views.config_lines(describe_settings(loaded), as_json))
+    from skybot_cleanup.heartbeat import check_url
+
+    ping = loaded.settings.ping_url
+    problem = check_url(ping.get_secret_value()) if ping else None
+    _echo(
+        views.config_lines(
+            describe_settings(loaded, {"ping_url": f"unusable: {problem}"} if problem else None), as_json
+        )
+    )
 
 
 @app.command("schedule")
@@ -573,8 +599,12 @@ def schedule_command(
         for text in views.generated_files(files):
             typer.echo(text, nl=False)
         return
+    from skybot_cleanup.localfiles import UnsafePath
+
     try:
         written = write_files(files, output)
+    except UnsafePath as exc:
+        _fail(f"error: refusing to write under {output}: {exc.strerror}")
     except OSError as exc:
         _fail(f"error: cannot write under {output}: {exc.strerror}", EXIT_FAILURE)
     for path in written:
@@ -621,7 +651,7 @@ def demo(
         exit_codes.append(step.result.exit_code)
         _echo(views.demo_step_lines(step, as_json))
     if not as_json:
-        _echo(views.demo_left(demo_module.ids_by_table(database, settings), shown if database_url else url))
+        _echo(views.demo_left(demo_module.ids_by_table(database, settings), None if database_url else url))
     raise typer.Exit(worst_exit_code(exit_codes))
 
 

@@ -50,6 +50,25 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=int(text[:-1]) * units[text[-1]])
 
 
+# Moments a command takes (history --since/--until) lie between these.
+EARLIEST, LATEST = datetime(1970, 1, 1), datetime(9999, 12, 31, 23, 59, 59)
+
+
+def parse_moment(text: str, now: datetime) -> datetime:
+    """A duration before `now` (90m, 6h, 7d) or an ISO time, as naive UTC; ValueError
+    when it is neither, or lies outside what a database timestamp holds."""
+    try:
+        try:
+            moment = parse_iso(text)
+        except ValueError:
+            moment = now - parse_duration(text)
+    except OverflowError:
+        raise ValueError(f"out of range: {text!r}") from None
+    if not EARLIEST <= moment <= LATEST:
+        raise ValueError(f"out of range: {text!r}")
+    return moment
+
+
 def human_age(seconds: float | None) -> str:
     """A compact age for tables: 45s, 12.0m, 3.5h, 2.0d."""
     if not seconds:

@@ -14,13 +14,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from skybot_cleanup import db
 from skybot_cleanup.clock import utc_now
 from skybot_cleanup.cutoff import RunTime, run_time
-from skybot_cleanup.errors import EXIT_OK, CleanupError, ConfigError, Failure, classify, worst_exit_code
+from skybot_cleanup.errors import EXIT_OK, CleanupError, ConfigError, Failure, classify, redact, worst_exit_code
 from skybot_cleanup.logs import get_logger
 from skybot_cleanup.registry import REGISTRY, Job, Registry, Task
 from skybot_cleanup.results import RunResult, build_result
 from skybot_cleanup.retry import with_retries
 from skybot_cleanup.run import ProgressCallback, run_task
-from skybot_cleanup.settings import CleanupSettings
+from skybot_cleanup.settings import CleanupSettings, Settings
+
+PING_TIMEOUT_DEFAULT_S = float(Settings.model_fields["ping_timeout_s"].default)
 
 if TYPE_CHECKING:  # the reporting modules load only for the commands that use them
     from skybot_cleanup import history, metrics, status
@@ -46,15 +48,15 @@ def cleanup(
             return
 
 
-def write_run_textfiles(
-    prom_file: str | None, results: Sequence[RunResult], registry: Registry = REGISTRY
-) -> list[Path]:
-    """After real runs: their node_exporter textfiles. Raises OSError."""
+def write_run_textfiles(prom_file: str | None, results: Sequence[RunResult], registry: Registry = REGISTRY) -> None:
+    """After real runs: their node_exporter textfiles. A path that cannot be written is a
+    warning: the run's result stands (alerts notice a series that stops moving)."""
     if not prom_file:
-        return []
+        return
     from skybot_cleanup import textfiles  # prometheus_client costs ~10 ms to import: only when used
 
-    return textfiles.write_run_textfiles(prom_file, results, {job.name: job for job in registry.jobs})
+    for path, why in textfiles.write_run_textfiles(prom_file, results, {job.name: job for job in registry.jobs}):
+        get_logger().warning("textfile_not_written", path=str(path), error=redact(why))
 
 
 def record_failed_start(
@@ -78,12 +80,14 @@ def record_failed_start(
     ]
     for result in results:
         result.dry_run = dry_run
-    with contextlib.suppress(OSError):
-        write_run_textfiles(salvaged.get("prom_file"), results)
+    write_run_textfiles(salvaged.get("prom_file"), results)
     ping_url = salvaged.get("ping_url")
+    timeout = PING_TIMEOUT_DEFAULT_S
+    with contextlib.suppress(ValueError, TypeError):
+        timeout = min(float(salvaged.get("ping_timeout_s") or timeout), PING_TIMEOUT_DEFAULT_S)
     if ping_url and not dry_run and check_url(ping_url) is None:
         for result in results:
-            ping_once(ping_url, result.task, str(result.exit_code), result.run_id, body=ping_body(result))
+            ping_once(ping_url, result.task, str(result.exit_code), result.run_id, timeout, body=ping_body(result))
     if (salvaged.get("history") or "true").lower() in ("0", "false", "no", "off"):
         return
     try:

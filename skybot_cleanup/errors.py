@@ -227,15 +227,31 @@ def _fatal(text: str, secrets: tuple[str, ...]) -> str:
 
 
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^\s]*@")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# The secrets this process knows (the URL's password, the ping URL...), redacted from
+# every message whatever path it takes: an error line, a retry, a history warning, a
+# spool entry, a log event.
+_known_secrets: set[str] = set()
+
+
+def remember_secrets(secrets: Iterable[str]) -> None:
+    _known_secrets.update(secret for secret in secrets if secret and len(secret) >= 3)
+
+
+def escape_control(text: str) -> str:
+    """Control characters as \\xNN: text from a database, a spool file or a URL never
+    drives the terminal or breaks a line of a log."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """Remove passwords, whether they came in a URL or anywhere else in a message."""
+    """Remove passwords, whether they came in a URL or anywhere else in a message, and
+    escape control characters."""
     text = _URL_PASSWORD.sub(r"\1***@", text)
-    for secret in secrets:
+    for secret in sorted({*secrets, *_known_secrets}, key=len, reverse=True):
         if secret and len(secret) >= 3:
             text = text.replace(secret, "***")
-    return text
+    return escape_control(text)
 
 
 def worst_exit_code(codes: Iterable[int]) -> int:

@@ -1,31 +1,41 @@
 """Heartbeat pings in the healthchecks.io convention: <url>/start, then <url>/<exit code>.
 
 A ping is a courtesy to the monitor, never a reason for the cleanup to fail or wait:
-the URL is checked once (a bad one is one warning and no pings), each ping has a
-short timeout and one quick retry, and every error is a warning. The URL is a
-credential (anyone holding it can ping), so only its host is ever logged.
+the URL is checked once (a bad one is one warning and no pings), each ping has one
+total deadline (connect, reply and its one quick retry: a monitor that answers a byte
+at a time holds nobody), at most a few KiB of the reply are read, and every error is a
+warning. The URL is a credential (anyone holding it can ping), so only its host is
+ever logged.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import quote, urlsplit
 
 from skybot_cleanup.errors import redact
 from skybot_cleanup.logs import get_logger
 from skybot_cleanup.settings import CleanupSettings
 
-TIMEOUT_S = 5
 ATTEMPTS = 2
+# The monitor's reply is a word ("OK"): reading more only costs memory.
+MAX_REPLY_BYTES = 4096
 _warned_invalid = False
+T = TypeVar("T")
 
 
 def check_url(template: str) -> str | None:
     """Why a ping URL template cannot work, or None when it can."""
-    if any(character.isspace() for character in template):
-        return "it contains a space"
-    parts = urlsplit(template.replace("{task}", "task"))
+    if any(character.isspace() or not character.isprintable() for character in template):
+        return "it contains a space or a control character"
+    try:
+        parts = urlsplit(template.replace("{task}", "task"))
+    except ValueError:  # an unbalanced [ in the host, say
+        return "it is not a valid URL"
     if parts.scheme not in ("http", "https"):
         return "it has no http:// or https:// scheme"
     if not parts.hostname:
@@ -52,11 +62,35 @@ def warn_if_invalid(settings: CleanupSettings) -> None:
         )
 
 
+def within(seconds: float, work: Callable[[], T]) -> T:
+    """`work()`, or TimeoutError once `seconds` have passed, whatever it is waiting on (a
+    reply that drips a byte at a time defeats a socket timeout). It runs in a daemon
+    thread: a signal still reaches the caller while it waits."""
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(work())
+        except BaseException as exc:
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True, name="ping")
+    worker.start()
+    worker.join(max(seconds, 0.0))
+    if worker.is_alive():
+        raise TimeoutError(f"no complete reply within {seconds:.1f} s")
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
 @dataclass
 class Pinger:
     url: str | None  # the task's ping base URL; None: pings off
     host: str = ""
     run_id: str = ""
+    timeout_s: float = 5.0  # one deadline for each ping, its retry included
 
     @classmethod
     def from_settings(cls, settings: CleanupSettings, task: str, run_id: str, *, enabled: bool = True) -> Pinger:
@@ -66,8 +100,12 @@ class Pinger:
         if check_url(template):
             warn_if_invalid(settings)  # once per process, not once per task of `all`
             return cls(None)
+        return cls.for_task(template, task, run_id, settings.ping_timeout_s)
+
+    @classmethod
+    def for_task(cls, template: str, task: str, run_id: str, timeout_s: float) -> Pinger:
         url = template.replace("{task}", quote(task, safe="")).rstrip("/")
-        return cls(url, host=urlsplit(url).hostname or "", run_id=run_id)
+        return cls(url, host=urlsplit(url).hostname or "", run_id=run_id, timeout_s=timeout_s)
 
     def ping(self, suffix: str, body: str | None = None) -> bool:
         if self.url is None:
@@ -82,10 +120,16 @@ class Pinger:
             method="POST" if body is not None else "GET",
             headers={"User-Agent": "skybot-cleanup"},
         )
+        deadline = time.monotonic() + self.timeout_s
+
+        def send() -> bytes:
+            left = max(deadline - time.monotonic(), 0.001)
+            with urllib.request.urlopen(request, timeout=left) as response:  # noqa: S310
+                return bytes(response.read(MAX_REPLY_BYTES))
+
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:  # noqa: S310
-                    response.read()
+                within(deadline - time.monotonic(), send)
                 return True
             except Exception as exc:  # any failure: a warning, never the cleanup's problem
                 get_logger().warning(
@@ -96,12 +140,13 @@ class Pinger:
                     error_class=type(exc).__name__,
                     error=redact(str(exc), (self.url, url, *self.url.split("/")[3:])),
                 )
-                if attempt < ATTEMPTS:
-                    time.sleep(0.5)
+            if attempt < ATTEMPTS and deadline - time.monotonic() > 0.5:
+                time.sleep(0.5)
+            elif time.monotonic() >= deadline:
+                break
         return False
 
 
-def ping_once(template: str, task: str, suffix: str, run_id: str, body: str | None = None) -> bool:
+def ping_once(template: str, task: str, suffix: str, run_id: str, timeout_s: float, body: str | None = None) -> bool:
     """One ping outside a run (a command that could not start), same rules."""
-    url = template.replace("{task}", quote(task, safe="")).rstrip("/")
-    return Pinger(url, host=urlsplit(url).hostname or "", run_id=run_id).ping(suffix, body=body)
+    return Pinger.for_task(template, task, run_id, timeout_s).ping(suffix, body=body)

@@ -171,14 +171,24 @@ def spool_row(spool: Spool, database: str, row: dict[str, Any]) -> None:
 _DDL_LOCK = "history-ddl"
 
 
+# Another of the tool's processes may be creating the tables: waiting for it is waiting
+# for no app row, so this wait may be longer than the run's lock_timeout.
+DDL_LOCK_WAIT = "10s"
+
+
+def _wait_for_ddl_lock(conn: Connection) -> None:
+    conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{DDL_LOCK_WAIT}'")
+    conn.execute(
+        sa.text("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(:key, 0::bigint))"),
+        {"key": db.lock_key(_DDL_LOCK)},
+    )
+
+
 def ensure_tables(conn: Connection, tables: HistoryTables, schema: str) -> None:
     """Create what is missing, serialised across processes; needs no database CREATE
     privilege when the schema exists (CREATE SCHEMA IF NOT EXISTS would)."""
     if conn.dialect.name == "postgresql":
-        conn.execute(
-            sa.text("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(:key, 0::bigint))"),
-            {"key": db.lock_key(_DDL_LOCK)},
-        )
+        _wait_for_ddl_lock(conn)
         if not db.schema_exists(conn, schema):
             conn.execute(sa.schema.CreateSchema(schema))
     tables.runs.metadata.create_all(conn, checkfirst=True)
@@ -208,10 +218,7 @@ def upgrade_runs_table(conn: Connection, tables: HistoryTables) -> set[str]:
         return known
     on_postgres = conn.dialect.name == "postgresql"
     if on_postgres:
-        conn.execute(
-            sa.text("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(:key, 0::bigint))"),
-            {"key": db.lock_key(_DDL_LOCK)},
-        )
+        _wait_for_ddl_lock(conn)
     table = db.qualified(runs.schema, runs.name)
     try:
         with db.savepoint(conn, "upgrade"):
@@ -438,6 +445,7 @@ class HistoryQuery:
     task: str | None = None
     status: str | None = None  # ok | failed | skipped | interrupted
     since: datetime | None = None
+    until: datetime | None = None
     limit: int = 50
 
 
@@ -485,4 +493,6 @@ def _filters(runs: sa.Table, query: HistoryQuery) -> list[sa.ColumnElement[bool]
         filters.append(runs.c.status == query.status)
     if query.since:
         filters.append(runs.c.finished_at >= query.since)
+    if query.until:
+        filters.append(runs.c.finished_at < query.until)
     return filters

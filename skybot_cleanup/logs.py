@@ -9,9 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO, cast
 
 import structlog
+
+from skybot_cleanup.errors import redact
 
 _as_json: bool | None = None
 
@@ -35,6 +38,7 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _redacted,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             renderer,
@@ -48,6 +52,11 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers = [_LibraryRecords()]
     root.setLevel(logging.WARNING)
+
+
+def _redacted(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
+    """Every string of every event, whoever logs it: no secret, no control character."""
+    return {key: redact(value) if isinstance(value, str) else value for key, value in event.items()}
 
 
 def reset() -> None:
@@ -84,6 +93,7 @@ def get_logger() -> Any:
 def report_failure(message: str, *, logged: bool = False, **fields: Any) -> None:
     """The one line a failed command ends with: `skybot-cleanup: <message>` for a person,
     an `error` event in JSON mode (skipped when the failure was logged already)."""
+    message = redact(message)
     if not logs_are_json():
         print(f"skybot-cleanup: {message}", file=sys.stderr)
     elif not logged:

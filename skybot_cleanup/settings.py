@@ -10,8 +10,10 @@ around a whole value are tolerated, because the app's own .env has them.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from skybot_cleanup.errors import ConfigError
+from skybot_cleanup.errors import ConfigError, remember_secrets
 from skybot_cleanup.registry import IDENTIFIER_PATTERN, REGISTRY, Registry, TableSpec, Task
 
 if TYPE_CHECKING:  # the db layer loads SQLAlchemy: only for the commands that connect
@@ -32,6 +34,13 @@ ENV_PREFIX = "SKYBOT_CLEANUP_"
 ENV_FILE_VARIABLE = f"{ENV_PREFIX}ENV_FILE"
 DEFAULT_BATCH_SIZE = 10_000
 DAY_MS = 86_400_000
+
+
+PATH_FIELDS = ("state_dir", "prom_file")
+
+
+def is_usable_path(value: str) -> bool:
+    return bool(value.strip()) and all(character.isprintable() for character in value)
 
 
 class CleanupSettings(BaseSettings):
@@ -96,8 +105,9 @@ class CleanupSettings(BaseSettings):
     )
     single_transaction: bool = Field(
         default=False,
-        description="Delete every due row in one transaction instead of batches: all or nothing, but the app "
-        "waits for any row it shares with the run until the whole run commits (docs/operations.md).",
+        description="Delete every due row in one transaction instead of batches: all or nothing. Rows the app "
+        "holds are skipped (counted in remaining) as in batches, but an app write to a row the run has deleted "
+        "waits until the whole run commits (docs/operations.md).",
     )
     max_rows: int | None = Field(default=None, ge=1, le=10**12, description="Stop a run after this many rows.")
     max_runtime_s: float | None = Field(
@@ -175,6 +185,13 @@ class CleanupSettings(BaseSettings):
         description="Heartbeat URL (healthchecks.io style); {task} is replaced. Pings <url>/start, "
         "then <url>/<exit code>. An invalid URL is a warning, never a failure.",
     )
+    ping_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="The longest one heartbeat ping may take, connect, reply and its retry included: a slow "
+        "monitor never holds a run longer.",
+    )
     skipped_exit_code: int = Field(
         default=75,
         ge=0,
@@ -209,6 +226,13 @@ class CleanupSettings(BaseSettings):
     def _skip_code(cls, value: int) -> int:
         if value not in (0, 75):
             raise ValueError("must be 75 or 0")
+        return value
+
+    @field_validator(*PATH_FIELDS)
+    @classmethod
+    def _a_path(cls, value: str | None) -> str | None:
+        if value is not None and not is_usable_path(value):
+            raise ValueError("must be a path, without NUL or other control characters")
         return value
 
     @field_validator("log_format", "log_level", mode="before")
@@ -248,7 +272,14 @@ class CleanupSettings(BaseSettings):
         return idle
 
     def secrets(self) -> tuple[str, ...]:
-        return tuple(secret.get_secret_value() for secret in (self.database_url, self.ping_url) if secret)
+        found = [secret.get_secret_value() for secret in (self.database_url, self.ping_url) if secret]
+        if self.ping_url:
+            # The template itself never appears whole ({task} is filled in); its key does:
+            # a path or query part (hc-ping.com/<uuid>, /<ping-key>/<slug>). Short parts
+            # ("ping", "api") are words, not keys, and would mask ordinary text.
+            after_host = self.ping_url.get_secret_value().partition("://")[2].partition("/")[2]
+            found += [part for part in re.split(r"[/?&=#]", after_host) if len(part) >= 8 and "{task}" not in part]
+        return tuple(found)
 
     def database_target(self) -> db.DatabaseTarget:
         """The configured database; raises ConfigError when there is none or it is malformed."""
@@ -387,6 +418,8 @@ class Source:
     variable: str | None = None
 
     def __str__(self) -> str:
+        if self.kind == "option" and self.variable:
+            return f"option ({self.variable})"
         if self.kind in ("option", "default"):
             return self.kind
         app = ", the app's variable" if self.variable in APP_VARIABLES else ""
@@ -436,7 +469,11 @@ def load(
         if location in sources:
             raise ConfigError(f"invalid setting {_named(model, location, sources[location])}: {message}") from None
         raise ConfigError(f"invalid settings: {message}") from None
+    remember_secrets(settings.secrets())
+    with contextlib.suppress(ConfigError):
+        remember_secrets(settings.database_target().secrets)
     known = {variable for name in model.model_fields for variable in variable_names(model, name)}
+    known |= {variable + FILE_SUFFIX for name in FILE_FIELDS for variable in variable_names(model, name)}
     known.add(ENV_FILE_VARIABLE)
     unknown = sorted({key for key in [*upper_environ, *file_values] if key.startswith(ENV_PREFIX)} - known)
     return Loaded(
@@ -462,12 +499,14 @@ def salvage(overrides: Mapping[str, Any], environ: Mapping[str, str] | None = No
         file_values = {}
     upper_environ = {key.upper(): value for key, value in environ.items()}
     found: dict[str, str | None] = {}
-    for name in ("prom_file", "ping_url", "database_url", "schema_name", "state_dir", "history"):
+    for name in ("prom_file", "ping_url", "ping_timeout_s", "database_url", "schema_name", "state_dir", "history"):
         try:
             _source, value = _resolve(
                 Settings, name, {k: v for k, v in overrides.items() if v is not None}, upper_environ, file_values
             )
-        except KeyError:
+        except (KeyError, ConfigError):
+            value = None
+        if name in PATH_FIELDS and value is not None and not is_usable_path(str(value)):
             value = None
         found[name] = None if value is None else str(value)
     return found
@@ -495,6 +534,29 @@ def _env_file(environ: Mapping[str, str]) -> Path | None:
         return None
 
 
+# Settings whose value may be given as a file to read instead (the Docker and Kubernetes
+# secrets convention: DATABASE_URL_FILE=/run/secrets/database-url), so that the secret
+# is in neither the process list nor the environment.
+FILE_FIELDS = ("database_url", "ping_url")
+FILE_SUFFIX = "_FILE"
+MAX_SECRET_FILE_BYTES = 64 * 1024
+
+
+def read_secret_file(path: str, named: str) -> str:
+    """The value in a secret file: its text, without the surrounding white space."""
+    from skybot_cleanup.localfiles import read_regular_file
+
+    try:
+        text = read_regular_file(path, MAX_SECRET_FILE_BYTES, follow_link=True).decode("utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {named} {path}: {exc.strerror or exc}{_as_whom()}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{named} {path} is not UTF-8 text") from None
+    if not text:
+        raise ConfigError(f"{named} {path} is empty")
+    return text
+
+
 def _resolve(
     model: type[CleanupSettings],
     name: str,
@@ -502,26 +564,35 @@ def _resolve(
     environ: Mapping[str, str],
     file_values: Mapping[str, str],
 ) -> tuple[Source, Any]:
-    """Where a field's value comes from: option, then environment, then settings file."""
+    """Where a field's value comes from: option, then environment, then settings file;
+    at each, the value itself before a file that holds it."""
     if name in given:
         return Source("option"), given[name]
+    file_option = f"{name}_file"
+    if name in FILE_FIELDS and given.get(file_option):
+        option = "--" + file_option.replace("_", "-")
+        return Source("option", option), read_secret_file(str(given[file_option]), option)
     upper_file = {key.upper(): value for key, value in file_values.items()}
     for origin, values in (("environment", environ), ("settings file", upper_file)):
         for variable in variable_names(model, name):
             if variable in values:
                 return Source(origin, variable), values[variable]  # type: ignore[arg-type]
+            if name in FILE_FIELDS and values.get(variable + FILE_SUFFIX):
+                named = variable + FILE_SUFFIX
+                return Source(origin, named), read_secret_file(values[named], named)  # type: ignore[arg-type]
     return Source("default"), None
 
 
 def _named(model: type[CleanupSettings], name: str, source: Source) -> str:
     if source.kind == "option":
-        return f"--{name.replace('_', '-')}"
+        return source.variable or f"--{name.replace('_', '-')}"
     return source.variable or env_name(name, model)
 
 
-def describe_settings(loaded: Loaded) -> dict[str, Any]:
+def describe_settings(loaded: Loaded, problems: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Every setting in effect, its variable and its source; secrets redacted (the
-    database URL keeps its shape, with the password masked)."""
+    database URL keeps its shape, with the password masked); and what is wrong with a
+    setting that validated but cannot work (`problems`, by field)."""
     settings = loaded.settings
     model = type(settings)
     entries = []
@@ -529,7 +600,10 @@ def describe_settings(loaded: Loaded) -> dict[str, Any]:
         value = getattr(settings, name)
         if isinstance(value, SecretStr):
             value = _redacted_url(value.get_secret_value()) if name == "database_url" else "***"
-        entries.append({"variable": env_name(name, model), "value": value, "source": str(loaded.sources[name])})
+        entry = {"variable": env_name(name, model), "value": value, "source": str(loaded.sources[name])}
+        if problems and name in problems:
+            entry["error"] = problems[name]
+        entries.append(entry)
     return {
         "settings_file": str(loaded.env_file) if loaded.env_file else None,
         "settings": entries,

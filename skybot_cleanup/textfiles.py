@@ -14,7 +14,6 @@ reads them as another user), and renamed into place.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from skybot_cleanup import schedule
 from skybot_cleanup.clock import epoch, parse_iso, utc_now
+from skybot_cleanup.localfiles import closing_fd, read_regular_file, write_file
 from skybot_cleanup.registry import Job
 from skybot_cleanup.results import RunResult
 
@@ -47,24 +47,25 @@ def textfile_path(setting: str, job: str) -> Path:
     return path.with_name(f"{path.stem}_{job}{path.suffix or '.prom'}")
 
 
+# A textfile is a few kilobytes: the previous one is read up to this much.
+MAX_TEXTFILE_BYTES = 1024 * 1024
+
+
 def write_textfile(path: Path, registry: CollectorRegistry) -> None:
-    """Atomic, 0644, no timestamps: what node_exporter's textfile collector wants."""
-    payload = generate_latest(registry)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
-            os.fchmod(handle.fileno(), 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Atomic, 0644, no timestamps: what node_exporter's textfile collector wants. The
+    new file is created exclusively and renamed over the path: a link or anything else
+    planted there is replaced, never written through. Raises OSError."""
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    with closing_fd(directory):
+        write_file(directory, path.name, generate_latest(registry), 0o644)
 
 
 def previous_value(path: Path, name: str, task: str) -> float | None:
-    """A series' value in the file the last run wrote, if any."""
+    """A series' value in the file the last run wrote, if it is a regular file: never read
+    through a link (a root run would copy another file's value into a public one), never
+    waiting on a FIFO, and never more than MAX_TEXTFILE_BYTES."""
     try:
-        text = path.read_text()
+        text = read_regular_file(path, MAX_TEXTFILE_BYTES).decode("utf-8", "replace")
     except OSError:
         return None
     try:
@@ -114,11 +115,12 @@ def write_run_textfiles(
     results: Iterable[RunResult],
     jobs: Mapping[str, Job],
     history_success: Mapping[str, datetime | None] | None = None,
-) -> list[Path]:
+) -> list[tuple[Path, str]]:
     """One file per job, after real runs (dry runs leave them alone). The last success is
     this run's, else the newer of the previous file's and the history's, so the series
-    never vanishes."""
-    written = []
+    never vanishes. Each file stands alone: the ones that cannot be written are returned
+    with why."""
+    failed = []
     for result in results:
         if result.dry_run:
             continue
@@ -131,9 +133,11 @@ def write_run_textfiles(
             recorded = (history_success or {}).get(job.name)
             known.append(epoch(recorded) if recorded else None)
             last_success = max((value for value in known if value is not None), default=None)
-        write_textfile(path, run_registry(job, result, last_success))
-        written.append(path)
-    return written
+        try:
+            write_textfile(path, run_registry(job, result, last_success))
+        except OSError as exc:
+            failed.append((path, exc.strerror or str(exc)))
+    return failed
 
 
 def snapshot_registry(snapshot: Snapshot) -> CollectorRegistry:

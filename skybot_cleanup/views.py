@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from skybot_cleanup.clock import human_age, iso_utc
+from skybot_cleanup.errors import redact
 from skybot_cleanup.results import RunResult
 
 if TYPE_CHECKING:
@@ -120,7 +121,7 @@ def status_table(status: status_module.Status) -> str:
         due = "-" if job.due_rows is None else f"{'~' if job.due_rows_estimated else ''}{job.due_rows:,}"
         lines.append(
             f"{job.task:<18}{job.schedule:<13}{job.health:<9}{job.last_success_at or 'never':<26}"
-            f"{rows:>8}  {job.next_run_at:<22}{due:>9}  {failure}"
+            f"{rows:>8}  {job.next_run_at:<22}{due:>9}  {redact(failure)}"
         )
     lines.append(
         f"(PENDING: never run yet, and not due before its first scheduled time plus a grace of "
@@ -148,7 +149,15 @@ def findings_lines(findings: Sequence[Finding], json_output: bool) -> list[str]:
 def history_lines(view: HistoryView, json_output: bool) -> list[str]:
     if json_output:
         lines = [
-            as_json({**run, "cutoff": iso_utc(run["cutoff"]), "finished_at": iso_utc(run["finished_at"])})
+            as_json(
+                {
+                    **run,
+                    "cutoff": iso_utc(run["cutoff"]),
+                    "finished_at": iso_utc(run["finished_at"]),
+                    # Whoever can write the history could have put a secret there.
+                    **{name: redact(run[name]) for name in ("error", "warnings") if run.get(name)},
+                }
+            )
             for run in view.runs
         ]
         lines += [
@@ -169,10 +178,10 @@ def history_lines(view: HistoryView, json_output: bool) -> list[str]:
     lines = [f"{'finished (UTC)':<25}{'task':<18}{'status':<12}{'rows':>10}{'ms':>9}  {'host':<16}{'run id':<38}error"]
     for run in view.runs:
         status_text = run["status"] + (" (dry)" if run["dry_run"] else "")
-        error = f"{run['error_class']}: {run['error']}" if run["error"] else ""
+        error = redact(f"{run['error_class']}: {run['error']}") if run["error"] else ""
         lines.append(
             f"{iso_utc(run['finished_at']) or '':<25}{run['task']:<18}{status_text:<12}{run['rows']:>10,}"
-            f"{run['duration_ms']:>9,}  {run['host'][:15]:<16}{run['run_id']:<38}{error}"
+            f"{run['duration_ms']:>9,}  {redact(run['host'][:15]):<16}{run['run_id']:<38}{error}"
         )
     lines.append("")
     lines += [
@@ -193,7 +202,11 @@ def config_lines(view: dict[str, Any], json_output: bool) -> list[str]:
         return [as_json(view)]
     width = max(len(entry["variable"]) for entry in view["settings"])
     lines = [f"settings file: {view['settings_file'] or '(none)'}"]
-    lines += [f"{entry['variable']:<{width}}  {entry['value']!s:<40}  {entry['source']}" for entry in view["settings"]]
+    lines += [
+        f"{entry['variable']:<{width}}  {entry['value']!s:<40}  {entry['source']}"
+        + (f"  ERROR: {entry['error']}" if entry.get("error") else "")
+        for entry in view["settings"]
+    ]
     lines += [f"unknown: {entry['variable']} (did you mean {entry['closest'] or '?'})" for entry in view["unknown"]]
     return lines
 
@@ -216,12 +229,17 @@ def demo_step_lines(step: DemoStep, json_output: bool) -> list[str]:
     return lines
 
 
-def demo_left(ids: dict[str, set[str]], example_url: str) -> list[str]:
+def demo_left(ids: dict[str, set[str]], example_url: str | None) -> list[str]:
+    """What the demo left, and how to try the tool on it: the URL in the environment (a
+    command line is visible to every local user), or, for a server, in a file."""
     remaining = "\n".join(f"    {table}: {', '.join(sorted(table_ids))}" for table, table_ids in ids.items())
-    return [
-        f"\nStill there (live, or revoked within the audit window):\n{remaining}",
-        f"\nTry it yourself: skybot-cleanup refresh-tokens --dry-run --database-url {example_url}",
-    ]
+    try_it = (
+        f"DATABASE_URL={example_url} skybot-cleanup refresh-tokens --dry-run"
+        if example_url
+        else "put the database URL in a file only you can read, then: "
+        "DATABASE_URL_FILE=<that file> skybot-cleanup refresh-tokens --dry-run"
+    )
+    return [f"\nStill there (live, or revoked within the audit window):\n{remaining}", f"\nTry it yourself: {try_it}"]
 
 
 # -- schedule -----------------------------------------------------------------------------------

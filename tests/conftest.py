@@ -196,9 +196,15 @@ def limited_role(postgres, pg_admin):
         conn.exec_driver_sql(f'DROP ROLE "{role}"')
 
 
+def answer_ok(handler: BaseHTTPRequestHandler) -> None:
+    handler.send_response(200)
+    handler.end_headers()
+
+
 class _Recorder(BaseHTTPRequestHandler):
-    """A heartbeat monitor or Pushgateway: records (method, path, body) and answers 200,
-    or never answers a path the test says hangs."""
+    """A heartbeat monitor or Pushgateway: records (method, path, body) and answers with
+    its server's `reply` (200 unless a test says otherwise), or never answers a path the
+    test says hangs."""
 
     def _record(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -206,8 +212,10 @@ class _Recorder(BaseHTTPRequestHandler):
         if self.server.hang(self.path):  # type: ignore[attr-defined]
             self.server.released.wait(60)  # type: ignore[attr-defined]
             return
-        self.send_response(200)
-        self.end_headers()
+        try:
+            self.server.reply(self)  # type: ignore[attr-defined]
+        except OSError:  # the client hung up: what a bounded client does
+            self.server.hung_up.set()  # type: ignore[attr-defined]
 
     do_GET = do_POST = do_PUT = _record
 
@@ -217,10 +225,12 @@ class _Recorder(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def monitor() -> Iterator[Any]:
-    """An HTTP server on 127.0.0.1 that records every request (.requests)."""
+    """An HTTP server on 127.0.0.1 that records every request (.requests); .reply(handler)
+    answers, .sent counts what a streaming reply sent, .hung_up tells the client left."""
     server: Any = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
     server.daemon_threads = True
     server.requests, server.released, server.hang = [], threading.Event(), lambda path: False
+    server.reply, server.hung_up, server.sent = answer_ok, threading.Event(), 0
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server

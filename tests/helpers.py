@@ -163,9 +163,12 @@ def run_cli(
     cwd: Path | None = None,
     user: str | None = None,
     via: Sequence[str] = (),
+    umask: int | None = None,
+    file_size_limit: int | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """The installed console script, run the way cron runs it: a bare environment (under
-    `via`, a command that runs it, such as faketime; as `user`, through setpriv)."""
+    `via`, a command that runs it, such as faketime; as `user`, through setpriv; with a
+    `umask`; with a `file_size_limit` in bytes, as a full disk would fail its writes)."""
     assert CONSOLE_SCRIPT.exists(), f"{CONSOLE_SCRIPT} missing: pip install -e '.[test]'"
     command = [*via, str(CONSOLE_SCRIPT), *args]
     if user is not None:
@@ -173,8 +176,25 @@ def run_cli(
 
         entry = pwd.getpwnam(user)
         command = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups", "--", *command]
+
+    def limits() -> None:
+        if umask is not None:
+            os.umask(umask)
+        if file_size_limit is not None:
+            import resource
+            import signal
+
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
     return subprocess.run(
-        command, env={**_bare_environment(), **(env or {})}, capture_output=True, text=True, timeout=timeout, cwd=cwd
+        command,
+        env={**_bare_environment(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        preexec_fn=limits,
     )
 
 
@@ -199,9 +219,10 @@ def env_for(backend: Any, **settings: object) -> dict[str, str]:
 # -- reading its output -------------------------------------------------------------------------
 
 
-def events(stderr: str) -> list[dict[str, Any]]:
-    """The JSON log events on stderr."""
-    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+def events(stderr: str, name: str | None = None) -> list[dict[str, Any]]:
+    """The JSON log events on stderr (only those called `name`, if given)."""
+    found = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    return [event for event in found if name is None or event["event"] == name]
 
 
 def event_names(stderr: str) -> list[str]:
@@ -332,8 +353,11 @@ def history_rows(backend: Any) -> list[dict[str, Any]]:
         return [dict(row) for row in conn.execute(sa.select(runs).order_by(runs.c.id)).mappings()]
 
 
-def put_history(backend: Any, *runs: tuple[str, str, timedelta], first_seen: timedelta = 10 * DAY) -> None:
-    """Recorded runs (task, status, how long ago), as the tool records them."""
+def put_history(
+    backend: Any, *runs: tuple[str, str, timedelta], first_seen: timedelta = 10 * DAY, error: str = "connection refused"
+) -> None:
+    """Recorded runs (task, status, how long ago), as the tool records them; a failed
+    one with `error`."""
     tables = history_tables(backend.engine.dialect.name, "skybot_cleanup")
     now = utc_now()
     rows = []
@@ -349,7 +373,7 @@ def put_history(backend: Any, *runs: tuple[str, str, timedelta], first_seen: tim
             exit_code=0 if status == "ok" else 1,
             finished_at=iso_utc(now - ago),
             error_class=None if status == "ok" else "OperationalError",
-            error=None if status == "ok" else "connection refused",
+            error=None if status == "ok" else error,
         )
         rows.append(history_row(result, host="test"))
     with backend.engine.begin() as conn:

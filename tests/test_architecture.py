@@ -13,8 +13,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "skybot_cleanup"
 # Lowest first. A module may import only modules of a lower layer, so modules of one
 # layer never import each other (run, metrics, status and check stay apart).
 LAYERS: list[set[str]] = [
-    {"clock", "errors", "logs", "schedule", "spool"},  # no import of the package
-    {"registry"},  # what the app's tables are, and what each job does with them
+    {"clock", "errors", "schedule", "localfiles"},  # no import of the package
+    {"registry", "logs"},  # what the app's tables are, and what each job does with them
+    {"spool"},
     {"results", "db.urls"},
     {"db.connection"},
     {"db.catalog"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -168,6 +169,97 @@ def test_schedule_into_an_unwritable_place_is_one_line(tmp_path):
     assert completed.returncode == 1
     assert completed.stderr.startswith(f"skybot-cleanup: error: cannot write under {blocker / 'deploy'}: ")
     assert "Traceback" not in completed.stderr
+
+
+CONSOLE = {"SKYBOT_CLEANUP_LOG_FORMAT": "console"}
+
+
+@pytest.mark.parametrize("prefix", ["+", "-", "@", ":", "!"])
+def test_an_exec_that_systemd_would_read_as_a_prefix_is_refused(tmp_path, prefix):
+    """ "+" would run the command outside the unit's sandbox, with full privileges."""
+    completed = run_cli(
+        "schedule", "--format", "systemd", "--output", str(tmp_path), "--exec", f"{prefix}/bin/sh", env=CONSOLE
+    )
+    assert (completed.returncode, completed.stderr) == (
+        2,
+        "skybot-cleanup: error: --exec must not start with any of @-:+! (systemd would read it as a prefix)\n",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("odd", ['/opt/sky"bot/sc', "/opt/sky'bot/sc", "/opt/sky\\bot/sc"])
+def test_an_exec_systemd_cannot_run_is_refused_for_systemd_only(odd):
+    completed = run_cli("schedule", "--format", "systemd", "--exec", odd, env=CONSOLE)
+    assert (completed.returncode, completed.stdout, completed.stderr) == (
+        2,
+        "",
+        "skybot-cleanup: error: --exec for systemd must not hold a quote or a backslash: "
+        "systemd cannot run such a path\n",
+    )
+    assert run_cli("schedule", "--format", "crontab", "--exec", odd).returncode == 0
+
+
+def test_an_exec_with_a_control_character_is_refused():
+    completed = run_cli("schedule", "--format", "crontab", "--exec", "/opt/sc\n* * * * * root /bin/sh", env=CONSOLE)
+    assert (completed.returncode, completed.stderr) == (
+        2,
+        "skybot-cleanup: error: --exec must be a single line of printable characters\n",
+    )
+
+
+def test_schedule_output_replaces_planted_links_and_never_writes_through_them(tmp_path):
+    output, victim, elsewhere = tmp_path / "out", tmp_path / "victim", tmp_path / "elsewhere"
+    output.mkdir()
+    elsewhere.mkdir()
+    victim.write_text("precious\n")
+    (output / "crontab").symlink_to(victim)
+    completed = run_cli("schedule", "--format", "crontab", "--output", str(output))
+    assert completed.returncode == 0, completed.stderr
+    assert victim.read_text() == "precious\n"
+    assert not (output / "crontab").is_symlink()
+    assert (output / "crontab").read_text() == (DEPLOY / "crontab").read_text()
+    assert (output / "crontab").stat().st_mode & 0o777 == 0o644
+    # A linked sub-directory is refused: its files would land wherever it points.
+    (output / "systemd").symlink_to(elsewhere)
+    refused = run_cli("schedule", "--format", "systemd", "--output", str(output), env=CONSOLE)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith(
+        f"skybot-cleanup: error: refusing to write under {output}: systemd is not a directory"
+    )
+    assert list(elsewhere.iterdir()) == []
+    assert sorted(p.name for p in output.iterdir()) == ["crontab", "systemd"]
+
+
+@os_user_group
+def test_schedule_output_refuses_a_directory_another_user_controls(tmp_path):
+    """As root: a directory another user owns, or one anyone may rename things in, could
+    be swapped for a link to /etc/systemd/system between our check and our write."""
+    import pwd
+
+    if os.geteuid() != 0:
+        unavailable("chown to another user needs root")
+    nobody = pwd.getpwnam("nobody")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, nobody.pw_uid, nobody.pw_gid)
+    open_to_all = tmp_path / "open"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)
+    for output, why in (
+        (theirs, f"{theirs} belongs to uid {nobody.pw_uid}, not to this user or root"),
+        (open_to_all / "units", f"{open_to_all} is writable by group or others"),
+    ):
+        completed = run_cli("schedule", "--format", "crontab", "--output", str(output), env=CONSOLE)
+        assert (completed.returncode, completed.stderr) == (
+            2,
+            f"skybot-cleanup: error: refusing to write under {output}: {why}\n",
+        )
+    assert list(theirs.iterdir()) == [] and list(open_to_all.iterdir()) == []
+    # A sticky directory such as /tmp is fine: others cannot rename what they do not own.
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    assert run_cli("schedule", "--format", "crontab", "--output", str(sticky / "units")).returncode == 0
 
 
 @pytest.mark.parametrize("fmt", ["crontab", "systemd", "render", "kubernetes"])

@@ -9,11 +9,14 @@ import pytest
 import sqlalchemy as sa
 from helpers import (
     DAY,
+    HOUR,
+    SECRET,
     TASK_NAMES,
     env_for,
     events,
     history_rows,
     invoke,
+    put_history,
     run_cli,
     seed_due_and_live,
     seed_operator_data,
@@ -40,24 +43,48 @@ def test_tasks_started_together_on_a_fresh_database_all_reach_the_history(postgr
 
 
 @pytest.mark.parametrize(
-    ("since", "code", "fragment"),
+    ("options", "tasks"),
     [
-        ("2026-11-01T00:00Z", 0, None),
-        ("1h", 0, None),
-        ("99999999999d", 2, "--since"),
-        ("yesterday", 2, "--since"),
+        (("--since", "2026-11-01T00:00Z"), ["refresh-tokens", "magic-links"]),
+        (("--since", "3h"), ["refresh-tokens"]),
+        (("--until", "3h"), ["magic-links"]),
+        (("--since", "1970-01-01T00:00Z", "--until", "9999-12-31T00:00Z"), ["refresh-tokens", "magic-links"]),
+        (("--since", "5h", "--until", "1h"), []),
     ],
 )
-def test_history_since_takes_a_timestamp_or_a_duration(sqlite, since, code, fragment):
-    assert invoke("refresh-tokens", env={"DATABASE_URL": sqlite.url}).exit_code == 0
-    result = invoke("history", "--since", since, "--json", env={"DATABASE_URL": sqlite.url})
-    assert result.exit_code == code, result.output
-    if fragment:
-        assert fragment in result.stderr and "Traceback" not in result.output
-    else:
-        assert any(
-            o.get("task") == "refresh-tokens" and "run_id" in o for o in map(json.loads, result.stdout.splitlines())
-        )
+def test_history_since_and_until_take_a_timestamp_or_a_duration(sqlite, options, tasks):
+    put_history(sqlite, ("magic-links", "ok", 6 * HOUR), ("refresh-tokens", "ok", 0 * HOUR))
+    result = invoke("history", *options, "--json", env={"DATABASE_URL": sqlite.url})
+    assert result.exit_code == 0, result.output
+    assert [line["task"] for line in map(json.loads, result.stdout.splitlines()) if "run_id" in line] == tasks
+
+
+@pytest.mark.parametrize("option", ["--since", "--until"])
+@pytest.mark.parametrize("text", ["99999999999d", "1900-01-01T00:00Z", "yesterday", "-5h"])
+def test_history_refuses_a_moment_out_of_range_or_unreadable_with_exit_2(sqlite, option, text):
+    """A far-future duration once overflowed into a traceback and exit 1."""
+    completed = run_cli(
+        "history", option, text, env={"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_LOG_FORMAT": "console"}
+    )
+    assert (completed.returncode, completed.stdout, completed.stderr) == (
+        2,
+        "",
+        f"skybot-cleanup: error: {option} takes a duration (90m, 6h, 7d) or an ISO time from 1970 on, not {text!r}\n",
+    )
+
+
+def test_history_output_escapes_control_characters_and_hides_secrets_from_recorded_errors(sqlite):
+    """Whoever could write the history or the spool must not drive the operator's terminal."""
+    put_history(sqlite, ("refresh-tokens", "failed", HOUR), error=f"boom\x1b[2J\x07 at hc-ping.com/{SECRET}/x")
+    env = {"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_PING_URL": f"https://hc-ping.com/{SECRET}/{{task}}"}
+    table = run_cli("history", env=env)
+    assert table.returncode == 0, table.stderr
+    assert "OperationalError: boom\\x1b[2J\\x07 at hc-ping.com/***/x" in table.stdout
+    as_json = run_cli("history", "--json", env=env)
+    runs = [line for line in map(json.loads, as_json.stdout.splitlines()) if "run_id" in line]
+    assert [run["error"] for run in runs] == ["boom\\x1b[2J\\x07 at hc-ping.com/***/x"]
+    for output in (table.stdout + table.stderr, as_json.stdout + as_json.stderr):
+        assert SECRET not in output and "\x1b" not in output and "\x07" not in output
 
 
 def test_history_records_every_kind_of_run(backend):

@@ -221,3 +221,97 @@ def test_a_settings_file_in_a_directory_the_user_cannot_enter_is_one_line_and_ex
     assert completed.stderr == (
         f"skybot-cleanup: error: cannot read settings file {settings}: Permission denied (running as nobody)\n"
     )
+
+
+def test_the_database_url_from_a_secret_file_as_docker_and_kubernetes_mount_it(backend, tmp_path):
+    """DATABASE_URL_FILE and --database-url-file: the URL is in neither the process list
+    nor the environment. Kubernetes mounts a secret as a link into the volume's data."""
+    seed_tokens(backend)
+    data = tmp_path / "..data"
+    data.mkdir()
+    (data / "database-url").write_text(f"{backend.url}\n")
+    (tmp_path / "database-url").symlink_to(data / "database-url")
+    by_variable = run_cli("refresh-tokens", "--json", env={"DATABASE_URL_FILE": str(tmp_path / "database-url")})
+    assert by_variable.returncode == 0, by_variable.stderr
+    assert json.loads(by_variable.stdout)["rows"] == 2
+    backend.insert("RefreshToken", [refresh_token_row("expired_3", utc_now() - HOUR)])
+    by_option = run_cli(
+        "refresh-tokens",
+        "--json",
+        "--database-url-file",
+        str(tmp_path / "database-url"),
+        env={"DATABASE_URL": "postgres://nobody@127.0.0.1:1/none"},
+    )
+    assert by_option.returncode == 0, by_option.stderr
+    assert json.loads(by_option.stdout)["rows"] == 1
+    assert backend.ids("RefreshToken") == {"live", "revoked_expired"}
+
+
+def test_config_names_the_secret_file_and_never_shows_what_it_holds(tmp_path):
+    secret = tmp_path / "database-url"
+    secret.write_text(f"postgres://app:{PASSWORD}@db.internal/skybot\n")
+    for args, env, source in (
+        ((), {"DATABASE_URL_FILE": str(secret)}, "environment (DATABASE_URL_FILE)"),
+        ((), {"SKYBOT_CLEANUP_DATABASE_URL_FILE": str(secret)}, "environment (SKYBOT_CLEANUP_DATABASE_URL_FILE)"),
+        (("--database-url-file", str(secret)), {"DATABASE_URL": "sqlite://"}, "option (--database-url-file)"),
+    ):
+        completed = run_cli("config", "--json", *args, env=env)
+        assert completed.returncode == 0, completed.stderr
+        view = json.loads(completed.stdout)
+        entry = next(e for e in view["settings"] if e["variable"] == "SKYBOT_CLEANUP_DATABASE_URL")
+        assert (entry["value"], entry["source"]) == ("postgresql://app:***@db.internal/skybot", source)
+        assert view["unknown"] == []
+        assert PASSWORD not in completed.stdout + completed.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (None, "cannot read DATABASE_URL_FILE {path}: No such file or directory"),
+        ("\n", "DATABASE_URL_FILE {path} is empty"),
+    ],
+)
+def test_a_missing_or_empty_secret_file_is_one_line_and_exit_2(tmp_path, content, why):
+    path = tmp_path / "database-url"
+    if content is not None:
+        path.write_text(content)
+    completed = run_cli("refresh-tokens", env={"DATABASE_URL_FILE": str(path), "SKYBOT_CLEANUP_LOG_FORMAT": "console"})
+    assert completed.returncode == 2
+    assert completed.stderr.startswith(f"skybot-cleanup: error: {why.format(path=path)}")
+    assert len(completed.stderr.splitlines()) == 1
+
+
+def test_a_fifo_as_the_secret_file_does_not_hang(tmp_path):
+    import os
+
+    fifo = tmp_path / "database-url"
+    os.mkfifo(fifo)
+    completed = run_cli(
+        "check", env={"DATABASE_URL_FILE": str(fifo), "SKYBOT_CLEANUP_LOG_FORMAT": "console"}, timeout=60
+    )
+    assert completed.returncode == 2
+    assert completed.stderr.startswith(
+        f"skybot-cleanup: error: cannot read DATABASE_URL_FILE {fifo}: {fifo} is not a regular file"
+    )
+
+
+@pytest.mark.parametrize("variable", ["SKYBOT_CLEANUP_PROM_FILE", "SKYBOT_CLEANUP_STATE_DIR"])
+@pytest.mark.parametrize("bad", ["\x00", "\x1b[2J", "\t"])
+def test_a_path_setting_with_nul_or_a_control_character_fails_at_load(sqlite, tmp_path, variable, bad):
+    """Caught before anything runs (a NUL once failed after the deletion, unrecorded)."""
+    seed_tokens(sqlite)
+    settings = tmp_path / "env"
+    settings.write_text(f'{variable}="{tmp_path}/a{bad}b"\n')
+    completed = run_cli(
+        "refresh-tokens",
+        env={
+            "DATABASE_URL": sqlite.url,
+            "SKYBOT_CLEANUP_ENV_FILE": str(settings),
+            "SKYBOT_CLEANUP_LOG_FORMAT": "console",
+        },
+    )
+    assert (completed.returncode, completed.stderr) == (
+        2,
+        f"skybot-cleanup: error: invalid setting {variable}: must be a path, without NUL or other control characters\n",
+    )
+    assert sqlite.ids("RefreshToken") == {"expired_1", "expired_2", "live", "revoked_expired"}

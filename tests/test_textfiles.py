@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import stat
 import time
+from pathlib import Path
 
+import pytest
 from helpers import (
     JOB_NAMES,
     TASK_NAMES,
+    events,
     history_rows,
     invoke,
     last_success,
@@ -150,3 +153,60 @@ def test_metrics_and_runs_share_the_prom_file_directory_without_sharing_a_series
     series = [set(samples(p.read_text())) for p in sorted(tmp_path.glob("*.prom"))]
     assert not (series[0] & series[1]) and not (series[0] & series[2]) and not (series[1] & series[2])
     assert ("skybot_cleanup_last_exit_code", (("task", "metrics"),)) in series[0]
+
+
+def failed_run(tmp_path, prom: Path):
+    """A run that fails (its database is down), so it reads the previous textfile for the
+    last success it must keep."""
+    return run_cli(
+        "refresh-tokens",
+        env={
+            "DATABASE_URL": "postgresql://skybot@127.0.0.1:1/app",
+            "SKYBOT_CLEANUP_MAX_RETRIES": "0",
+            "SKYBOT_CLEANUP_PROM_FILE": str(prom),
+            "SKYBOT_CLEANUP_STATE_DIR": str(tmp_path / "state"),
+        },
+        timeout=60,
+    )
+
+
+def test_a_failed_run_never_reads_the_previous_textfile_through_a_link(tmp_path):
+    """A root-only file with a value in the textfile's format, linked at the path: its
+    value must not be copied into the world-readable textfile."""
+    secret = tmp_path / "root-only.prom"
+    secret.write_text('skybot_cleanup_last_success_timestamp_seconds{task="refresh-tokens"} 4242424242.0\n')
+    secret.chmod(0o600)
+    prom = tmp_path / "prom"
+    prom.mkdir()
+    (prom / "skybot_cleanup_refresh-tokens.prom").symlink_to(secret)
+    completed = failed_run(tmp_path, prom)
+    assert completed.returncode == 1
+    written = prom / "skybot_cleanup_refresh-tokens.prom"
+    assert written.is_file() and not written.is_symlink()
+    assert "4242424242" not in written.read_text()
+    assert secret.read_text().startswith("skybot_cleanup_last_success")  # untouched
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero link"])
+def test_a_special_file_at_the_textfile_path_never_hangs_or_floods_a_run(tmp_path, special):
+    prom = tmp_path / "prom"
+    prom.mkdir()
+    path = prom / "skybot_cleanup_refresh-tokens.prom"
+    if special == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    completed = failed_run(tmp_path, prom)  # a read of either would block or never end
+    assert completed.returncode == 1
+    assert path.is_file() and not path.is_symlink() and "skybot_cleanup_last_exit_code" in path.read_text()
+
+
+def test_a_textfile_that_cannot_be_written_is_a_warning_and_the_run_stands(sqlite, tmp_path):
+    seed_operator_data(sqlite)
+    missing = tmp_path / "no-such-directory" / "x.prom"
+    completed = run_cli(
+        "refresh-tokens", "--json", env={"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_PROM_FILE": str(missing)}
+    )
+    assert completed.returncode == 0, completed.stderr
+    warning = next(event for event in events(completed.stderr) if event["event"] == "textfile_not_written")
+    assert warning["path"].endswith("x_refresh-tokens.prom") and warning["level"] == "warning"

@@ -7,6 +7,7 @@ fails when they drift. Every schedule is UTC.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from skybot_cleanup import __version__, schedule
 from skybot_cleanup.generate import HEADER
+from skybot_cleanup.localfiles import closing_fd, open_child_directory, open_shared_directory, write_file
 from skybot_cleanup.registry import REGISTRY, Job, Registry
 
 DEFAULT_EXEC = "/usr/local/bin/skybot-cleanup"
@@ -38,11 +40,18 @@ def _randomized_delay_s(job: Job) -> int:
     return min(int(schedule.shortest_interval(job.schedule).total_seconds() / 10), 60)
 
 
+# systemd reads these at the start of ExecStart= as prefixes: "+" would run the command
+# outside the unit's sandbox, "-" would ignore its failures.
+SYSTEMD_PREFIXES = "@-:+!"
+
+
 def _checked_exec(path: str) -> str:
+    if not path or any(not character.isprintable() for character in path):
+        raise ValueError("--exec must be a single line of printable characters")
+    if path[0] in SYSTEMD_PREFIXES:
+        raise ValueError(f"--exec must not start with any of {SYSTEMD_PREFIXES} (systemd would read it as a prefix)")
     if not path.startswith("/") and "/" in path:
         raise ValueError(f"--exec must be an absolute path (or a bare command name), not {path!r}")
-    if any(ch in path for ch in "\n\r\0"):
-        raise ValueError("--exec must be a single line")
     return path
 
 
@@ -171,8 +180,12 @@ WantedBy=timers.target
 
 
 def _systemd_exec(path: str) -> str:
-    """ExecStart= quoting: % is a specifier, $ an expansion, a space splits words."""
-    path = _checked_exec(path).replace("%", "%%").replace("$", "$$")
+    """ExecStart= quoting: % is a specifier, $ an expansion, a space splits words. A quote
+    or a backslash in an executable's name is refused: systemd cannot take it."""
+    path = _checked_exec(path)
+    if any(character in path for character in "\"'\\"):
+        raise ValueError("--exec for systemd must not hold a quote or a backslash: systemd cannot run such a path")
+    path = path.replace("%", "%%").replace("$", "$$")
     return f'"{path}"' if re.search(r"\s", path) else path
 
 
@@ -377,10 +390,21 @@ def render_files(
 
 
 def write_files(files: dict[str, str], output: Path) -> list[Path]:
+    """Each file 0644, written exclusively then renamed into place, in directories opened
+    without following a link: a link planted under `output` (/tmp, say) is replaced or
+    refused, never written through. Raises OSError (UnsafePath for a refused path)."""
     written = []
-    for relative, text in files.items():
-        path = output / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        written.append(path)
+    with closing_fd(open_shared_directory(output)) as root:
+        for relative, text in files.items():
+            *folders, name = Path(relative).parts
+            directory = os.dup(root)
+            try:
+                for folder in folders:
+                    child = open_child_directory(directory, folder)
+                    os.close(directory)
+                    directory = child
+                write_file(directory, name, text.encode(), 0o644)
+            finally:
+                os.close(directory)
+            written.append(output / relative)
     return written
