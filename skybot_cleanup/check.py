@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from skybot_cleanup import db, history
 from skybot_cleanup.clock import iso_utc
 from skybot_cleanup.cutoff import RunTime, cutoff
-from skybot_cleanup.errors import ConfigError
+from skybot_cleanup.errors import ConfigError, SqlState, sqlstate_of
 from skybot_cleanup.registry import REGISTRY, Registry, Task
 from skybot_cleanup.results import build_result
 from skybot_cleanup.settings import CleanupSettings, column_field, env_name
@@ -53,6 +53,15 @@ class Context:
     read_only: bool = False
     schema_unusable: bool = False
     bound: dict[str, db.BoundTable | ConfigError] = field(default_factory=dict)
+    unreadable: set[str] = field(default_factory=set)  # table keys the role may not SELECT from
+
+    def readable(self, key: str) -> db.BoundTable | None:
+        """The bound table, when it exists and the role may read it (checks that query it
+        skip the rest: the privilege check has already said what to GRANT)."""
+        table = self.bound.get(key)
+        if table is None or isinstance(table, ConfigError) or key in self.unreadable:
+            return None
+        return table
 
     @property
     def now(self) -> datetime:
@@ -230,6 +239,8 @@ def privileges(ctx: Context) -> Iterator[Finding]:
             {"t": shown},
         ).one()
         missing = [name for name, ok in (("SELECT", can_select), ("DELETE", can_delete)) if not ok]
+        if not can_select:
+            ctx.unreadable.add(spec.key)
         if missing:
             yield Finding(
                 "error",
@@ -266,8 +277,8 @@ def indexes(ctx: Context) -> Iterator[Finding]:
     if not ctx.on_postgres:
         return
     for task in ctx.registry.tasks:
-        table = ctx.bound.get(task.table.key)
-        if table is None or isinstance(table, ConfigError):
+        table = ctx.readable(task.table.key)
+        if table is None:
             continue
         due = task.due(table.columns, cutoff(task, ctx.now, ctx.settings))
         if _can_use_index(ctx.conn, table, due):
@@ -359,6 +370,9 @@ def backlogs(ctx: Context) -> Iterator[Finding]:
         if isinstance(table, ConfigError):
             yield Finding("error", f"{task.name}: cannot run: {table}")
             continue
+        if task.table.key in ctx.unreadable:
+            yield Finding("info", f"{task.name}: due rows not counted: {ctx.role} may not SELECT from {_shown(table)}")
+            continue
         # Counted up to the threshold, not estimated: stale statistics must not hide a backlog.
         threshold = ctx.settings.backlog_warning_rows
         due = task.due(table.columns, cutoff(task, ctx.now, ctx.settings))
@@ -446,8 +460,27 @@ CHECKS: tuple[Check, ...] = (
 )
 
 
+# Checks that end and begin the transaction themselves (no savepoint can span them).
+OWN_TRANSACTION: tuple[Check, ...] = (history_writable,)
+
+
 def run_checks(
     run: db.RunConnection, settings: CleanupSettings, schema: str | None, clocks: RunTime, registry: Registry = REGISTRY
 ) -> list[Finding]:
+    """Every check's findings. A check the role lacks a privilege for is an error finding
+    of its own, and the others still run: the point of `check` is the whole list."""
     ctx = Context(run=run, settings=settings, schema=schema, clocks=clocks, registry=registry)
-    return [finding for check in CHECKS for finding in check(ctx)]
+    findings: list[Finding] = []
+    for check in CHECKS:
+        if not run.on_postgres or check in OWN_TRANSACTION:
+            findings += check(ctx)
+            continue
+        try:
+            with db.savepoint(ctx.conn, "one_check"):
+                findings += list(check(ctx))
+        except sa.exc.DBAPIError as exc:
+            if sqlstate_of(exc) != SqlState.INSUFFICIENT_PRIVILEGE:
+                raise
+            reason = str(exc.orig).strip().splitlines()[0]
+            findings.append(Finding("error", f"{check.__name__.replace('_', ' ')}: not checked: {reason}"))
+    return findings

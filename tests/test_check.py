@@ -6,7 +6,7 @@ import json
 
 import sqlalchemy as sa
 from cases import PARTITIONED_REFRESH_TOKEN
-from helpers import DAY, HOUR, NOW, check_findings, invoke, seed_operator_data
+from helpers import DAY, HOUR, NOW, check_findings, invoke, run_cli, seed_operator_data
 
 from skybot_cleanup.clock import utc_now
 from skybot_cleanup.demo import magic_link_row
@@ -135,3 +135,51 @@ def test_check_and_metrics_on_a_partitioned_table(postgres):
     assert (table["partitions"], table["rows"]) == (3, 6)
     assert table["size_bytes"] > 0 and table["last_analyze"]
     assert next(t for t in snapshot["tasks"] if t["name"] == "refresh-tokens")["due_rows"] == 2
+
+
+def test_check_prints_every_grant_for_a_role_with_no_privilege_on_the_tables(postgres, limited_role):
+    """Without SELECT nothing can be counted or planned: each check that needs it is
+    skipped for that table, and the GRANT is still printed, SELECT included."""
+    role, url = limited_role
+    postgres.execute(f'REVOKE ALL ON "IdempotencyKey", "RefreshToken", "MagicLink" FROM "{role}"')
+    completed = run_cli("check", "--json", env={"DATABASE_URL": url})
+    assert completed.returncode == 1, completed.stderr
+    assert "Traceback" not in completed.stderr
+    findings = [json.loads(line) for line in completed.stdout.splitlines()]
+    grants = sorted(detail for f in findings if " lacks " in f["message"] for detail in f["detail"])
+    assert grants == sorted(
+        f'GRANT SELECT, DELETE ON "public"."{table}" TO "{role}";'
+        for table in ("IdempotencyKey", "RefreshToken", "MagicLink")
+    )
+    not_counted = [f["message"] for f in findings if "not counted" in f["message"]]
+    assert not_counted == [
+        f'{task}: due rows not counted: {role} may not SELECT from "public"."{table}"'
+        for task, table in (
+            ("idempotency-keys", "IdempotencyKey"),
+            ("refresh-tokens", "RefreshToken"),
+            ("magic-links", "MagicLink"),
+            ("revoked-tokens", "RefreshToken"),
+        )
+    ]
+    assert not any("not checked" in f["message"] for f in findings)
+
+
+def test_check_reports_a_check_it_may_not_run_and_runs_the_rest(postgres, limited_role):
+    """A row-level policy that calls a function the role may not execute (policies that
+    call helper functions are common) makes every count fail with a privilege error:
+    that check is an error finding, and the checks after it still run."""
+    _role, url = limited_role
+    postgres.execute(
+        "CREATE FUNCTION public.tenant_ok() RETURNS boolean LANGUAGE sql AS 'SELECT true';"
+        "REVOKE EXECUTE ON FUNCTION public.tenant_ok() FROM PUBLIC;"
+        'ALTER TABLE "MagicLink" ENABLE ROW LEVEL SECURITY;'
+        'CREATE POLICY tenant ON "MagicLink" USING (public.tenant_ok())'
+    )
+    completed = run_cli("check", "--json", env={"DATABASE_URL": url})
+    assert completed.returncode == 1, completed.stderr
+    findings = [json.loads(line) for line in completed.stdout.splitlines()]
+    assert ("error", "backlogs: not checked: permission denied for function tenant_ok") in [
+        (f["level"], f["message"]) for f in findings
+    ]
+    assert any(f["message"].startswith("row-level security is on for") for f in findings)
+    assert any(f["message"].startswith("run history:") for f in findings)  # the last check ran

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 
 import pytest
@@ -56,10 +55,8 @@ def test_heartbeat_reports_the_failure_exit_code(sqlite, monitor):
 )
 def test_a_bad_or_dead_ping_url_never_fails_the_cleanup_nor_shows_its_key(sqlite, ping_url):
     seed_operator_data(sqlite)
-    started = time.monotonic()
     completed = run_cli("all", env={"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_PING_URL": ping_url})
     assert completed.returncode == 0, completed.stderr
-    assert time.monotonic() - started < 15
     warnings = [e for e in events(completed.stderr) if e["event"] in ("ping_failed", "ping_url_invalid")]
     assert warnings
     assert "secret-key-uuid" not in completed.stderr + completed.stdout

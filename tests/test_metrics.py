@@ -6,7 +6,18 @@ import json
 
 import pytest
 import sqlalchemy as sa
-from helpers import HOUR, MINUTE, events, invoke, prom_values, run_cli, seed_operator_data, shown, unreachable_twin
+from helpers import (
+    HOUR,
+    MINUTE,
+    events,
+    invoke,
+    prom_values,
+    run_cli,
+    samples,
+    seed_operator_data,
+    shown,
+    unreachable_twin,
+)
 
 from skybot_cleanup import db
 from skybot_cleanup.clock import utc_now
@@ -144,3 +155,36 @@ def test_metrics_snapshots_are_recorded(backend):
     assert len(stored) == 1
     assert stored[0]["measures"]["active_sessions"] == 2
     assert next(t for t in stored[0]["tasks"] if t["name"] == "refresh-tokens")["due_rows"] == 2
+
+
+def test_metrics_measure_every_task_they_can_when_one_table_is_unreadable(postgres, limited_role, tmp_path):
+    """One missing grant must not freeze every backlog figure: the readable tasks are
+    measured and written, the others say so (snapshot, textfile series, log), exit 1."""
+    role, url = limited_role
+    seed_operator_data(postgres)
+    postgres.execute(f'REVOKE SELECT ON "RefreshToken" FROM "{role}"')
+    completed = run_cli(
+        "metrics", "--json", "--no-history", env={"DATABASE_URL": url, "SKYBOT_CLEANUP_PROM_FILE": str(tmp_path)}
+    )
+    assert completed.returncode == 1, completed.stderr
+    snapshot = json.loads(completed.stdout)
+    tasks = {task["name"]: task for task in snapshot["tasks"]}
+    assert (tasks["idempotency-keys"]["due_rows"], tasks["magic-links"]["due_rows"]) == (1, 2)
+    for name in ("refresh-tokens", "revoked-tokens"):
+        assert tasks[name]["due_rows"] is None
+        assert tasks[name]["error"] == (
+            f"{name}: backlog not measurable: permission denied for table RefreshToken "
+            "(`skybot-cleanup check` prints the GRANT this role needs)"
+        )
+    series = samples((tmp_path / "skybot_cleanup_snapshot.prom").read_text())
+    assert {task: series[("skybot_cleanup_backlog_measured", (("task", task),))] for task in tasks} == {
+        "idempotency-keys": 1,
+        "refresh-tokens": 0,
+        "magic-links": 1,
+        "revoked-tokens": 0,
+    }
+    assert series[("skybot_cleanup_due_rows", (("task", "magic-links"),))] == 2
+    assert ("skybot_cleanup_due_rows", (("task", "refresh-tokens"),)) not in series
+    (finished,) = events(completed.stderr, "run_finished")
+    assert (finished["task"], finished["status"], finished["exit_code"]) == ("metrics", "failed", 1)
+    assert any("permission denied for table RefreshToken" in e.get("error", "") for e in events(completed.stderr))

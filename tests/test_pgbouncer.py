@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import sqlalchemy as sa
@@ -62,7 +61,6 @@ def test_two_batched_tasks_started_together_both_finish_through_a_small_pool(pos
     queues behind the first; with 2 they run side by side. No deadlock either way."""
     seed_tokens_and_keys(postgres, due=20)
     env = {"DATABASE_URL": pgbouncer.url(postgres.database), "SKYBOT_CLEANUP_RETRY_DELAY_MS": "200"}
-    started = time.monotonic()
     runs = [
         start_cli(task, "--batch-size", "2", "--sleep-ms", "20", "--json", env=env)
         for task in ("idempotency-keys", "refresh-tokens")
@@ -71,7 +69,6 @@ def test_two_batched_tasks_started_together_both_finish_through_a_small_pool(pos
     for run, (out, err) in zip(runs, results, strict=True):
         assert run.returncode == 0, err
         assert json.loads(out)["rows"] == 20
-    assert time.monotonic() - started < 25
     assert postgres.ids("RefreshToken") == {"live"} and postgres.ids("IdempotencyKey") == {"ik_live"}
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from helpers import APP_NAME, env_for, events, remaining_ids, run_cli, scalar, seed_due_and_live, start_cli, wait_until
@@ -13,7 +12,6 @@ def test_a_migrations_table_lock_is_bounded_by_lock_timeout_then_retried(postgre
     seed_due_and_live(postgres, due=5)
     with postgres.engine.connect() as migration:
         migration.exec_driver_sql('BEGIN; LOCK TABLE "RefreshToken" IN ACCESS EXCLUSIVE MODE')
-        started = time.monotonic()
         completed = run_cli(
             "refresh-tokens",
             "--batch-size",
@@ -21,11 +19,11 @@ def test_a_migrations_table_lock_is_bounded_by_lock_timeout_then_retried(postgre
             "--no-history",
             env=env_for(postgres, lock_timeout_ms=200, max_retries=1, retry_delay_ms=10),
         )
-        elapsed = time.monotonic() - started
         migration.exec_driver_sql("ROLLBACK")
     assert completed.returncode == 1, completed.stderr
+    # Bounded by lock_timeout, then retried once: the mechanism, not a wall-clock bound.
     assert [e["error_class"] for e in events(completed.stderr) if e["event"] == "retrying"] == ["LockNotAvailable"]
-    assert elapsed < 5
+    assert "lock timeout" in events(completed.stderr, "run_failed")[0]["error"]
 
 
 def test_terminated_backend_is_retried_and_the_run_completes(postgres):

@@ -210,3 +210,26 @@ def test_a_textfile_that_cannot_be_written_is_a_warning_and_the_run_stands(sqlit
     assert completed.returncode == 0, completed.stderr
     warning = next(event for event in events(completed.stderr) if event["event"] == "textfile_not_written")
     assert warning["path"].endswith("x_refresh-tokens.prom") and warning["level"] == "warning"
+
+
+def test_a_textfile_is_replaced_whole_never_rewritten_in_place(sqlite, tmp_path):
+    """node_exporter may read it at any moment: a link planted at its path is replaced,
+    not written through, and a write that fails (a full disk) leaves the old file whole."""
+    seed_operator_data(sqlite)
+    env = {"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_PROM_FILE": str(tmp_path)}
+    textfile = tmp_path / "skybot_cleanup_refresh-tokens.prom"
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    textfile.symlink_to(victim)
+    assert run_cli("refresh-tokens", env=env).returncode == 0
+    assert victim.read_text() == "precious\n" and not textfile.is_symlink()
+    before = textfile.read_text()
+    assert prom_values(textfile)["skybot_cleanup_last_exit_code"] == 0
+    failed = run_cli("refresh-tokens", env=env, file_size_limit=64)
+    assert failed.returncode == 0, failed.stderr  # the run's result stands
+    assert [e["event"] for e in events(failed.stderr, "textfile_not_written")] == ["textfile_not_written"]
+    assert textfile.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".db" and p.name != "state") == [
+        textfile.name,
+        "victim",
+    ]
