@@ -209,6 +209,14 @@ def start_cli(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
+def with_password(url: str, password: str) -> str:
+    """`url` with `password` put in as given (unencoded, if the test wants that): the
+    test servers trust local connections, so it is carried but never checked."""
+    parts = urlsplit(url)
+    user, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:{password}@{host}"))
+
+
 def env_for(backend: Any, **settings: object) -> dict[str, str]:
     """DATABASE_URL, quick retries, and SKYBOT_CLEANUP_<NAME> for each setting given."""
     env = {"DATABASE_URL": backend.url, "SKYBOT_CLEANUP_RETRY_DELAY_MS": "50"}

@@ -8,7 +8,18 @@ import logging
 import psycopg
 import pytest
 import sqlalchemy as sa
-from helpers import PASSWORD, SECRET, env_for, error_line, events, invoke, run_cli, seed_due_and_live, shown
+from helpers import (
+    PASSWORD,
+    SECRET,
+    env_for,
+    error_line,
+    events,
+    invoke,
+    run_cli,
+    seed_due_and_live,
+    shown,
+    with_password,
+)
 
 from skybot_cleanup.errors import (
     EXIT_CONFIG,
@@ -368,7 +379,7 @@ def test_a_password_the_server_echoes_in_plain_text_is_never_shown(postgres, tmp
         CREATE TRIGGER echo_password BEFORE DELETE ON public."RefreshToken"
             FOR EACH ROW EXECUTE FUNCTION public.echo_password();
     """)
-    url = postgres.url.replace("://postgres@", f"://postgres:{PASSWORD}@", 1)  # trust auth ignores it
+    url = with_password(postgres.url, PASSWORD)
     env = {
         "DATABASE_URL": url,
         "SKYBOT_CLEANUP_PROM_FILE": str(tmp_path / "prom"),

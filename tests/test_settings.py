@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from components import need_root, world_dir
-from helpers import HOUR, PASSWORD, error_line, events, invoke, os_user_group, run_cli, seed_tokens
+from helpers import HOUR, PASSWORD, error_line, events, invoke, os_user_group, run_cli, seed_tokens, with_password
 
 from skybot_cleanup.app_schema import app_metadata
 from skybot_cleanup.clock import utc_now
@@ -100,7 +100,7 @@ def test_env_file_values_are_literal(backend, tmp_path):
     seed_tokens(backend)
     secret = "pa$word${HOME}x&y%z#1"
     in_url = secret.replace("#", "%23")
-    url = backend.url if backend.kind == "sqlite" else backend.url.replace("://postgres@", f"://postgres:{in_url}@", 1)
+    url = backend.url if backend.kind == "sqlite" else with_password(backend.url, in_url)
     path = tmp_path / "env"
     path.write_bytes(
         (

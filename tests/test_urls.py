@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
-from helpers import HOUR, SECRET, error_line, run_cli, seed_operator_data, with_query
+from helpers import HOUR, SECRET, error_line, run_cli, seed_operator_data, with_password, with_query
 
 from skybot_cleanup.app_schema import app_metadata
 from skybot_cleanup.clock import utc_now
@@ -164,7 +164,7 @@ def test_a_url_that_names_no_server_and_database_is_refused(url, tmp_path):
 def test_a_password_with_a_reserved_character_is_never_shown_encoded_or_not(postgres, tmp_path, reserved):
     head, tail = "Hunter2xyz", "SECRETtail"
     password = f"{head}{reserved}{tail}"
-    base = postgres.url.replace("://postgres@", "://postgres:{}@", 1)
+    base = with_password(postgres.url, "{}")
     env = {
         "SKYBOT_CLEANUP_PROM_FILE": str(tmp_path / "prom"),
         "SKYBOT_CLEANUP_STATE_DIR": str(tmp_path / "state"),
