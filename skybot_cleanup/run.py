@@ -285,7 +285,8 @@ class Run:
         else:
             run.commit_and_continue(planner=db.HEAP_WALK_PLANNER)
             batch_pages = _initial_pages(table, self.settings.batch_size)
-            self._walk(run, lambda limit: self._heap_batch(run, table, due, pages, limit, batch_pages))
+            statement = db.page_range_delete(table, due)
+            self._walk(run, lambda limit: self._heap_batch(run, table, due, statement, pages, limit, batch_pages))
         self._count_remaining(run, table, due, pages)
 
     def _choose_walk(self, run: db.RunConnection, table: db.BoundTable, due: sa.ColumnElement[bool], pages: int) -> str:
@@ -393,6 +394,7 @@ class Run:
         run: db.RunConnection,
         table: db.BoundTable,
         due: sa.ColumnElement[bool],
+        statement: sa.Delete,
         pages: int,
         limit: int,
         batch_pages: list[int],
@@ -411,7 +413,7 @@ class Run:
             return self._heap_batch_capped(run, table, due, pages, limit, span=end - first)
         for _ in range(RACE_RETRIES + 1):
             try:
-                deleted = db.delete_pages(run.conn, table, due, first, end, run.snapshot_xmax, progress.excluded)
+                deleted = db.delete_pages(run.conn, statement, first, end, run.snapshot_xmax, progress.excluded)
                 break
             except sa.exc.OperationalError as exc:
                 self._note_race(run, exc)

@@ -20,6 +20,7 @@ from skybot_cleanup.db.batches import (
     heap_pages,
     held_tuple,
     page_of,
+    page_range_delete,
     pick,
     tid,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "lock_key",
     "lookup_table",
     "page_of",
+    "page_range_delete",
     "parse_database_url",
     "pick",
     "qualified",

@@ -25,7 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
 from sqlalchemy.types import UserDefinedType
 
 from skybot_cleanup.db.catalog import BoundTable
@@ -67,18 +67,22 @@ def page_of(ctid: str) -> int:
     return int(ctid.strip("()").split(",")[0])
 
 
-def _held(snapshot_xmax: int) -> ColumnElement[bool]:
+def _held(snapshot_xmax: int | BindParameter[int]) -> ColumnElement[bool]:
     """The row's xmax names a transaction that is still running, or one that began after
     this statement's snapshot was taken (it may hold the row now). xmax is 32 bits and
     wraps: it is placed relative to the snapshot's xmax, the one xid8 known to be later."""
-    xmax = sa.bindparam("snapshot_xmax", snapshot_xmax, type_=sa.BigInteger)
+    xmax = (
+        snapshot_xmax
+        if isinstance(snapshot_xmax, BindParameter)
+        else sa.bindparam("snapshot_xmax", snapshot_xmax, type_=sa.BigInteger)
+    )
     raw = sa.cast(sa.cast(xmax_column, sa.Text), sa.BigInteger)
     back = ((xmax % _XID_WRAP) - raw + _XID_WRAP) % _XID_WRAP  # how far before the snapshot's xmax
     status = sa.func.pg_catalog.pg_xact_status(sa.cast(sa.cast(xmax - back, sa.Text), XID8()))
     return sa.or_(back == 0, back > _XID_WRAP // 2, sa.func.coalesce(status == "in progress", sa.false()))
 
 
-def guard(due: ColumnElement[bool], snapshot_xmax: int, *, count: bool) -> ColumnElement[bool]:
+def guard(due: ColumnElement[bool], snapshot_xmax: int | BindParameter[int], *, count: bool) -> ColumnElement[bool]:
     """False for a due row another transaction holds (counted in HELD_COUNTER when
     `count`); true otherwise. Cheap for the rows nobody ever touched (xmax 0)."""
     left_out: ColumnElement[bool] = sa.false()
@@ -127,21 +131,25 @@ def heap_pages(conn: Connection, table: BoundTable) -> int:
     )
 
 
+def page_range_delete(table: BoundTable, due: ColumnElement[bool]) -> sa.Delete:
+    """The heap walk's batch, built once per run and run with `page_range_params`: due
+    rows on pages [first, end), nobody's held ones (counted in HELD_COUNTER, which the
+    connection reads as it commits). Built once, it is compiled once: a run of a thousand
+    batches spends its time deleting, not building SQL."""
+    first = sa.cast(sa.bindparam("first_page", type_=sa.Text), TID())
+    end = sa.cast(sa.bindparam("end_page", type_=sa.Text), TID())
+    snapshot_xmax = sa.bindparam("snapshot_xmax", type_=sa.BigInteger)
+    return sa.delete(table.table).where(ctid >= first, ctid < end, due, guard(due, snapshot_xmax, count=True))
+
+
 def delete_pages(
-    conn: Connection,
-    table: BoundTable,
-    due: ColumnElement[bool],
-    first: int,
-    end: int,
-    snapshot_xmax: int,
-    excluded: Collection[str] = (),
+    conn: Connection, statement: sa.Delete, first: int, end: int, snapshot_xmax: int, excluded: Collection[str] = ()
 ) -> int:
-    """The heap walk's batch: due rows on pages [first, end), nobody's held ones (counted
-    in HELD_COUNTER, which the connection reads as it commits)."""
-    statement = sa.delete(table.table).where(
-        ctid >= tid(first), ctid < tid(end), due, guard(due, snapshot_xmax, count=True), *_excluding(excluded)
-    )
-    return int(conn.execute(statement).rowcount)
+    """Run `page_range_delete`'s statement on pages [first, end)."""
+    if excluded:  # rare: rows a race made this batch wait for
+        statement = statement.where(*_excluding(excluded))
+    params = {"first_page": f"({first},0)", "end_page": f"({end},0)", "snapshot_xmax": snapshot_xmax}
+    return int(conn.execute(statement, params).rowcount)
 
 
 def pick(
