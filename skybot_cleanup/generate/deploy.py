@@ -230,7 +230,7 @@ def render(exec_path: str = RENDER_EXEC, registry: Registry = REGISTRY) -> dict[
             f"    name: skybot-cleanup-{job.name}",
             "    runtime: python",
             f'    schedule: "{job.schedule}"',
-            "    buildCommand: pip install .",
+            "    buildCommand: pip install -c requirements.lock .",
             f"    startCommand: {_yaml_string(f'{command} {job.name}')}",
             "    envVars:",
             "      - key: PYTHON_VERSION",
@@ -320,15 +320,26 @@ spec:
                   drop: [ALL]
 """
 
+# The base image by digest, so that a rebuild of one commit starts from the same bytes (a
+# tag moves with every Debian and Python patch release). Refresh it, with the tag it came
+# from, by `docker buildx imagetools inspect python:3.11-slim` (its "Digest:" line), or let
+# Renovate or Dependabot's docker updater do it.
+BASE_IMAGE = "python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7"
+
 DOCKERFILE = """\
 # {header}.
 # The image the CronJobs run: docker build -f deploy/kubernetes/Dockerfile -t {image} .
-FROM python:{python}-slim
+FROM {base_image}
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin skybot-cleanup
 WORKDIR /src
+# The dependencies first, at the lock's exact versions: this layer is rebuilt only when
+# requirements.lock changes, not on every change of the code.
+COPY requirements.lock ./
+RUN pip install --no-cache-dir --no-deps -r requirements.lock
+# The tool last, built by the locked setuptools; pip check proves the lock satisfies it.
 COPY pyproject.toml README.md ./
 COPY skybot_cleanup ./skybot_cleanup
-RUN pip install --no-cache-dir . && rm -rf /src
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . && pip check && rm -rf /src
 WORKDIR /
 USER 10001
 ENTRYPOINT [{command}]
@@ -343,9 +354,7 @@ def kubernetes(
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/:@-]*", image):
         raise ValueError(f"--image {image!r} is not an image reference")
     files = {
-        "kubernetes/Dockerfile": DOCKERFILE.format(
-            header=HEADER, image=image, command=command, python=PYTHON_VERSION.rsplit(".", 1)[0]
-        )
+        "kubernetes/Dockerfile": DOCKERFILE.format(header=HEADER, image=image, command=command, base_image=BASE_IMAGE)
     }
     for job in registry.jobs:
         deadline = deadline_s(job)
