@@ -244,6 +244,14 @@ def escape_control(text: str) -> str:
     return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
+def url_key_parts(url: str) -> list[str]:
+    """The parts of a URL after its host that may be a key: path, query and fragment
+    pieces (hc-ping.com/<uuid>, /<ping-key>/<slug>, ?token=<key>). Short ones ("ping",
+    "api") are words, not keys, and would mask ordinary text."""
+    after_host = url.partition("://")[2].partition("/")[2]
+    return [part for part in re.split(r"[/?&=#]", after_host) if len(part) >= 8]
+
+
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """Remove passwords, whether they came in a URL or anywhere else in a message, and
     escape control characters."""

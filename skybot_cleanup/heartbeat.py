@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import quote, urlsplit
 
-from skybot_cleanup.errors import redact
+from skybot_cleanup.errors import redact, url_key_parts
 from skybot_cleanup.logs import get_logger
 from skybot_cleanup.settings import CleanupSettings
 
@@ -138,7 +138,7 @@ class Pinger:
                     suffix=suffix,
                     attempt=attempt,
                     error_class=type(exc).__name__,
-                    error=redact(str(exc), (self.url, url, *self.url.split("/")[3:])),
+                    error=redact(str(exc), (self.url, url, *url_key_parts(url))),
                 )
             if attempt < ATTEMPTS and deadline - time.monotonic() > 0.5:
                 time.sleep(0.5)

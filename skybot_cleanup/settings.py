@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from skybot_cleanup.errors import ConfigError, remember_secrets
+from skybot_cleanup.errors import ConfigError, remember_secrets, url_key_parts
 from skybot_cleanup.registry import IDENTIFIER_PATTERN, REGISTRY, Registry, TableSpec, Task
 
 if TYPE_CHECKING:  # the db layer loads SQLAlchemy: only for the commands that connect
@@ -274,11 +273,8 @@ class CleanupSettings(BaseSettings):
     def secrets(self) -> tuple[str, ...]:
         found = [secret.get_secret_value() for secret in (self.database_url, self.ping_url) if secret]
         if self.ping_url:
-            # The template itself never appears whole ({task} is filled in); its key does:
-            # a path or query part (hc-ping.com/<uuid>, /<ping-key>/<slug>). Short parts
-            # ("ping", "api") are words, not keys, and would mask ordinary text.
-            after_host = self.ping_url.get_secret_value().partition("://")[2].partition("/")[2]
-            found += [part for part in re.split(r"[/?&=#]", after_host) if len(part) >= 8 and "{task}" not in part]
+            # The template itself never appears whole ({task} is filled in); its key does.
+            found += [part for part in url_key_parts(self.ping_url.get_secret_value()) if "{task}" not in part]
         return tuple(found)
 
     def database_target(self) -> db.DatabaseTarget:
