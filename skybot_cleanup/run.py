@@ -56,6 +56,7 @@ class Progress:
     walked_to_end: bool = False
     held: int = 0  # due rows the app held when a batch reached them (counted by the server)
     last_batch: tuple[int, int] = (0, 0)  # the heap walk's last committed batch: its pages, the due rows it found
+    batch_pages: int = 0  # the heap walk: pages the next batch covers (0: a page at a time, capped)
     # The heap walk in batches of exactly the batch size (a page holds more due rows than
     # that, or --max-rows is near): held rows are then counted at the end.
     capped: bool = False
@@ -284,9 +285,9 @@ class Run:
             self._walk(run, lambda limit: self._index_batch(run, table, due, walk, limit))
         else:
             run.commit_and_continue(planner=db.HEAP_WALK_PLANNER)
-            batch_pages = _initial_pages(table, self.settings.batch_size)
+            progress.batch_pages = _initial_pages(table, self.settings.batch_size)
             statement = db.page_range_delete(table, due)
-            self._walk(run, lambda limit: self._heap_batch(run, table, due, statement, pages, limit, batch_pages))
+            self._walk(run, lambda limit: self._heap_batch(run, table, due, statement, pages, limit))
         self._count_remaining(run, table, due, pages)
 
     def _choose_walk(self, run: db.RunConnection, table: db.BoundTable, due: sa.ColumnElement[bool], pages: int) -> str:
@@ -397,18 +398,17 @@ class Run:
         statement: sa.Delete,
         pages: int,
         limit: int,
-        batch_pages: list[int],
     ) -> int:
         """The due rows nobody holds on the next pages of the heap: as many pages as held
-        about `limit` due rows last time (batch_pages[0], adapted here)."""
+        about `limit` due rows last time (progress.batch_pages, adapted here)."""
         progress = self.progress
         first = progress.next_page
         span, found = progress.last_batch
         if span and not progress.capped:  # sized by what the last batch found
-            batch_pages[0] = 0 if span == 1 and found > limit else _next_pages(span, found, limit)
-        if batch_pages[0] < 1 or progress.capped:  # a page holds more due rows than a batch may: a page at a time
+            progress.batch_pages = 0 if span == 1 and found > limit else _next_pages(span, found, limit)
+        if progress.batch_pages < 1 or progress.capped:  # a page holds more due rows than a batch may: a page at a time
             return self._heap_batch_capped(run, table, due, pages, limit, span=1)
-        end = min(first + batch_pages[0], pages)
+        end = min(first + progress.batch_pages, pages)
         if limit < self.settings.batch_size:  # the last batch under --max-rows: exactly `limit` rows
             return self._heap_batch_capped(run, table, due, pages, limit, span=end - first)
         for _ in range(RACE_RETRIES + 1):
@@ -503,13 +503,13 @@ class Run:
 MAX_ROWS_PER_PAGE = 200
 
 
-def _initial_pages(table: db.BoundTable, batch_size: int) -> list[int]:
+def _initial_pages(table: db.BoundTable, batch_size: int) -> int:
     """Pages the first heap batch covers: as many as hold `batch_size` rows by the planner's
     rows per page (a guess the next batches correct); 0 when one page holds more."""
     per_page = float(MAX_ROWS_PER_PAGE)
     if table.info.estimated_rows and table.info.pages:
         per_page = max(table.info.estimated_rows / table.info.pages, 1.0)
-    return [0 if per_page > batch_size else max(1, round(batch_size / per_page))]
+    return 0 if per_page > batch_size else max(1, round(batch_size / per_page))
 
 
 def _next_pages(pages: int, found: int, limit: int) -> int:
