@@ -66,8 +66,9 @@ class CleanupSettings(BaseSettings):
         default=5000,
         ge=0,
         le=DAY_MS,
-        description="lock_timeout of each transaction: how long a statement waits for a row or table lock "
-        "(0: forever).",
+        description="lock_timeout of each transaction: how long a statement waits for a row or table lock. "
+        "Never more than a fifth of the server's deadlock_timeout (0: that cap), so the tool's wait ends "
+        "before the deadlock detector could pick the app's statement.",
     )
     statement_timeout_ms: int = Field(
         default=600_000,
@@ -360,7 +361,7 @@ def variable_names(model: type[CleanupSettings], name: str) -> list[str]:
 
 
 def env_name(name: str, model: type[CleanupSettings] = Settings) -> str:
-    """The variable named in messages and the README for a field."""
+    """The variable named in messages and docs/configuration.md for a field."""
     return variable_names(model, name)[0]
 
 

@@ -74,7 +74,7 @@ def test_the_systemd_recipe_under_its_sandbox_feeds_node_exporter():
     engine.dispose()
     database.chmod(0o666)
     shutil.chown(textfiles, "root", "prometheus")
-    textfiles.chmod(0o2775)  # the README's one-time step: chgrp prometheus, chmod 2775
+    textfiles.chmod(0o2775)  # docs/deployment.md's one-time step: chgrp prometheus, chmod 2775
     uid = 61_234  # no such user, like a DynamicUser
     script = Path(world_dir("skybot-mdwe-")) / "sandboxed.py"
     script.write_text(SANDBOXED)

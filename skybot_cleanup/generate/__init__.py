@@ -1,5 +1,6 @@
-"""Files generated from the registry: deployment files for every scheduler (deploy),
-the monitoring pack (alerts), and the README's tables (readme).
+"""Generated files: from the registry, deployment files for every scheduler (deploy),
+the monitoring pack (alerts) and the tables of the README and docs/ pages (readme);
+from pyproject.toml, requirements.lock (lock).
 
 Nothing that runs a job imports this package: only `skybot-cleanup schedule` and the
 maintainers' tools do.

@@ -1,14 +1,15 @@
-"""README sections generated from the registry and the settings, so the docs cannot drift.
+"""Doc sections generated from the registry and the settings, so the docs cannot drift.
 
-`python -m skybot_cleanup.generate.readme` rewrites the marked sections of README.md; a test
-fails when they differ from what this module renders.
+`python -m skybot_cleanup.generate.readme` rewrites the marked sections of every page in
+PAGES (README.md and the docs/ pages that have any); a test fails when one differs from
+what this module renders.
 """
 
 from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from skybot_cleanup.registry import REGISTRY
@@ -44,16 +45,34 @@ def timers() -> str:
 
 
 SECTIONS: dict[str, Callable[[], str]] = {"tasks": tasks_table, "settings": settings_table, "timers": timers}
+# Each page, relative to the repository's root, and the sections it carries.
+PAGES: dict[str, tuple[str, ...]] = {
+    "README.md": ("tasks",),
+    "docs/configuration.md": ("settings",),
+    "docs/deployment.md": ("timers",),
+}
 
 
-def render(readme: str) -> str:
-    for name, make in SECTIONS.items():
-        # In prose an HTML comment marks a section; inside a shell example, a shell comment.
-        pattern = re.compile(rf"((?:<!-- |# ){name}:start(?: -->)?)\n(?:.*?\n)?((?:<!-- |# ){name}:end(?: -->)?)", re.S)
-        readme = pattern.sub(lambda m: f"{m.group(1)}\n{make()}\n{m.group(2)}", readme)  # noqa: B023 - used at once
-    return readme
+def _pattern(name: str) -> re.Pattern[str]:
+    # In prose an HTML comment marks a section; inside a shell example, a shell comment.
+    return re.compile(rf"((?:<!-- |# ){name}:start(?: -->)?)\n(?:.*?\n)?((?:<!-- |# ){name}:end(?: -->)?)", re.S)
+
+
+def marked(text: str) -> set[str]:
+    """The sections a page has markers for."""
+    return {name for name in SECTIONS if _pattern(name).search(text)}
+
+
+def render(text: str, sections: Iterable[str] = SECTIONS) -> str:
+    """The page with each of these sections (where it is marked) rendered anew."""
+    for name in sections:
+        make = SECTIONS[name]
+        text = _pattern(name).sub(lambda m: f"{m.group(1)}\n{make()}\n{m.group(2)}", text)  # noqa: B023 - used at once
+    return text
 
 
 if __name__ == "__main__":
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
-    path.write_text(render(path.read_text()))
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else ".")  # the repository's root
+    rendered = {root / page: render((root / page).read_text(), names) for page, names in PAGES.items()}
+    for path, text in rendered.items():  # every page read first: a missing one changes nothing
+        path.write_text(text)
