@@ -1089,7 +1089,12 @@ class AppLoad:
             "statements": statements,
             "errors": dict(errors),
             "deadlocks": errors.get("40P01", 0),
-            "latencies_ms": {kind: list(values) for kind, values in self.latencies_ms.items()},  # pooled over reps
+            # Every latency, to 0.1 ms, as {latency: requests}: pooled over repetitions when
+            # printed, and small enough to keep in the results.
+            "latency_counts_ms": {
+                kind: dict(sorted(Counter(round(value, 1) for value in values).items()))
+                for kind, values in self.latencies_ms.items()
+            },
         }
 
 
@@ -1291,7 +1296,8 @@ def print_coexist(windows: list[dict[str, Any]]) -> None:
         pooled: dict[str, dict[str, list[float]]] = {}
         for w in windows:
             if w["rate"] == rate:
-                for kind, values in w["latencies_ms"].items():
+                for kind, counts in w["latency_counts_ms"].items():
+                    values = [float(latency) for latency, n in counts.items() for _ in range(n)]
                     pooled.setdefault(w["method"], {}).setdefault(kind, []).extend(values)
         reps = Counter(w["method"] for w in windows if w["rate"] == rate)
         print()
