@@ -215,3 +215,39 @@ def test_no_statement_outlives_max_runtime(postgres):
     # busy machine.
     assert result["rows"] < 300 and result["remaining"] > 0
     assert result["duration_ms"] < 60_000
+
+
+def test_an_hourly_run_reads_the_walk_columns_index_whatever_the_statistics(postgres):
+    """Statistics taken before a big backlog was deleted say most rows are expired, so the
+    planner would count the few due rows through any index the predicate touches, such as
+    "revokedAt" IS NULL, and read every live row to find them. The walk's choice and its
+    remaining count go through the walk column's index, whatever the statistics say."""
+    now = utc_now()
+    postgres.insert("RefreshToken", [])  # the parent rows the app's foreign keys want
+    postgres.execute('ALTER TABLE "RefreshToken" SET (autovacuum_enabled = off)')
+    # 10 expired (the backlog), 5 live and 1 revoked of every 16, expiries a day apart at most.
+    postgres.execute(f"""
+        INSERT INTO "RefreshToken" (id, token, "userAccountId", "accountId", "expiresAt", "revokedAt", "updatedAt")
+        SELECT kind || g, 'tok_' || g, 'ua_1', 'acc_1', expires + mod(g * 7919, 86400) * interval '1 second',
+               CASE kind WHEN 'rev_' THEN expires END, '{now}'
+        FROM (SELECT g, CASE WHEN mod(g, 16) < 10 THEN 'old_' WHEN mod(g, 16) < 15 THEN 'live_' ELSE 'rev_' END AS kind,
+                     CASE WHEN mod(g, 16) BETWEEN 10 AND 14 THEN '{now + HOUR}' ELSE '{now - 30 * 24 * HOUR}' END
+                       ::timestamp AS expires
+              FROM generate_series(1, 32000) g) rows
+    """)
+    postgres.execute('ANALYZE "RefreshToken"')
+    postgres.execute("""DELETE FROM "RefreshToken" WHERE left(id, 4) = 'old_'""")  # the backlog, gone; stats stale
+    postgres.execute(f"""
+        INSERT INTO "RefreshToken" (id, token, "userAccountId", "accountId", "expiresAt", "updatedAt")
+        SELECT 'due_' || g, 'due_tok_' || g, 'ua_1', 'acc_1', '{now - HOUR}', '{now}' FROM generate_series(1, 5) g
+    """)
+    scans_sql = """SELECT coalesce(sum(idx_scan), 0) FROM pg_stat_user_indexes
+                   WHERE relname = 'RefreshToken' AND indexrelname = :name"""
+    before = {name: scalar(postgres, scans_sql, name=f"RefreshToken_{name}_idx") for name in ("expiresAt", "revokedAt")}
+    completed = run_cli("refresh-tokens", "--json", env=env_for(postgres))
+    result = json.loads(completed.stdout)
+    assert (completed.returncode, result["rows"], result["remaining"]) == (0, 5, 0), completed.stderr
+    # The run's backend reports its scans as it exits, just after the process has gone.
+    wait_until(lambda: scalar(postgres, scans_sql, name="RefreshToken_expiresAt_idx") > before["expiresAt"])
+    assert scalar(postgres, scans_sql, name="RefreshToken_revokedAt_idx") == before["revokedAt"]
+    assert scalar(postgres, """SELECT count(*) FROM "RefreshToken" WHERE left(id, 5) = 'live_'""") == 10_000
