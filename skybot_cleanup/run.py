@@ -278,7 +278,12 @@ class Run:
             progress.remaining_exact = progress.remaining < REMAINING_COUNT_CAP
             return
         pages = db.heap_pages(run.conn, table)
-        progress.walk = progress.walk or self._choose_walk(run, table, due, pages)
+        if progress.walk is None:
+            progress.walk, due_counted = self._choose_walk(run, table, due, pages)
+            if due_counted == 0:  # nothing due (held rows included): no walk, and nothing to count again
+                progress.walked_to_end = True
+                progress.remaining, progress.remaining_exact = 0, True
+                return
         if progress.walk == "index":
             run.commit_and_continue(planner=db.INDEX_WALK_PLANNER)
             walk = table.columns[str(self.task.walk_column)]
@@ -290,12 +295,14 @@ class Run:
             self._walk(run, lambda limit: self._heap_batch(run, table, due, statement, pages, limit))
         self._count_remaining(run, table, due, pages)
 
-    def _choose_walk(self, run: db.RunConnection, table: db.BoundTable, due: sa.ColumnElement[bool], pages: int) -> str:
+    def _choose_walk(
+        self, run: db.RunConnection, table: db.BoundTable, due: sa.ColumnElement[bool], pages: int
+    ) -> tuple[str, int | None]:
         """The index walk when few rows are due (counted through the index, up to a cap:
         cheap whatever the backlog); the heap walk otherwise, and always for a task whose
-        predicate no index serves."""
+        predicate no index serves. With the due rows it counted (None: not counted)."""
         if self.task.walk_column is None:
-            return "heap"
+            return "heap", None
         cap = max(1, int(pages * INDEX_WALK_SHARE_OF_PAGES))
         # Through the walk column's index, in its order: with stale statistics the planner
         # would otherwise take any index the predicate touches ("revokedAt" IS NULL, say)
@@ -306,7 +313,7 @@ class Run:
         counted = db.count_capped(run.conn, table, due, cap, order_by=column)
         walk = "index" if counted < cap else "heap"
         self.log.debug("walk", walk=walk, due_counted=counted, pages=pages)
-        return walk
+        return walk, counted
 
     def _walk(self, run: db.RunConnection, batch: Callable[[int], int]) -> None:
         """Batches until the walk ends or a cap stops it: `batch(limit)` deletes up to

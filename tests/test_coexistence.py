@@ -251,3 +251,7 @@ def test_an_hourly_run_reads_the_walk_columns_index_whatever_the_statistics(post
     wait_until(lambda: scalar(postgres, scans_sql, name="RefreshToken_expiresAt_idx") > before["expiresAt"])
     assert scalar(postgres, scans_sql, name="RefreshToken_revokedAt_idx") == before["revokedAt"]
     assert scalar(postgres, """SELECT count(*) FROM "RefreshToken" WHERE left(id, 5) = 'live_'""") == 10_000
+    # The next hour, nothing due: one count through the index, and no walk at all.
+    completed = run_cli("refresh-tokens", "--json", env=env_for(postgres))
+    result = json.loads(completed.stdout)
+    assert (completed.returncode, result["rows"], result["batches"], result["remaining"]) == (0, 0, 0, 0)
