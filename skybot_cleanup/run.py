@@ -304,13 +304,8 @@ class Run:
         if self.task.walk_column is None:
             return "heap", None
         cap = max(1, int(pages * INDEX_WALK_SHARE_OF_PAGES))
-        # Through the walk column's index, in its order: with stale statistics the planner
-        # would otherwise take any index the predicate touches ("revokedAt" IS NULL, say)
-        # and read every live row of the table to find none due.
-        for name, value in db.INDEX_WALK_PLANNER.items():
-            run.conn.exec_driver_sql(f"SET LOCAL {name} = {value}")
         column = table.columns[str(self.task.walk_column)]
-        counted = db.count_capped(run.conn, table, due, cap, order_by=column)
+        counted = db.count_capped(run.conn, table, due, cap, order_by=column)  # through its index
         walk = "index" if counted < cap else "heap"
         self.log.debug("walk", walk=walk, due_counted=counted, pages=pages)
         return walk, counted
@@ -482,10 +477,10 @@ class Run:
             cap = max(10 * self.settings.batch_size, REMAINING_AFTER_MAX_RUNTIME_CAP)
         whole = progress.walk == "index" or progress.capped
         rest = due if whole else sa.and_(db.ctid >= db.tid(progress.next_page), due)
+        # The index walk's rest through its index, as its batches went; otherwise any
+        # plan: its time is still bounded.
         walk = table.columns[str(self.task.walk_column)] if progress.walk == "index" else None
-        # The index walk's rest through its index, as its batches went (see _choose_walk);
-        # otherwise any plan: its time is still bounded.
-        run.commit_and_continue(planner=db.INDEX_WALK_PLANNER if walk is not None else {})
+        run.commit_and_continue(planner={})
         try:
             with db.savepoint(conn, "count"):
                 counted = db.count_capped(conn, table, rest, cap, order_by=walk)

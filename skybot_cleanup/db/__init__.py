@@ -10,7 +10,6 @@ This layer reads no settings and knows no command: it is given what it needs.
 
 from skybot_cleanup.db.batches import (
     HEAP_WALK_PLANNER,
-    INDEX_WALK_PLANNER,
     ctid,
     delete_all,
     delete_ctids,
@@ -46,7 +45,16 @@ from skybot_cleanup.db.connection import (
     savepoint,
     sql_literal,
 )
-from skybot_cleanup.db.counts import COUNT_CAP, Backlog, Count, count, count_capped, estimate_rows, task_backlog
+from skybot_cleanup.db.counts import (
+    COUNT_CAP,
+    INDEX_WALK_PLANNER,
+    Backlog,
+    Count,
+    count,
+    count_capped,
+    estimate_rows,
+    task_backlog,
+)
 from skybot_cleanup.db.urls import DatabaseTarget, parse_database_url
 
 __all__ = [

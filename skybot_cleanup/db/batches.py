@@ -31,11 +31,9 @@ from sqlalchemy.types import UserDefinedType
 from skybot_cleanup.db.catalog import BoundTable
 from skybot_cleanup.db.connection import HELD_COUNTER
 
-# Planner settings of a batch's transaction (set in its prologue), so its plan never
-# depends on statistics: the heap walk can only scan a TID range; the index walk only
-# its index, in order.
+# Planner settings of a heap walk's transaction (set in its prologue), so its plan never
+# depends on statistics: it can only scan a TID range. (The index walk's: db.counts.)
 HEAP_WALK_PLANNER = {"enable_seqscan": "off", "enable_indexscan": "off", "enable_bitmapscan": "off"}
-INDEX_WALK_PLANNER = {"enable_seqscan": "off", "enable_bitmapscan": "off", "enable_sort": "off"}
 
 _XID_WRAP = 2**32
 _LOCK_CONTEXT = re.compile(r"while (?:deleting|locking|updating) tuple (\(\d+,\d+\)) in relation")
