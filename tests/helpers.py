@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -399,6 +400,32 @@ CREATE FUNCTION public.slow_delete() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN PERFORM pg_catalog.pg_sleep(1); RETURN OLD; END $$;
 CREATE TRIGGER slow_delete BEFORE DELETE ON public."RefreshToken" FOR EACH ROW EXECUTE FUNCTION public.slow_delete();
 """
+
+
+# A DELETE that waits, row by row, until the test opens the gate: whatever the machine's
+# speed, the statement is still running while the test does what it must meanwhile. It
+# polls (no lock wait), so the tool's lock_timeout does not end it.
+DELETE_GATE_KEY = 4242
+GATED_DELETES = f"""
+CREATE FUNCTION public.gated_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  WHILE NOT pg_catalog.pg_try_advisory_lock({DELETE_GATE_KEY}) LOOP PERFORM pg_catalog.pg_sleep(0.05); END LOOP;
+  PERFORM pg_catalog.pg_advisory_unlock({DELETE_GATE_KEY});
+  RETURN OLD;
+END $$;
+CREATE TRIGGER gated_delete BEFORE DELETE ON public."RefreshToken" FOR EACH ROW EXECUTE FUNCTION public.gated_delete();
+"""
+
+
+@contextmanager
+def closed_delete_gate(backend: Any) -> Iterator[None]:
+    """GATED_DELETES wait while this is open; they go on once it ends."""
+    with backend.engine.connect() as conn:
+        conn.exec_driver_sql(f"SELECT pg_catalog.pg_advisory_lock({DELETE_GATE_KEY})")
+        try:
+            yield
+        finally:
+            conn.exec_driver_sql(f"SELECT pg_catalog.pg_advisory_unlock({DELETE_GATE_KEY})")
 
 
 def statement_running(backend: Any, application: str = APP_NAME) -> bool:

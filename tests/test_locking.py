@@ -11,9 +11,11 @@ import pytest
 import sqlalchemy as sa
 from helpers import (
     APP_NAME,
+    GATED_DELETES,
     SLOW_DELETES,
     advisory_lock_held,
     advisory_lock_sql,
+    closed_delete_gate,
     env_for,
     events,
     remaining_ids,
@@ -29,14 +31,16 @@ from helpers import (
 
 @pytest.mark.parametrize("mode", [["--batch-size", "3"], ["--single-transaction"]], ids=["batches", "single"])
 def test_two_concurrent_runs_delete_each_row_once(postgres, mode):
-    """The first run is in the middle of a slow statement, its lock taken; the second
-    arrives meanwhile and skips. No timing window: it starts once the first is mid-DELETE."""
+    """The first run is in the middle of a statement, its lock taken; the second arrives
+    meanwhile and skips. No timing window: the first run's DELETE waits at a gate the test
+    opens only once the second run has ended, however long either takes to start."""
     _due, live = seed_due_and_live(postgres, due=4)
-    postgres.execute(SLOW_DELETES)
+    postgres.execute(GATED_DELETES)
     env = env_for(postgres)
-    first = start_cli("refresh-tokens", *mode, "--json", env=env)
-    wait_until(lambda: statement_running(postgres), what="the first run's DELETE")
-    second = run_cli("refresh-tokens", *mode, "--json", env=env)
+    with closed_delete_gate(postgres):
+        first = start_cli("refresh-tokens", *mode, "--json", env=env)
+        wait_until(lambda: statement_running(postgres), what="the first run's DELETE")
+        second = run_cli("refresh-tokens", *mode, "--json", env=env)
     out, err = first.communicate(timeout=60)
     assert (second.returncode, json.loads(second.stdout)["status"], json.loads(second.stdout)["rows"]) == (
         75,
