@@ -143,21 +143,31 @@ def test_one_server_connection_and_no_snapshot_held_while_idle_between_batches(p
     process = start_cli("refresh-tokens", "--batch-size", "1", "--sleep-ms", "400", "--json", env=env_for(postgres))
     try:
         wait_until(lambda: len(remaining_ids(postgres) - live) <= 4, what="two batches")
-        rows = []
+        sample = sa.text(
+            "SELECT pid, state, state_change, backend_xmin FROM pg_stat_activity WHERE application_name = :app"
+            " AND datname = current_database()"
+        )
+        rows, idle = [], []
         for _ in range(5):
+            # A state and an xmin are read a moment apart: a backend that woke in between
+            # shows an idle state with its new statement's xmin. An idle row counts only if
+            # the next sample (its own transaction, so a fresh read) shows the same idle
+            # period: the backend cannot have started a statement between the two.
             with postgres.engine.connect() as conn:
-                rows += conn.execute(
-                    sa.text(
-                        "SELECT state, backend_xmin FROM pg_stat_activity WHERE application_name = :app"
-                        " AND datname = current_database()"
-                    ),
-                    {"app": APP_NAME},
-                ).all()
+                first = conn.execute(sample, {"app": APP_NAME}).all()
+            with postgres.engine.connect() as conn:
+                second = conn.execute(sample, {"app": APP_NAME}).all()
+            rows += first
+            idle += [
+                row
+                for row in first
+                for later in second
+                if (row.pid, row.state, row.state_change) == (later.pid, "idle in transaction", later.state_change)
+            ]
             time.sleep(0.1)
     finally:
         _out, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
-    idle = [row for row in rows if row.state == "idle in transaction"]
     assert idle, rows  # it sleeps inside its locked transaction...
     assert all(row.backend_xmin is None for row in idle), idle  # ...without pinning the vacuum horizon
     assert len(rows) <= 5  # one backend per sample, never two
