@@ -76,7 +76,7 @@ def create_engine(target: DatabaseTarget, session: SessionSettings, label: str) 
         import psycopg
 
         def connect() -> psycopg.Connection[Any]:
-            return psycopg.connect(
+            conn = psycopg.connect(
                 target.conninfo,
                 connect_timeout=session.connect_timeout_s,
                 application_name=application_name(session, label),
@@ -86,6 +86,13 @@ def create_engine(target: DatabaseTarget, session: SessionSettings, label: str) 
                 # process gains nothing from them.
                 prepare_threshold=None,
             )
+            # The server reports its version as it accepts the connection: an old server
+            # is refused here, before any statement that only 14 and later understand.
+            version = conn.info.server_version
+            if version < MIN_SERVER_VERSION:
+                conn.close()
+                raise ConfigError(unsupported_server(version))
+            return conn
 
         # pool_reset_on_return=None: closing must not send a ROLLBACK of its own, which
         # would end the run's transaction without its unlock (see RunConnection).
@@ -106,6 +113,15 @@ def create_engine(target: DatabaseTarget, session: SessionSettings, label: str) 
         hide_parameters=True,
         isolation_level="AUTOCOMMIT",
         connect_args={"timeout": max(session.lock_timeout_ms, 1) / 1000},
+    )
+
+
+def unsupported_server(version: int) -> str:
+    shown = f"{version // 10000}.{version % 10000}" if version >= 100000 else str(version)
+    return (
+        f"PostgreSQL {shown} is not supported: the tool needs PostgreSQL {MIN_SERVER_VERSION // 10000} or later "
+        "(TID range scans, client_connection_check_interval); upgrade the server, or keep the release that "
+        "supported it (CHANGELOG.md)"
     )
 
 
@@ -264,10 +280,8 @@ class RunConnection:
         self.host_now = naive_utc(utc_now() - timedelta(seconds=(time.monotonic() - sent) / 2))
         self.server_now = row["server_now"]
         self.snapshot_xmax = int(row["snapshot_xmax"])
-        if row["version"] < MIN_SERVER_VERSION:
-            raise ConfigError(
-                f"PostgreSQL {row['version'] // 10000} is not supported: the tool needs PostgreSQL 14 or later"
-            )
+        if row["version"] < MIN_SERVER_VERSION:  # behind a pooler that reports its own version
+            raise ConfigError(unsupported_server(row["version"]))
         if row["read_only"] and not self.read_only:
             raise ConfigError(
                 "the database is read-only (a hot standby, or default_transaction_read_only is on): point "
