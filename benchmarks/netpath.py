@@ -31,6 +31,7 @@ class Conversation:
     client_bytes: int = 0
     server_bytes: int = 0
     last_speaker: str | None = None
+    turns: list[bytes] = field(default_factory=list)  # the first bytes the client sent in each turn
 
 
 @dataclass
@@ -144,6 +145,7 @@ class DelayProxy:
                             talk.client_bytes += len(data)
                             if talk.last_speaker != "client":
                                 talk.round_trips += 1
+                                talk.turns.append(data[:60])
                         else:
                             talk.server_bytes += len(data)
                         talk.last_speaker = speaker

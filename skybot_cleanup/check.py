@@ -21,7 +21,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from skybot_cleanup import db, history
+from skybot_cleanup import db, health, history
 from skybot_cleanup.clock import iso_utc
 from skybot_cleanup.cutoff import RunTime, cutoff
 from skybot_cleanup.errors import ConfigError, SqlState, sqlstate_of
@@ -50,16 +50,21 @@ class Context:
     clocks: RunTime
     registry: Registry
     role: str = ""
+    schema_usable: bool | None = None  # None: no such schema (read with the server's facts)
     read_only: bool = False
     schema_unusable: bool = False
     bound: dict[str, db.BoundTable | ConfigError] = field(default_factory=dict)
-    unreadable: set[str] = field(default_factory=set)  # table keys the role may not SELECT from
+    # The one judgement of every job (health), read with the checks' own reads: the
+    # planner's plan for each predicate, the rows of tables never analyzed.
+    judgement: health.Judgement | None = None
+    plans: dict[str, db.Pending] = field(default_factory=dict)
+    rows: dict[str, db.CountReading] = field(default_factory=dict)
 
     def readable(self, key: str) -> db.BoundTable | None:
         """The bound table, when it exists and the role may read it (checks that query it
         skip the rest: the privilege check has already said what to GRANT)."""
         table = self.bound.get(key)
-        if table is None or isinstance(table, ConfigError) or key in self.unreadable:
+        if table is None or isinstance(table, ConfigError) or not table.info.can_select:
             return None
         return table
 
@@ -97,25 +102,23 @@ def server(ctx: Context) -> Iterator[Finding]:
             "SELECT pg_catalog.current_setting('server_version'), pg_catalog.current_setting('TimeZone'), "
             "current_user, pg_catalog.pg_is_in_recovery(), "
             "pg_catalog.current_setting('default_transaction_read_only') = 'on', "
-            "coalesce((SELECT ssl FROM pg_catalog.pg_stat_ssl WHERE pid = pg_catalog.pg_backend_pid()), false)"
-        )
+            "coalesce((SELECT ssl FROM pg_catalog.pg_stat_ssl WHERE pid = pg_catalog.pg_backend_pid()), false), "
+            "(SELECT setting::bigint FROM pg_catalog.pg_settings "
+            " WHERE name = 'idle_in_transaction_session_timeout'), "
+            "(SELECT pg_catalog.has_schema_privilege(oid, 'USAGE') FROM pg_catalog.pg_namespace "
+            " WHERE nspname = :schema)"
+        ),
+        {"schema": ctx.schema},
     ).one()
-    version, zone, ctx.role, standby, read_only_default, tls = row
+    version, zone, ctx.role, standby, read_only_default, tls, idle_ms, schema_usable = row
+    ctx.schema_usable = schema_usable
     yield Finding(
         "info",
         f"connected as {ctx.role}: PostgreSQL {version}, session time zone {zone} "
         f"(cutoffs are computed in UTC whatever it is), {'TLS' if tls else 'no TLS'}",
     )
     yield _clock_finding(ctx)
-    idle_ms = int(
-        ctx.conn.scalar(
-            sa.text(
-                "SELECT setting::bigint FROM pg_catalog.pg_settings WHERE name = 'idle_in_transaction_session_timeout'"
-            )
-        )
-        or 0
-    )
-    if 0 < idle_ms < ctx.settings.sleep_ms + 1000:
+    if 0 < (idle_ms or 0) < ctx.settings.sleep_ms + 1000:
         yield Finding(
             "warning",
             f"the server ends a transaction idle for {idle_ms} ms, less than SKYBOT_CLEANUP_SLEEP_MS "
@@ -158,40 +161,44 @@ def heartbeat_url(ctx: Context) -> Iterator[Finding]:
 
 def schema_usage(ctx: Context) -> Iterator[Finding]:
     """The role must be able to use the app's schema, or every table looks missing."""
-    if not ctx.on_postgres:
-        return
-    names = [ctx.schema]
-    rows = ctx.conn.execute(
-        sa.text(
-            "SELECT nspname, pg_catalog.has_schema_privilege(nspname, 'USAGE') FROM pg_catalog.pg_namespace "
-            "WHERE nspname = ANY(:names)"
-        ),
-        {"names": names},
-    ).all()
-    usable = [name for name, ok in rows if ok]
-    if usable:
+    if not ctx.on_postgres or ctx.schema_usable:
         return
     ctx.schema_unusable = True
-    if not rows:
+    if ctx.schema_usable is None:
         yield Finding(
             "error",
             f'schema "{ctx.schema}" does not exist: set the URL\'s ?schema= or SKYBOT_CLEANUP_SCHEMA '
             "to the app's schema",
         )
         return
-    first = rows[0][0]
     yield Finding(
         "error",
-        f'{ctx.role} may not use schema "{first}" (no USAGE), so none of its tables can be '
+        f'{ctx.role} may not use schema "{ctx.schema}" (no USAGE), so none of its tables can be '
         "seen: as its owner or a superuser, run",
-        (f"GRANT USAGE ON SCHEMA {_quote(first)} TO {_quote(ctx.role)};",),
+        (f"GRANT USAGE ON SCHEMA {_quote(str(ctx.schema))} TO {_quote(ctx.role)};",),
     )
 
 
 def tables(ctx: Context) -> Iterator[Finding]:
+    """Also reads, in one go, everything the later checks look at: the judgement of every
+    job (backlogs counted up to the warning threshold), each predicate's plan, the rows
+    of tables never analyzed."""
     if ctx.schema_unusable:
         return
-    ctx.bound = db.bind_all(ctx.conn, ctx.schema, ctx.registry, ctx.settings.all_table_names(ctx.registry))
+    threshold = ctx.settings.backlog_warning_rows
+    judging = health.Judging(ctx.run, ctx.settings, ctx.schema, ctx.now, ctx.registry, cap=threshold)
+    ctx.bound = judging.bound
+    for task in ctx.registry.tasks:
+        readable = ctx.readable(task.table.key)
+        if readable is not None and ctx.on_postgres:
+            due = task.due(readable.columns, cutoff(task, ctx.now, ctx.settings))
+            ctx.plans[task.name] = judging.reads.add(sa.select(sa.func.count()).where(due), explain=True)
+            if readable.info.estimated_rows is None and task.table.key not in ctx.rows:
+                ctx.rows[task.table.key] = db.CountReading(
+                    judging.reads, readable, sa.true(), cap=ctx.settings.index_advice_rows
+                )
+    db.read_counts(judging.reads, [*judging.counts.values(), *ctx.rows.values()])
+    ctx.judgement = judging.verdict()
     for spec in ctx.registry.tables:
         table = ctx.bound.get(spec.key)
         if table is None or isinstance(table, ConfigError):
@@ -231,20 +238,14 @@ def privileges(ctx: Context) -> Iterator[Finding]:
         if table is None or isinstance(table, ConfigError):
             continue
         shown = _shown(table)
-        can_select, can_delete = ctx.conn.execute(
-            sa.text(
-                "SELECT pg_catalog.has_table_privilege(CAST(:t AS text), 'SELECT'), "
-                "pg_catalog.has_table_privilege(CAST(:t AS text), 'DELETE')"
-            ),
-            {"t": shown},
-        ).one()
-        missing = [name for name, ok in (("SELECT", can_select), ("DELETE", can_delete)) if not ok]
-        if not can_select:
-            ctx.unreadable.add(spec.key)
+        missing = [
+            name for name, ok in (("SELECT", table.info.can_select), ("DELETE", table.info.can_delete)) if not ok
+        ]
         if missing:
             yield Finding(
                 "error",
-                f"{ctx.role} lacks {' and '.join(missing)} on {shown}: as its owner or a superuser, run",
+                f"{ctx.role} lacks {' and '.join(missing)} on {shown}: every run of its tasks fails until, as its "
+                "owner or a superuser, you run",
                 (f"GRANT {', '.join(missing)} ON {shown} TO {_quote(ctx.role)};",),
             )
         else:
@@ -281,20 +282,27 @@ def indexes(ctx: Context) -> Iterator[Finding]:
         if table is None:
             continue
         due = task.due(table.columns, cutoff(task, ctx.now, ctx.settings))
-        if _can_use_index(ctx.conn, table, due):
+        plan = ctx.plans.get(task.name)
+        if plan is not None and plan.error is None and not _scans_the_table(plan.scalar()):
             yield Finding("ok", f"{task.name}: the planner can use an index for its predicate")
             continue
         yield _index_advice(ctx, task, table, due)
 
 
-def _can_use_index(conn: sa.Connection, table: db.BoundTable, due: sa.ColumnElement[bool]) -> bool:
-    """Could the planner answer the predicate from an index? Seq scans off, so the
-    answer does not depend on how small the table is today."""
-    compiled = sa.select(sa.func.count()).select_from(table.table).where(due).compile(conn)
-    conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
-    plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN {compiled}", compiled.params).scalars())
-    conn.exec_driver_sql("SET LOCAL enable_seqscan = on")
-    return "Seq Scan" not in plan
+def _scans_the_table(plan: Any) -> bool:
+    """Does the plan read the whole table? Read under the check's planner settings (seq
+    scans off, as a walk's count), so the answer does not depend on how small the table
+    is today: a sequential scan is there only when no index can serve."""
+    found = False
+
+    def visit(node: dict[str, Any]) -> None:
+        nonlocal found
+        found = found or node.get("Node Type") == "Seq Scan"
+        for child in node.get("Plans", ()):
+            visit(child)
+
+    visit(plan[0]["Plan"])
+    return found
 
 
 def _index_advice(ctx: Context, task: Task, table: db.BoundTable, due: sa.ColumnElement[bool]) -> Finding:
@@ -304,10 +312,8 @@ def _index_advice(ctx: Context, task: Task, table: db.BoundTable, due: sa.Column
     used = [column.name for column in sa.sql.visitors.iterate(due) if isinstance(column, sa.Column)]
     indexed = set(task.table.indexes) | set(task.table.unique)
     wanted = [name for name in dict.fromkeys(used) if name not in indexed]
-    # The planner's estimate, unless the table has grown since its last ANALYZE.
-    rows = max(
-        table.info.estimated_rows or 0, db.count_capped(ctx.conn, table, sa.true(), ctx.settings.index_advice_rows)
-    )
+    counted = ctx.rows.get(task.table.key)
+    rows = table.info.estimated_rows or (counted.count().value if counted is not None and counted.error is None else 0)
     model = table.info.name
     if rows < ctx.settings.index_advice_rows:
         return Finding(
@@ -346,12 +352,19 @@ def partitioning(ctx: Context) -> Iterator[Finding]:
         table = ctx.bound.get(spec.key)
         if table is None or isinstance(table, ConfigError):
             continue
-        if table.info.partitioned:
+        if table.info.shape is db.TableShape.PARTITIONED:
             yield Finding(
                 "info",
-                f"{_shown(table)} is partitioned: the tasks delete row by row in every partition; "
-                "detaching and dropping whole expired partitions is the app's migrations' job "
-                "(docs/scaling.md)",
+                f"{_shown(table)} is partitioned ({table.info.leaves} partitions): batches walk every partition, "
+                "sized from the partitions' own statistics, and delete row by row; detaching and dropping whole "
+                "expired partitions is the app's migrations' job (docs/scaling.md)",
+            )
+        elif table.info.shape is db.TableShape.INHERITED:
+            yield Finding(
+                "info",
+                f"{_shown(table)} has {table.info.leaves - 1} inheritance child table(s) (INHERITS): batches walk "
+                "the heap of the table and of every child (their indexes are their own), and every count covers "
+                "them all",
             )
         elif (table.info.estimated_rows or 0) >= PARTITIONING_HINT_ROWS:
             yield Finding(
@@ -363,28 +376,31 @@ def partitioning(ctx: Context) -> Iterator[Finding]:
 
 
 def backlogs(ctx: Context) -> Iterator[Finding]:
+    """Each task's backlog as the one judgement measured it (counted up to the warning
+    threshold, not estimated: stale statistics must not hide a backlog)."""
+    if ctx.judgement is None:
+        return
+    threshold = ctx.settings.backlog_warning_rows
     for task in ctx.registry.tasks:
-        table = ctx.bound.get(task.table.key)
-        if table is None:
+        judged = ctx.judgement.job(task.name)
+        backlog = judged.backlog
+        if backlog is None or backlog.due is None:
+            why = backlog.unmeasurable if backlog is not None else None
+            level = (
+                "info"
+                if task.table.key in ctx.bound and not isinstance(ctx.bound[task.table.key], ConfigError)
+                else "error"
+            )
+            yield Finding(level, f"{task.name}: due rows not counted: {why}")
             continue
-        if isinstance(table, ConfigError):
-            yield Finding("error", f"{task.name}: cannot run: {table}")
-            continue
-        if task.table.key in ctx.unreadable:
-            yield Finding("info", f"{task.name}: due rows not counted: {ctx.role} may not SELECT from {_shown(table)}")
-            continue
-        # Counted up to the threshold, not estimated: stale statistics must not hide a backlog.
-        threshold = ctx.settings.backlog_warning_rows
-        due = task.due(table.columns, cutoff(task, ctx.now, ctx.settings))
-        counted = db.count_capped(ctx.conn, table, due, threshold + 1)
-        if counted > threshold:
+        if backlog.due.value > threshold:
             yield Finding(
                 "warning",
                 f"{task.name}: more than {threshold:,} rows are due; drain them once in batches before scheduling:",
                 (f"skybot-cleanup {task.name} --batch-size 10000 --max-runtime 1800",),
             )
         else:
-            yield Finding("ok", f"{task.name}: {counted:,} rows due")
+            yield Finding("ok", f"{task.name}: {backlog.due.value:,} rows due")
 
 
 def history_writable(ctx: Context) -> Iterator[Finding]:
@@ -468,19 +484,17 @@ def run_checks(
     run: db.RunConnection, settings: CleanupSettings, schema: str | None, clocks: RunTime, registry: Registry = REGISTRY
 ) -> list[Finding]:
     """Every check's findings. A check the role lacks a privilege for is an error finding
-    of its own, and the others still run: the point of `check` is the whole list."""
+    of its own, and the others still run: the point of `check` is the whole list. (Its
+    reads are read-only: undoing what the transaction did since it began loses nothing.)"""
     ctx = Context(run=run, settings=settings, schema=schema, clocks=clocks, registry=registry)
     findings: list[Finding] = []
     for check in CHECKS:
-        if not run.on_postgres or check in OWN_TRANSACTION:
-            findings += check(ctx)
-            continue
         try:
-            with db.savepoint(ctx.conn, "one_check"):
-                findings += list(check(ctx))
+            findings += list(check(ctx))
         except sa.exc.DBAPIError as exc:
-            if sqlstate_of(exc) != SqlState.INSUFFICIENT_PRIVILEGE:
+            if sqlstate_of(exc) != SqlState.INSUFFICIENT_PRIVILEGE or check in OWN_TRANSACTION:
                 raise
+            run.undo_work()
             reason = str(exc.orig).strip().splitlines()[0]
             findings.append(Finding("error", f"{check.__name__.replace('_', ' ')}: not checked: {reason}"))
     return findings

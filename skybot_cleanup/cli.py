@@ -107,6 +107,18 @@ SleepMs = Annotated[
     Optional[int],
     typer.Option("--sleep-ms", min=0, max=600_000, metavar="MS", show_default=False, help="Pause between batches."),
 ]
+MaxReplicaLag = Annotated[
+    Optional[float],
+    typer.Option(
+        "--max-replica-lag",
+        min=0,
+        max=86_400,
+        metavar="SECONDS",
+        show_default=False,
+        help="Keep every streaming standby's replay lag under this (default 10; 0: off): between batches the "
+        "run waits while a standby is behind, and paces itself to the slowest one's replay speed.",
+    ),
+]
 PromFile = Annotated[
     Optional[str],
     typer.Option(
@@ -312,6 +324,7 @@ def _task_command(tasks: tuple[Task, ...]) -> Any:
         max_rows: MaxRows = None,
         max_runtime: MaxRuntime = None,
         sleep_ms: SleepMs = None,
+        max_replica_lag: MaxReplicaLag = None,
         prom_file: PromFile = None,
         no_history: NoHistory = False,
     ) -> None:
@@ -328,6 +341,7 @@ def _task_command(tasks: tuple[Task, ...]) -> Any:
                 max_rows=max_rows,
                 max_runtime_s=max_runtime,
                 sleep_ms=sleep_ms,
+                max_replica_lag_s=max_replica_lag,
                 prom_file=prom_file,
                 history=False if no_history else None,
             )

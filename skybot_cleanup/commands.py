@@ -116,7 +116,8 @@ def _reading(settings: CleanupSettings, label: str) -> Iterator[tuple[Any, db.Da
 
 
 def clock_of(run: db.RunConnection) -> RunTime:
-    """The run's clocks, read in its transaction: reports judge by the same now as a run."""
+    """The clocks, read in the transaction: reports judge by the server's, which every
+    record of the tool is stamped with."""
     return run_time(server=run.server_now, host=run.host_now)
 
 
@@ -127,11 +128,14 @@ def _read(
     *,
     read_only: bool = True,
 ) -> T:
-    """work(run, schema, clocks) in a bounded read-only transaction, retried when transient."""
+    """work(run, schema, clocks) in a bounded read-only transaction, retried when
+    transient. Its counts go through the walk columns' indexes, as the runs' do."""
     with _reading(settings, label) as (engine, target):
 
         def attempt() -> T:
-            with db.run_transaction(engine, settings.session(), label, read_only=read_only) as run:
+            with db.run_transaction(
+                engine, settings.session(), label, read_only=read_only, planner=db.INDEX_WALK_PLANNER
+            ) as run:
                 return work(run, target.schema, clock_of(run))
 
         return with_retries(settings, attempt, log=get_logger(), reporting=True)
@@ -151,27 +155,35 @@ def metrics_job(
 ) -> MetricsRun:
     """Take the snapshot, record it, deliver it; the job's own outcome is recorded like a
     cleanup run's (history row, heartbeat, textfile), failed when a task could not be
-    measured or the snapshot could not be delivered."""
-    from skybot_cleanup import history, metrics
+    measured or the snapshot could not be delivered. One connection for all of it: the
+    snapshot and the job's row are written together as it ends."""
+    from skybot_cleanup import metrics
     from skybot_cleanup.recording import RecordedRun
 
     recorded = RecordedRun(settings, registry.metrics.name)
     taken: list[metrics.Snapshot] = []
     clocks: list[RunTime] = []
 
-    def work() -> None:
+    def attempt() -> metrics.Snapshot:
         assert recorded.engine is not None and recorded.target is not None
-        engine, schema = recorded.engine, recorded.target.schema
+        recorded.close_connection()  # a retry's connection replaces the last one
+        conn = recorded.conn = recorded.engine.connect()
+        run = db.RunConnection(conn, settings.session(), recorded.job, read_only=True, planner=db.INDEX_WALK_PLANNER)
+        run.begin()
+        try:
+            clocks[:] = [clock_of(run)]
+            recorded.read_clocks(run)
+            snapshot = metrics.collect(run, settings, recorded.target.schema, clocks[0].record_now, registry)
+            # Before the record is written: on SQLite an open reader would block that write.
+            run.commit()
+            return snapshot
+        finally:
+            run.rollback()
 
-        def attempt() -> metrics.Snapshot:
-            with db.run_transaction(engine, settings.session(), recorded.job, read_only=True) as run:
-                clocks[:] = [clock_of(run)]
-                return metrics.collect(run.conn, settings, schema, clocks[0].now, registry)
-
+    def work() -> None:
         snapshot = with_retries(settings, attempt, log=recorded.log, reporting=True)
         taken.append(snapshot)
-        # After the read transaction: on SQLite an open reader would block this write.
-        history.record_snapshot(engine, settings, clocks[0].now, json.dumps(snapshot.as_dict()))
+        recorded.snapshot = (clocks[0].record_now, json.dumps(snapshot.as_dict()))
         try:
             deliver_snapshot(snapshot, snapshot_file, pushgateway)
         except Exception as exc:  # a monitoring sink down: the job failed, and says which sink
@@ -197,16 +209,19 @@ def job_status(settings: CleanupSettings, registry: Registry = REGISTRY) -> stat
     """Every job's health. If the history does not yet know when the tool first saw this
     database, it is recorded now (a fresh install is PENDING for a while, not forever);
     if the history cannot be read or written at all, the jobs are UNKNOWN."""
-    from skybot_cleanup import history, status
+    from skybot_cleanup import health, history, status
 
     with _reading(settings, "status") as (engine, target):
         spooled = history.spool_for(settings.state_dir).entries(target.identity)
 
         def read(unknown: str | None) -> status.Status:
             def attempt() -> status.Status:
-                with db.run_transaction(engine, settings.session(), "status", read_only=True) as run:
-                    now = clock_of(run).now
-                    return status.collect(run.conn, settings, target.schema, now, registry, spooled, unknown)
+                with db.run_transaction(
+                    engine, settings.session(), "status", read_only=True, planner=db.INDEX_WALK_PLANNER
+                ) as run:
+                    now = clock_of(run).record_now
+                    judged = health.judge(run, settings, target.schema, now, registry, spooled=spooled, unknown=unknown)
+                    return status.render(judged, settings, now)
 
             return with_retries(settings, attempt, log=get_logger(), reporting=True)
 

@@ -30,6 +30,12 @@ class RunTime:
         return self.host if self.server is None else min(self.host, self.server)
 
     @property
+    def record_now(self) -> datetime:
+        """The now every record is stamped with and every report judges by: the server's,
+        when read (the history lives there, and no host clock may date or prune it)."""
+        return self.server or self.host
+
+    @property
     def skew_s(self) -> float | None:
         """How far the host's clock is ahead of the server's (negative: behind)."""
         return None if self.server is None else round((self.host - self.server).total_seconds(), 3)

@@ -33,9 +33,9 @@ from skybot_cleanup.logs import get_logger
 from skybot_cleanup.results import RunResult
 from skybot_cleanup.settings import CleanupSettings
 from skybot_cleanup.spool import Spool
+from skybot_cleanup.vocabulary import REAL_STATUSES, Health, RunStatus
 
 _warned: set[str] = set()
-REAL_STATUSES = ("ok", "failed", "interrupted")  # what a scheduled run can end as (skips aside)
 # A run's history row: its result's fields of these names, plus the host it ran on.
 # Rows (and spool entries) of earlier versions lack the ADDED_COLUMNS.
 ADDED_COLUMNS = (
@@ -47,6 +47,7 @@ ADDED_COLUMNS = (
     "reconnects",
     "unconfirmed_rows",
     "warnings",
+    "replica_wait_s",
 )
 RESULT_COLUMNS = (
     "run_id",
@@ -102,6 +103,7 @@ def history_tables(dialect_name: str, schema: str) -> HistoryTables:
         sa.Column("reconnects", sa.Integer),
         sa.Column("unconfirmed_rows", sa.BigInteger),
         sa.Column("warnings", sa.Text),  # "; "-separated
+        sa.Column("replica_wait_s", sa.Float),
         # status, history and last-success queries read the newest rows of one task.
         sa.Index(f"{prefix}runs_task_finished_idx", "task", "finished_at"),
         sa.Index(f"{prefix}runs_finished_idx", "finished_at"),
@@ -194,17 +196,24 @@ def ensure_tables(conn: Connection, tables: HistoryTables, schema: str) -> None:
     tables.runs.metadata.create_all(conn, checkfirst=True)
     seen = sa.select(tables.meta.c.key).where(tables.meta.c.key == "first_seen")
     if conn.scalar(seen) is None:
-        conn.execute(tables.meta.insert(), {"key": "first_seen", "value": iso_utc(utc_now())})
+        conn.execute(tables.meta.insert(), {"key": "first_seen", "value": _server_now_iso(conn)})
 
 
-def _missing_table(exc: sa.exc.DBAPIError) -> bool:
+def _server_now_iso(conn: Connection) -> str:
+    """Now by the database server's clock (the history's), as the meta table keeps it."""
+    if conn.dialect.name != "postgresql":
+        return iso_utc(utc_now()) or ""
+    return iso_utc(conn.scalar(sa.select(SERVER_NOW))) or ""
+
+
+def _missing_table(exc: BaseException) -> bool:
     return sqlstate_of(exc) in (SqlState.UNDEFINED_TABLE, SqlState.INVALID_SCHEMA_NAME) or "no such table" in str(
-        exc.orig
+        getattr(exc, "orig", exc)
     )
 
 
-def _missing_column(exc: sa.exc.DBAPIError) -> bool:
-    return sqlstate_of(exc) == SqlState.UNDEFINED_COLUMN or "has no column named" in str(exc.orig)
+def _missing_column(exc: BaseException) -> bool:
+    return sqlstate_of(exc) == SqlState.UNDEFINED_COLUMN or "has no column named" in str(getattr(exc, "orig", exc))
 
 
 def upgrade_runs_table(conn: Connection, tables: HistoryTables) -> set[str]:
@@ -231,50 +240,91 @@ def upgrade_runs_table(conn: Connection, tables: HistoryTables) -> set[str]:
     return known | {column.name for column in missing}
 
 
+# The database server's clock, as UTC like the columns: what every history timestamp is
+# bounded by and pruned against, so that no host clock can date a row in the future or
+# prune the history (the host's clock may be anything; the server's is the app's).
+SERVER_NOW = sa.func.pg_catalog.timezone("UTC", sa.func.pg_catalog.clock_timestamp())
+
+
+def _statements(
+    conn: Connection,
+    settings: CleanupSettings,
+    tables: HistoryTables,
+    rows: Sequence[dict[str, Any]],
+    snapshot: tuple[datetime, str] | None,
+    columns: set[str] | None = None,
+) -> list[sa.Insert | sa.Delete]:
+    """The inserts and the pruning of one write: one statement per row, so that each
+    can be bounded by the server's clock."""
+    runs, snapshots = tables.runs, tables.snapshots
+    on_postgres = conn.dialect.name == "postgresql"
+    now: sa.ColumnElement[datetime] = SERVER_NOW if on_postgres else sa.literal(utc_now())
+    statements: list[sa.Insert | sa.Delete] = []
+    for row in rows:
+        kept = {name: value for name, value in row.items() if columns is None or name in columns}
+        if on_postgres:  # never in the future of the server's clock
+            kept["finished_at"] = sa.func.least(sa.literal(kept["finished_at"], sa.DateTime), now)
+        statements.append(runs.insert().values(kept))
+    if snapshot:
+        taken_at = sa.func.least(sa.literal(snapshot[0], sa.DateTime), now) if on_postgres else snapshot[0]
+        statements.append(snapshots.insert().values(taken_at=taken_at, host=socket.gethostname(), snapshot=snapshot[1]))
+    retention = timedelta(days=settings.history_retention_days)
+    horizon = now - sa.literal(retention, sa.Interval) if on_postgres else sa.literal(utc_now() - retention)
+    statements.append(sa.delete(runs).where(runs.c.finished_at < horizon))
+    statements.append(sa.delete(snapshots).where(snapshots.c.taken_at < horizon))
+    return statements
+
+
 def _write(
     bind: Connection | Engine,
     settings: CleanupSettings,
-    rows: list[dict[str, Any]] | None = None,
+    rows: Sequence[dict[str, Any]] = (),
     snapshot: tuple[datetime, str] | None = None,
 ) -> None:
-    """Through the run's own connection when it has one (no second connect), else a new one."""
+    """Through the run's own connection when it has one (no second connect), else a new
+    one. On PostgreSQL the whole transaction goes in one round trip; only when the tables
+    are missing or lack a column does it take more (to create or upgrade them)."""
     with bind.connect() if isinstance(bind, Engine) else contextlib.nullcontext(bind) as conn:
         run = db.RunConnection(conn, settings.session(), "history")
+        tables = _tables(conn, settings)
+        if run.on_postgres:
+            try:
+                run.transaction_in_one_round_trip(_statements(conn, settings, tables, rows, snapshot))
+                return
+            except Exception as exc:
+                if not (_missing_table(exc) or _missing_column(exc)):
+                    raise
         run.begin()
         try:
-            tables = _tables(conn, settings)
-
-            def insert(columns: set[str] | None = None) -> None:
-                if rows:
-                    fitted = rows if columns is None else [{k: v for k, v in r.items() if k in columns} for r in rows]
-                    conn.execute(tables.runs.insert(), fitted)
-                if snapshot:
-                    conn.execute(
-                        tables.snapshots.insert(),
-                        {"taken_at": snapshot[0], "host": socket.gethostname(), "snapshot": snapshot[1]},
-                    )
-
             try:
-                insert()
+                _execute(conn, _statements(conn, settings, tables, rows, snapshot))
             except sa.exc.DBAPIError as exc:
                 if not (_missing_table(exc) or _missing_column(exc)):
                     raise
                 if run.on_postgres:
                     run.undo_work()
                 ensure_tables(conn, tables, settings.history_schema)
-                insert(upgrade_runs_table(conn, tables))
-            horizon = utc_now() - timedelta(days=settings.history_retention_days)
-            conn.execute(sa.delete(tables.runs).where(tables.runs.c.finished_at < horizon))
-            conn.execute(sa.delete(tables.snapshots).where(tables.snapshots.c.taken_at < horizon))
+                _execute(conn, _statements(conn, settings, tables, rows, snapshot, upgrade_runs_table(conn, tables)))
             run.commit()
         finally:
             run.rollback()
 
 
-def record_run(bind: Connection | Engine | None, settings: CleanupSettings, result: RunResult, database: str) -> bool:
-    """Write a run's row, with any spooled ones; spool it when the database cannot
-    take it (bind None: known unreachable). Never raises: the history is a record of
-    the run, never a reason for it to fail."""
+def _execute(conn: Connection, statements: Sequence[sa.Insert | sa.Delete]) -> None:
+    for statement in statements:
+        conn.execute(statement)
+
+
+def record_run(
+    bind: Connection | Engine | None,
+    settings: CleanupSettings,
+    result: RunResult,
+    database: str,
+    snapshot: tuple[datetime, str] | None = None,
+) -> bool:
+    """Write a run's row (and the metrics job's snapshot), with any spooled rows; spool
+    the run's row when the database cannot take it (bind None: known unreachable). Never
+    raises: the history is a record of the run, never a reason for it to fail."""
     if not settings.history:
         return False
     try:
@@ -286,7 +336,7 @@ def record_run(bind: Connection | Engine | None, settings: CleanupSettings, resu
     if bind is not None:
         claimed = spool.claim(database)
         try:
-            _write(bind, settings, rows=[*(entry for _, entry in claimed), row])
+            _write(bind, settings, rows=[*(entry for _, entry in claimed), row], snapshot=snapshot)
             spool.done(path for path, _ in claimed)
             return True
         except Exception as exc:
@@ -304,17 +354,6 @@ def record_run(bind: Connection | Engine | None, settings: CleanupSettings, resu
                 "logs and the heartbeat are this run's only record",
             )
     return False
-
-
-def record_snapshot(engine: Engine, settings: CleanupSettings, taken_at: datetime, snapshot: str) -> bool:
-    if not settings.history:
-        return False
-    try:
-        _write(engine, settings, snapshot=(taken_at, snapshot))
-        return True
-    except Exception as exc:
-        _warn_once("history_unavailable", exc)
-        return False
 
 
 def _warn_once(event: str, exc: BaseException) -> None:
@@ -367,7 +406,7 @@ class HistoryState:
     tasks: dict[str, TaskHistory]
     last_snapshot_at: datetime | None
 
-    def health(self, name: str, job_schedule: str, now: datetime, grace: timedelta) -> str:
+    def health(self, name: str, job_schedule: str, now: datetime, grace: timedelta) -> Health:
         """The job's health by its recorded runs (schedule.health)."""
         past = self.tasks[name]
         return schedule.health(
@@ -384,38 +423,69 @@ def _readable(conn: Connection, table: sa.Table) -> bool:
     return db.lookup_table(conn, table.schema, table.name) is not None
 
 
-def read_state(
-    conn: Connection, settings: CleanupSettings, task_names: list[str], spooled: Sequence[dict[str, Any]] = ()
-) -> HistoryState:
-    """Last success and last failure of each job (dry runs and skips aside), when the
-    tool first saw the database, and the newest metrics snapshot. Runs still waiting in
-    the local spool count too: a failure the database could not take is still news."""
-    found = {name: TaskHistory() for name in task_names}
-    available, first_seen, last_snapshot = False, None, None
-    if settings.history:
-        tables = _tables(conn, settings)
-        available = _readable(conn, tables.runs)
-    if available:
+def wanted(tables: HistoryTables) -> list[tuple[str | None, str]]:
+    """The history's tables as db.lookup_tables takes them: runs, meta, snapshots."""
+    return [(table.schema, table.name) for table in (tables.runs, tables.meta, tables.snapshots)]
+
+
+# The columns the health of a job is judged by: every release's runs table has them.
+_JUDGED = ("task", "status", "finished_at", "rows", "error_class", "error")
+
+
+class StateReading:
+    """The reads that make a HistoryState, added to a db.Reads (one round trip with the
+    rest of a report); `state()` once they have run. `found`: the history's tables as
+    db.lookup_tables found them (wanted's order); a table an earlier release did not make
+    is read around, never an error."""
+
+    def __init__(
+        self,
+        reads: db.Reads,
+        tables: HistoryTables,
+        found: Sequence[db.TableInfo | BaseException | None],
+        task_names: Sequence[str],
+        spooled: Sequence[dict[str, Any]] = (),
+    ):
+        self.task_names, self.spooled = task_names, spooled
+        runs_info, meta_info, snapshots_info = (info if isinstance(info, db.TableInfo) else None for info in found)
+        self.available = runs_info is not None
         runs = tables.runs
-        real = sa.and_(runs.c.dry_run.is_(False), runs.c.status.in_(REAL_STATUSES))
-        for name in task_names:
-            newest = sa.select(runs).where(runs.c.task == name, real).order_by(runs.c.finished_at.desc()).limit(1)
-            for row in (
-                conn.execute(newest.where(runs.c.status == "ok")).mappings().first(),
-                conn.execute(newest.where(runs.c.status != "ok")).mappings().first(),
-            ):
-                if row:
-                    found[name].add(dict(row))
-        if _readable(conn, tables.meta):
-            value = conn.scalar(sa.select(tables.meta.c.value).where(tables.meta.c.key == "first_seen"))
-            first_seen = parse_iso(value) if value else None
-        if first_seen is None:  # tables made by a version without `meta`: the oldest record will do
-            first_seen = conn.scalar(sa.select(sa.func.min(runs.c.finished_at)))
-        last_snapshot = conn.scalar(sa.select(sa.func.max(tables.snapshots.c.taken_at)))
-    for entry in spooled:
-        if entry["task"] in found and not entry["dry_run"] and entry["status"] in REAL_STATUSES:
-            found[entry["task"]].add(entry)
-    return HistoryState(available, first_seen, found, last_snapshot)
+        self.newest = self.first_seen = self.oldest = self.last_snapshot = None
+        if runs_info is not None:
+            real = sa.and_(runs.c.dry_run.is_(False), runs.c.status.in_(REAL_STATUSES))
+            outcomes = (runs.c.status == RunStatus.OK, runs.c.status != RunStatus.OK)
+            newest = [
+                sa.select(*(runs.c[name] for name in _JUDGED))
+                .where(runs.c.task == name, real, outcome)
+                .order_by(runs.c.finished_at.desc())
+                .limit(1)
+                .subquery()
+                .select()
+                for name in task_names
+                for outcome in outcomes
+            ]
+            self.newest = reads.add(sa.union_all(*newest))
+            # Tables made by a release without `meta`: the oldest record will do.
+            self.oldest = reads.add(sa.select(sa.func.min(runs.c.finished_at)))
+        if meta_info is not None:
+            self.first_seen = reads.add(sa.select(tables.meta.c.value).where(tables.meta.c.key == "first_seen"))
+        if snapshots_info is not None:
+            self.last_snapshot = reads.add(sa.select(sa.func.max(tables.snapshots.c.taken_at)))
+
+    def state(self) -> HistoryState:
+        found = {name: TaskHistory() for name in self.task_names}
+        available = self.available and self.newest is not None and self.newest.error is None
+        first_seen = None
+        if available and self.newest is not None:
+            for row in self.newest.rows:
+                found[row[0]].add(dict(zip(_JUDGED, row, strict=True)))
+            value = self.first_seen.scalar() if self.first_seen is not None else None
+            first_seen = parse_iso(value) if value else (self.oldest.scalar() if self.oldest is not None else None)
+        last_snapshot = self.last_snapshot.scalar() if self.last_snapshot is not None else None
+        for entry in self.spooled:
+            if entry["task"] in found and not entry["dry_run"] and entry["status"] in REAL_STATUSES:
+                found[entry["task"]].add(entry)
+        return HistoryState(available, first_seen, found, last_snapshot)
 
 
 def ensure_seen(bind: Connection | Engine, settings: CleanupSettings) -> str | None:
@@ -431,7 +501,7 @@ def ensure_seen(bind: Connection | Engine, settings: CleanupSettings) -> str | N
                 if not (_readable(conn, tables.runs) and _readable(conn, tables.meta)):
                     ensure_tables(conn, tables, settings.history_schema)
                 elif conn.scalar(sa.select(tables.meta.c.value).where(tables.meta.c.key == "first_seen")) is None:
-                    conn.execute(tables.meta.insert(), {"key": "first_seen", "value": iso_utc(utc_now())})
+                    conn.execute(tables.meta.insert(), {"key": "first_seen", "value": _server_now_iso(conn)})
                 run.commit()
             finally:
                 run.rollback()
@@ -450,12 +520,16 @@ class HistoryQuery:
 
 
 def list_runs(conn: Connection, settings: CleanupSettings, query: HistoryQuery) -> Iterator[dict[str, Any]]:
-    """Recorded runs, newest first."""
+    """Recorded runs, newest first; the columns a table of an earlier release lacks are
+    read as empty."""
     runs = _tables(conn, settings).runs
-    if not _readable(conn, runs):
+    info = db.lookup_table(conn, runs.schema, runs.name)
+    if info is None:
         return iter(())
-    statement = sa.select(runs).where(*_filters(runs, query)).order_by(runs.c.finished_at.desc(), runs.c.id.desc())
-    return iter([dict(row) for row in conn.execute(statement.limit(query.limit)).mappings()])
+    present = [column for column in runs.columns if column.name in info.columns]
+    statement = sa.select(*present).where(*_filters(runs, query)).order_by(runs.c.finished_at.desc(), runs.c.id.desc())
+    absent = {column.name: None for column in runs.columns if column.name not in info.columns}
+    return iter([absent | dict(row) for row in conn.execute(statement.limit(query.limit)).mappings()])
 
 
 def summarize(conn: Connection, settings: CleanupSettings, query: HistoryQuery) -> list[dict[str, Any]]:

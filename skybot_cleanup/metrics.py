@@ -9,26 +9,23 @@ own tasks and measures, not the snapshot.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 
-from skybot_cleanup import db, history
+from skybot_cleanup import db, health
 from skybot_cleanup.clock import iso_utc
-from skybot_cleanup.cutoff import cutoff
-from skybot_cleanup.errors import ConfigError, classify
-from skybot_cleanup.registry import REGISTRY, Registry, TableSpec
+from skybot_cleanup.errors import ConfigError
+from skybot_cleanup.registry import REGISTRY, Registry, TableSpec, Task
 from skybot_cleanup.settings import CleanupSettings
+from skybot_cleanup.vocabulary import Health
 
-T = TypeVar("T")
-
-PG_DATABASE_SIZE = sa.text("SELECT pg_catalog.pg_database_size(pg_catalog.current_database())")
-SQLITE_DATABASE_SIZE = sa.text("SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()")
+PG_DATABASE_SIZE = sa.func.pg_catalog.pg_database_size(sa.func.pg_catalog.current_database())
+SQLITE_DATABASE_SIZE = sa.literal_column(
+    "(SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size())", sa.BigInteger
+)
 
 
 @dataclass
@@ -77,87 +74,79 @@ class Snapshot:
         return asdict(self) | {"errors": self.errors}
 
 
-def _measured(conn: sa.Connection, measure: Callable[[], T]) -> T | str:
-    """A measurement, or why it could not be taken (a missing grant, a timeout): one table
-    the role cannot read must not cost the snapshot of the others."""
-    try:
-        with db.savepoint(conn, "measure"):
-            return measure()
-    except sa.exc.DBAPIError as exc:
-        return classify(exc).message
-
-
 def collect(
-    conn: sa.Connection, settings: CleanupSettings, schema: str | None, now: datetime, registry: Registry = REGISTRY
+    run: db.RunConnection, settings: CleanupSettings, schema: str | None, now: datetime, registry: Registry = REGISTRY
 ) -> Snapshot:
-    started = time.perf_counter()
-    conn.exec_driver_sql("SELECT 1")
-    latency = time.perf_counter() - started
-    on_postgres = conn.dialect.name == "postgresql"
-    snapshot = Snapshot(
-        taken_at=iso_utc(now) or "",
-        database_size_bytes=conn.scalar(PG_DATABASE_SIZE if on_postgres else SQLITE_DATABASE_SIZE),
-        latency_seconds=round(latency, 6),
-    )
-    bound = db.bind_all(conn, schema, registry, settings.all_table_names(registry))
+    """The snapshot, in the reads of the one judgement (health.Judging) plus its own: the
+    database's size, the measures, the row counts of tables never analyzed. Latency is the
+    round trip that began the transaction."""
+    judging = health.Judging(run, settings, schema, now, registry)
+    reads, bound = judging.reads, judging.bound
+    size = reads.add(sa.select(PG_DATABASE_SIZE if run.on_postgres else SQLITE_DATABASE_SIZE))
     stuck = timedelta(minutes=settings.idempotency_stuck_minutes)
+    measures: dict[str, db.CountReading | None] = {}
     for measure in registry.measures:
         table = bound[measure.table.key]
-        counted = (
-            None
-            if isinstance(table, ConfigError) or table.info.rls_hides_rows
-            else _measured(conn, partial(db.count, conn, table, measure.where(table.columns, now, stuck)))
+        measurable = isinstance(table, db.BoundTable) and table.info.can_select and not table.info.rls_hides_rows
+        measures[measure.name] = (
+            db.CountReading(reads, table, measure.where(table.columns, now, stuck))
+            if measurable and isinstance(table, db.BoundTable)
+            else None
         )
-        if isinstance(counted, db.Count):
-            snapshot.measures[measure.name] = counted.value
-            snapshot.measures_estimated[measure.name] = counted.estimated
-        else:
-            snapshot.measures[measure.name] = None
+    # A table never analyzed has no estimate yet: counted (up to the cap) instead.
+    rows: dict[str, db.CountReading] = {
+        key: db.CountReading(reads, table, sa.true())
+        for key, table in bound.items()
+        if isinstance(table, db.BoundTable) and table.info.estimated_rows is None and table.info.can_select
+    }
+    db.read_counts(reads, [*judging.counts.values(), *(m for m in measures.values() if m), *rows.values()])
+    judgement = judging.verdict()
+    snapshot = Snapshot(
+        taken_at=iso_utc(now) or "",
+        database_size_bytes=size.scalar(),
+        latency_seconds=round(run.round_trip_s or 0.0, 6),
+    )
+    for name, reading in measures.items():
+        counted = reading.count() if reading is not None and reading.error is None else None
+        snapshot.measures[name] = counted.value if counted else None
+        snapshot.measures_estimated[name] = counted.estimated if counted else False
     for spec in registry.tables:
-        snapshot.tables.append(_table_health(conn, spec, bound[spec.key]))
-    state = history.read_state(conn, settings, [task.name for task in registry.tasks])
-    grace = timedelta(minutes=settings.grace_minutes)
-    for task in registry.tasks:
-        past = state.tasks[task.name]
-        judged = state.health(task.name, task.schedule, now, grace)
-        entry = TaskSnapshot(
-            name=task.name,
-            schedule=task.schedule,
-            last_success_at=iso_utc(past.last_success_at),
-            last_rows=past.last_success_rows,
-            last_status=past.last_status,
-            overdue=judged == "OVERDUE",
-        )
-        table = bound[task.table.key]
-        if isinstance(table, ConfigError):
-            entry.error = str(table)
-        elif table.info.rls_warning:
-            entry.error = f"backlog not measurable: {table.info.rls_warning}"
-        else:
-            backlog = _measured(conn, partial(db.task_backlog, conn, task, table, cutoff(task, now, settings)))
-            if isinstance(backlog, str):
-                entry.error = f"{task.name}: backlog not measurable: {backlog}"
-            else:
-                entry.due_rows, entry.due_rows_estimated = backlog.due.value, backlog.due.estimated
-                entry.oldest_due_age_seconds = backlog.oldest_due_age_seconds
-        snapshot.tasks.append(entry)
+        snapshot.tables.append(_table_health(spec, bound[spec.key], rows.get(spec.key)))
+    for judged in judgement.jobs:
+        if isinstance(judged.job, Task):
+            snapshot.tasks.append(_task_snapshot(judged))
     return snapshot
 
 
-def _table_health(conn: sa.Connection, spec: TableSpec, table: db.BoundTable | ConfigError) -> TableHealth:
+def _task_snapshot(judged: health.JobHealth) -> TaskSnapshot:
+    past, backlog = judged.past, judged.backlog
+    entry = TaskSnapshot(
+        name=judged.job.name,
+        schedule=judged.job.schedule,
+        last_success_at=iso_utc(past.last_success_at),
+        last_rows=past.last_success_rows,
+        last_status=past.last_status,
+        overdue=judged.health is Health.OVERDUE,
+        error=judged.problem,
+    )
+    if backlog is not None and backlog.due is not None:
+        entry.due_rows, entry.due_rows_estimated = backlog.due.value, backlog.due.estimated
+        entry.oldest_due_age_seconds = backlog.oldest_due_age_s
+    return entry
+
+
+def _table_health(spec: TableSpec, table: db.BoundTable | ConfigError, counted: db.CountReading | None) -> TableHealth:
     if isinstance(table, ConfigError):
         return TableHealth(name=spec.name, error=str(table))
-    health = TableHealth(name=table.table.name)
-    if conn.dialect.name != "postgresql":
-        health.rows = int(conn.scalar(sa.select(sa.func.count()).select_from(table.table)) or 0)
-        return health
-    row = db.table_health(conn, table.info)
-    if row["estimated_rows"] is not None:
-        health.rows, health.rows_estimated = row["estimated_rows"], True
-    else:  # never analyzed: no estimate exists yet (and a role without SELECT cannot count)
-        counted = _measured(conn, lambda: db.count(conn, table, sa.true()))
-        health.rows = counted.value if isinstance(counted, db.Count) else None
-    health.size_bytes, health.dead_tuples = row["size_bytes"], row["dead_tuples"]
-    health.last_vacuum, health.last_analyze = iso_utc(row["last_vacuum"]), iso_utc(row["last_analyze"])
-    health.partitions = row["partitions"] if table.info.partitioned else None
-    return health
+    info = table.info
+    health_ = TableHealth(name=table.table.name)
+    if info.estimated_rows is not None:
+        health_.rows, health_.rows_estimated = info.estimated_rows, True
+    elif counted is not None and counted.error is None:  # never analyzed: counted (a role without SELECT cannot)
+        health_.rows = counted.count().value
+    if info.schema is None:  # SQLite: no sizes or statistics
+        return health_
+    health_.size_bytes, health_.dead_tuples = info.size_bytes, info.dead_tuples
+    health_.last_vacuum, health_.last_analyze = iso_utc(info.last_vacuum), iso_utc(info.last_analyze)
+    health_.partitions = info.leaves if info.shape is db.TableShape.PARTITIONED else None
+    return health_

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -48,13 +48,20 @@ class RecordedRun:
         self.engine: sa.Engine | None = None
         # The connection the work holds; the history row goes through it (no second connect).
         self.conn: sa.Connection | None = None
+        # The metrics job's snapshot (taken at, JSON), recorded with its run's row.
+        self.snapshot: tuple[datetime, str] | None = None
+        # How far this host's clock is ahead of the database server's, once read: the
+        # run's record is stamped with the server's time, as the history is pruned and
+        # judged by it (a host clock that is off must not date a run in the future).
+        self.host_ahead = timedelta(0)
         self.log = get_logger()
+
+    def read_clocks(self, run: db.RunConnection) -> None:
+        if run.server_now is not None and run.host_now is not None:
+            self.host_ahead = run.host_now - run.server_now
 
     def secrets(self) -> tuple[str, ...]:
         return (*self.settings.secrets(), *(self.target.secrets if self.target else ()))
-
-    def elapsed_s(self) -> float:
-        return time.monotonic() - self.clock_started
 
     def execute(self, work: Callable[[], None], details: Callable[[], dict[str, Any]] = dict) -> RunResult:
         """Run `work` and record what happened. Expected failures and signals become the
@@ -85,7 +92,8 @@ class RecordedRun:
             result = build_result(
                 self.job,
                 self.run_id,
-                started_at=self.started_at,
+                started_at=self.started_at - self.host_ahead,
+                host_ahead=self.host_ahead,
                 clock_started=self.clock_started,
                 failure=failure,
                 skipped_exit_code=self.settings.skipped_exit_code,
@@ -116,7 +124,7 @@ class RecordedRun:
         (result.signal), and no step of the record is skipped but the slow one, the end ping."""
         try:
             if self.target is not None:
-                history.record_run(bind, self.settings, result, self.target.identity)
+                history.record_run(bind, self.settings, result, self.target.identity, self.snapshot)
         except Interrupted as exc:
             result.signal = exc.signum
         finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from skybot_cleanup.clock import iso_utc, utc_now
@@ -33,8 +33,10 @@ class RunResult:
     # remaining_exact is false when the count itself stopped at a cap (at least this many).
     remaining: int | None = None
     remaining_exact: bool | None = None
-    stopped_by: str | None = None  # max_rows | max_runtime, when a cap ended the run early
+    stopped_by: str | None = None  # max_rows | max_runtime | replica_lag, when the run ended before its walk
     longest_batch_ms: int | None = None
+    # Seconds the run waited, between batches, for streaming standbys to catch up.
+    replica_wait_s: float | None = None
     # How far the host's clock was ahead of the database server's (negative: behind).
     clock_skew_s: float | None = None
     # Connections the run lost and replaced; rows committed on a lost one are unconfirmed:
@@ -57,14 +59,16 @@ def build_result(
     started_at: datetime,
     clock_started: float,
     failure: Failure | None,
+    host_ahead: timedelta = timedelta(0),
     skipped_exit_code: int = EXIT_SKIPPED,
     dry_run: bool = False,
     cutoff: datetime | None = None,
     rows: int = 0,
     **details: Any,
 ) -> RunResult:
-    """A finished run's result. A skipped run exits with the configured code (75, or 0
-    where the platform counts anything else as a failure)."""
+    """A finished run's result, its times on the database server's clock (`host_ahead`:
+    how far this host's is ahead of it). A skipped run exits with the configured code
+    (75, or 0 where the platform counts anything else as a failure)."""
     exit_code = failure.exit_code if failure else EXIT_OK
     if exit_code == EXIT_SKIPPED:
         exit_code = skipped_exit_code
@@ -78,7 +82,7 @@ def build_result(
         run_id=run_id,
         exit_code=exit_code,
         started_at=iso_utc(started_at),
-        finished_at=iso_utc(utc_now()),
+        finished_at=iso_utc(utc_now() - host_ahead),
         error_class=failure.error_class if failure else None,
         error=failure.message if failure else None,
         **details,

@@ -13,6 +13,8 @@ from itertools import islice
 
 from cronsim import CronSim, CronSimError
 
+from skybot_cleanup.vocabulary import Health, RunStatus
+
 _ANCHOR = datetime(2000, 1, 3, tzinfo=UTC)  # a Monday
 _WEEKDAYS = ("Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat")
 
@@ -122,7 +124,7 @@ def health(
     first_seen: datetime | None,
     now: datetime,
     grace: timedelta,
-) -> str:
+) -> Health:
     """OK, PENDING, OVERDUE or FAILING, for a job with this schedule and history.
 
     FAILING: its newest real run did not succeed. OK: a success within two intervals.
@@ -130,9 +132,9 @@ def health(
     the database (plus the grace) has not come yet: a fresh install is not red.
     OVERDUE: anything else.
     """
-    if last_status is not None and last_status != "ok":
-        return "FAILING"
+    if last_status is not None and last_status != RunStatus.OK:
+        return Health.FAILING
     if last_success is not None:
-        return "OVERDUE" if is_overdue(schedule, last_success, now) else "OK"
+        return Health.OVERDUE if is_overdue(schedule, last_success, now) else Health.OK
     first_due = next_runs(schedule, first_seen or now)[0] + grace
-    return "PENDING" if _aware(now) <= first_due else "OVERDUE"
+    return Health.PENDING if _aware(now) <= first_due else Health.OVERDUE

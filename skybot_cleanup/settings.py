@@ -117,6 +117,15 @@ class CleanupSettings(BaseSettings):
         description="Stop a run once it has run this long: between batches, and no statement outlives it.",
     )
     sleep_ms: int = Field(default=0, ge=0, le=600_000, description="Pause between batches, to spare a busy database.")
+    max_replica_lag_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=86_400,
+        description="Keep every streaming standby's replay lag under this many seconds: between batches, a "
+        "batched run waits while a standby is behind, and paces itself to the slowest one's replay speed "
+        "(0: off). Reading the lag needs pg_read_all_stats (or pg_monitor); the waiting counts against "
+        "MAX_RUNTIME_S.",
+    )
     max_retries: int = Field(
         default=3,
         ge=0,

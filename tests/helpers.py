@@ -429,12 +429,13 @@ def closed_delete_gate(backend: Any) -> Iterator[None]:
 
 
 def statement_running(backend: Any, application: str = APP_NAME) -> bool:
-    """A session of the tool is in the middle of a DELETE."""
+    """A session of the tool is in the middle of a DELETE (a batch's DELETE is in a CTE
+    whose text may go past what pg_stat_activity keeps)."""
     return bool(
         scalar(
             backend,
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = :app AND state = 'active'"
-            " AND query ILIKE '%DELETE FROM%' AND datname = current_database()",
+            " AND (query ILIKE '%DELETE FROM%' OR query LIKE 'WITH picked AS%') AND datname = current_database()",
             app=application,
         )
     )

@@ -13,18 +13,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "skybot_cleanup"
 # Lowest first. A module may import only modules of a lower layer, so modules of one
 # layer never import each other (run, metrics, status and check stay apart).
 LAYERS: list[set[str]] = [
-    {"clock", "errors", "schedule", "localfiles"},  # no import of the package
+    {"vocabulary"},  # the closed vocabularies: no import of the package
+    {"clock", "errors", "schedule", "localfiles"},
     {"registry", "logs"},  # what the app's tables are, and what each job does with them
     {"spool"},
     {"results", "db.urls"},
     {"db.connection"},
-    {"db.catalog"},
+    {"db.catalog", "db.reads"},
     {"db.counts", "db.batches"},
     {"db"},  # the db package's face: re-exports only
     {"settings"},  # the one module that reads configuration
-    {"cutoff", "retry", "heartbeat", "app_schema"},
+    {"cutoff", "retry", "heartbeat", "app_schema", "walks", "pacing"},
     {"history"},
-    {"recording"},  # the shell of every recorded run
+    {"recording", "health"},  # the shell of every recorded run; the one judgement of every job
     {"run", "metrics", "status", "check"},  # one job or one report each
     {"textfiles", "demo"},
     {"generate"},  # files generated from the registry, for `skybot-cleanup schedule` and the maintainers

@@ -6,7 +6,7 @@ import json
 
 import sqlalchemy as sa
 from cases import PARTITIONED_REFRESH_TOKEN
-from helpers import DAY, HOUR, NOW, check_findings, invoke, run_cli, seed_operator_data
+from helpers import DAY, HOUR, NOW, check_findings, events, invoke, run_cli, seed_operator_data
 
 from skybot_cleanup.clock import utc_now
 from skybot_cleanup.demo import magic_link_row
@@ -126,9 +126,9 @@ def test_check_and_metrics_on_a_partitioned_table(postgres):
     findings = check_findings(invoke("check", "--json", env={"DATABASE_URL": postgres.url}))
     assert (
         "info",
-        '"public"."RefreshToken" is partitioned: the tasks delete row by row in every partition; '
-        "detaching and dropping whole expired partitions is the app's migrations' job "
-        "(docs/scaling.md)",
+        '"public"."RefreshToken" is partitioned (3 partitions): batches walk every partition, sized from the '
+        "partitions' own statistics, and delete row by row; detaching and dropping whole expired partitions is "
+        "the app's migrations' job (docs/scaling.md)",
     ) in findings
     snapshot = json.loads(invoke("metrics", "--json", env={"DATABASE_URL": postgres.url}).stdout)
     table = next(t for t in snapshot["tables"] if t["name"] == "RefreshToken")
@@ -164,10 +164,11 @@ def test_check_prints_every_grant_for_a_role_with_no_privilege_on_the_tables(pos
     assert not any("not checked" in f["message"] for f in findings)
 
 
-def test_check_reports_a_check_it_may_not_run_and_runs_the_rest(postgres, limited_role):
+def test_a_policy_the_role_may_not_run_is_named_and_the_other_checks_still_run(postgres, limited_role):
     """A row-level policy that calls a function the role may not execute (policies that
-    call helper functions are common) makes every count fail with a privilege error:
-    that check is an error finding, and the checks after it still run."""
+    call helper functions are common): check names the row-level security as an error,
+    does not count what the role cannot see, and runs every check after it; a run of the
+    task is refused by the server, exit 2, one line."""
     _role, url = limited_role
     postgres.execute(
         "CREATE FUNCTION public.tenant_ok() RETURNS boolean LANGUAGE sql AS 'SELECT true';"
@@ -177,9 +178,14 @@ def test_check_reports_a_check_it_may_not_run_and_runs_the_rest(postgres, limite
     )
     completed = run_cli("check", "--json", env={"DATABASE_URL": url})
     assert completed.returncode == 1, completed.stderr
-    findings = [json.loads(line) for line in completed.stdout.splitlines()]
-    assert ("error", "backlogs: not checked: permission denied for function tenant_ok") in [
-        (f["level"], f["message"]) for f in findings
+    findings = [(f["level"], f["message"]) for f in map(json.loads, completed.stdout.splitlines())]
+    assert ("error", 'row-level security is on for "public"."MagicLink"') in [
+        (level, message.partition(",")[0]) for level, message in findings
     ]
-    assert any(f["message"].startswith("row-level security is on for") for f in findings)
-    assert any(f["message"].startswith("run history:") for f in findings)  # the last check ran
+    (not_counted,) = [message for _, message in findings if message.startswith("magic-links: due rows not counted")]
+    assert "row-level security" in not_counted
+    assert any(message.startswith("run history:") for _, message in findings)  # the last check ran
+    run = run_cli("magic-links", env={"DATABASE_URL": url})
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    (failed,) = events(run.stderr, "run_failed")
+    assert failed["error"].startswith("permission denied for function tenant_ok")

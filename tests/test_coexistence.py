@@ -14,9 +14,9 @@ import pytest
 import sqlalchemy as sa
 from helpers import HOUR, env_for, events, run_cli, scalar, sqlalchemy_url, start_cli, statement_running, wait_until
 
-from skybot_cleanup import db
+from skybot_cleanup import db, health
 from skybot_cleanup.clock import utc_now
-from skybot_cleanup.registry import REGISTRY
+from skybot_cleanup.registry import REGISTRY, Registry
 from skybot_cleanup.settings import load
 
 USERS = 200
@@ -269,19 +269,23 @@ def test_hourly_runs_and_backlogs_read_the_walk_columns_index_whatever_the_stati
     assert scans("revokedAt") == revoked_at_scans
     # The backlog that metrics and status report counts the same way (the transaction's own
     # scans; metrics also counts live sessions, which is the "revokedAt" index's job).
-    task = REGISTRY.task("refresh-tokens")
     settings = load({"database_url": postgres.url}).settings
-    engine = sa.create_engine(sqlalchemy_url(postgres.url), poolclass=sa.pool.NullPool)
-    with engine.begin() as conn:
-        table = db.bind_table(conn, "public", task.table, settings.table_names(task.table))
-        assert db.task_backlog(conn, task, table, utc_now()).due.value == 0
+    engine = db.create_engine(settings.database_target(), settings.session(), "test")
+    with engine.connect() as conn:
+        run = db.RunConnection(conn, settings.session(), "test", read_only=True, planner=db.INDEX_WALK_PLANNER)
+        run.begin()
+        # This task alone: revoked-tokens' own backlog is the "revokedAt" index's job.
+        alone = Registry((REGISTRY.task("refresh-tokens"),), REGISTRY.metrics)
+        backlog = health.judge(run, settings, "public", utc_now(), alone).job("refresh-tokens").backlog
+        assert backlog is not None and backlog.due is not None and backlog.due.value == 0
         xact_scans = {
-            name: conn.scalar(sa.text(f"""SELECT pg_stat_get_xact_numscans('"{relation}"'::regclass)"""))
+            name: conn.scalar(sa.text(f"""SELECT pg_stat_get_xact_numscans('public."{relation}"'::regclass)"""))
             for name, relation in [
                 ("table", "RefreshToken"),  # its sequential scans
                 ("revokedAt", "RefreshToken_revokedAt_idx"),
                 ("expiresAt", "RefreshToken_expiresAt_idx"),
             ]
         }
+        run.rollback()
     engine.dispose()
     assert (xact_scans["table"], xact_scans["revokedAt"]) == (0, 0) and xact_scans["expiresAt"] >= 1, xact_scans

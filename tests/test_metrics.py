@@ -172,9 +172,10 @@ def test_metrics_measure_every_task_they_can_when_one_table_is_unreadable(postgr
     assert (tasks["idempotency-keys"]["due_rows"], tasks["magic-links"]["due_rows"]) == (1, 2)
     for name in ("refresh-tokens", "revoked-tokens"):
         assert tasks[name]["due_rows"] is None
+        # The catalog says so before any count is refused, and a run would fail the same way.
         assert tasks[name]["error"] == (
-            f"{name}: backlog not measurable: permission denied for table RefreshToken "
-            "(`skybot-cleanup check` prints the GRANT this role needs)"
+            f'{role} lacks SELECT and DELETE on "public"."RefreshToken": every {name} run fails until it is '
+            "granted (`skybot-cleanup check` prints the GRANT)"
         )
     series = samples((tmp_path / "skybot_cleanup_snapshot.prom").read_text())
     assert {task: series[("skybot_cleanup_backlog_measured", (("task", task),))] for task in tasks} == {
@@ -187,4 +188,6 @@ def test_metrics_measure_every_task_they_can_when_one_table_is_unreadable(postgr
     assert ("skybot_cleanup_due_rows", (("task", "refresh-tokens"),)) not in series
     (finished,) = events(completed.stderr, "run_finished")
     assert (finished["task"], finished["status"], finished["exit_code"]) == ("metrics", "failed", 1)
-    assert any("permission denied for table RefreshToken" in e.get("error", "") for e in events(completed.stderr))
+    assert any(
+        'lacks SELECT and DELETE on "public"."RefreshToken"' in e.get("error", "") for e in events(completed.stderr)
+    )

@@ -44,15 +44,23 @@ def test_a_database_no_run_ever_reached_turns_overdue_after_its_first_scheduled_
 
 
 def test_a_role_that_can_neither_read_nor_create_the_history_gets_unknown_and_exit_1(postgres, limited_role):
-    _role, url = limited_role
+    """Without a history every job is UNKNOWN; the two whose runs would fail for want of
+    DELETE (the fixture grants it on two tables only) are FAILING, whatever the history."""
+    role, url = limited_role
     result = invoke("status", "--json", env={"DATABASE_URL": url})
     assert result.exit_code == 1
-    jobs = [json.loads(line) for line in result.stdout.splitlines()]
-    assert {job["health"] for job in jobs} == {"UNKNOWN"}
+    jobs = {job["task"]: job for job in (json.loads(line) for line in result.stdout.splitlines())}
+    failing = {"refresh-tokens", "revoked-tokens"}
+    assert {name: job["health"] for name, job in jobs.items()} == {
+        name: "FAILING" if name in failing else "UNKNOWN" for name in jobs
+    }
+    for name in failing:
+        assert jobs[name]["error"].startswith(f'{role} lacks DELETE on "public"."RefreshToken": every {name} run')
     assert all(
         job["error"].startswith("no run history (")
         and job["error"].endswith("`skybot-cleanup check` says how to fix it")
-        for job in jobs
+        for name, job in jobs.items()
+        if name not in failing
     )
 
 

@@ -19,7 +19,8 @@ Only counts (and a batch's ctids) come back to Python, never rows.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -58,7 +59,15 @@ xmax_column: ColumnElement[Any] = sa.literal_column("xmax")
 
 
 def tid(page: int, item: int = 0) -> ColumnElement[str]:
-    return sa.cast(sa.literal(f"({page},{item})"), TID())
+    return tid_of(tid_text(page, item))
+
+
+def tid_of(text: str) -> ColumnElement[str]:
+    return sa.cast(sa.literal(text), TID())
+
+
+def tid_text(page: int, item: int = 0) -> str:
+    return f"({page},{item})"
 
 
 def page_of(ctid: str) -> int:
@@ -99,8 +108,7 @@ def _excluding(ctids: Collection[str]) -> list[ColumnElement[bool]]:
     """Rows found held by an earlier try of this statement (a race `guard` could not see)."""
     if not ctids:
         return []
-    listed = sa.cast(sa.bindparam("excluded", sorted(ctids), type_=ARRAY(sa.Text)), ARRAY(TID()))
-    return [ctid != sa.func.all(listed)]
+    return [_not_listed(sa.bindparam("excluded", sorted(ctids), type_=ARRAY(sa.Text)))]
 
 
 def delete_all(
@@ -112,88 +120,87 @@ def delete_all(
     return int(conn.execute(statement).rowcount)
 
 
-def heap_pages(conn: Connection, table: BoundTable) -> int:
-    """The table's size in pages (its largest partition's: a TID range applies to each)."""
-    return int(
-        conn.scalar(
-            sa.text("""
-                SELECT coalesce((SELECT pg_catalog.max(pg_catalog.pg_relation_size(t.relid))
-                                 FROM pg_catalog.pg_partition_tree(r.oid) t WHERE t.isleaf),
-                                pg_catalog.pg_relation_size(r.oid))
-                       / pg_catalog.current_setting('block_size')::bigint
-                FROM (SELECT CAST(:oid AS pg_catalog.regclass) AS oid) r
-            """),
-            {"oid": table.shown},
-        )
-        or 0
+@dataclass(frozen=True)
+class BatchOutcome:
+    deleted: int
+    picked: int  # rows the batch chose; as many as it was allowed: the batch was cut short
+    last: Any  # where the batch stopped: the heap walk's last ctid, the index walk's last value
+
+
+def heap_batch(table: BoundTable, due: ColumnElement[bool]) -> sa.Select[Any]:
+    """The heap walk's batch, built once per run and run with `heap_batch_params`: up to
+    `cap` due rows nobody holds on the pages after `after` and before `end_page`, in the
+    heap's order, deleted in the same statement (one round trip). The LIMIT bounds every
+    batch in rows whatever its span of pages holds, so no layout, statistic or earlier run
+    can make one DELETE take more than it was allowed. Held rows met on the way are counted
+    in HELD_COUNTER, read as the batch commits."""
+    after = sa.cast(sa.bindparam("after", type_=sa.Text), TID())
+    end = sa.cast(sa.bindparam("end_page", type_=sa.Text), TID())
+    snapshot_xmax = sa.bindparam("snapshot_xmax", type_=sa.BigInteger)
+    where = [ctid > after, ctid < end, due, guard(due, snapshot_xmax, count=True)]
+    return _pick_and_delete(table, due, where, None, snapshot_xmax, count_held=True)
+
+
+def index_batch(table: BoundTable, due: ColumnElement[bool], walk: ColumnElement[Any]) -> sa.Select[Any]:
+    """The index walk's batch, built once per run and run with `index_batch_params`: the
+    next `cap` due rows nobody holds in the walk column's order, from `low` on, deleted in
+    the same statement. Rows the app holds are passed over (and counted once at the end)."""
+    snapshot_xmax = sa.bindparam("snapshot_xmax", type_=sa.BigInteger)
+    low = sa.bindparam("low", type_=walk.type)
+    where = [due, guard(due, snapshot_xmax, count=False), sa.or_(low.is_(None), walk >= low)]
+    return _pick_and_delete(table, due, where, walk, snapshot_xmax, count_held=False)
+
+
+def _pick_and_delete(
+    table: BoundTable,
+    due: ColumnElement[bool],
+    where: list[ColumnElement[bool]],
+    order_by: ColumnElement[Any] | None,
+    snapshot_xmax: BindParameter[int],
+    *,
+    count_held: bool,
+) -> sa.Select[Any]:
+    """WITH picked AS (SELECT ... LIMIT :cap), gone AS (DELETE ... WHERE ctid = ANY(picked)
+    RETURNING 1) SELECT deleted, picked, last. The DELETE reads its ctids with a TID scan,
+    which sorts them: rows are locked in heap order. On a table of several leaves a ctid
+    names a row in each, so the DELETE also matches the leaf each row was picked from."""
+    leaf = sa.cast(sa.literal_column("tableoid"), sa.BigInteger)
+    multi_leaf = table.info.multi_leaf
+    columns: list[ColumnElement[Any]] = [ctid.label("row_ctid")]
+    if order_by is not None:
+        columns.append(order_by.label("walk_value"))
+    if multi_leaf:
+        columns.append(leaf.label("leaf"))
+    excluded = sa.bindparam("excluded", type_=ARRAY(sa.Text))
+    picking = sa.select(*columns).select_from(table.table).where(*where, _not_listed(excluded))
+    if order_by is not None:
+        picking = picking.order_by(order_by)
+    picked = picking.limit(sa.bindparam("cap", type_=sa.Integer)).cte("picked").prefix_with("MATERIALIZED")
+    listed = sa.func.array(sa.select(picked.c.row_ctid).scalar_subquery())
+    conditions = [ctid == sa.func.any(listed), due, guard(due, snapshot_xmax, count=count_held)]
+    if multi_leaf:
+        key = sa.cast(leaf, sa.Text).op("||")(":").op("||")(sa.cast(ctid, sa.Text))
+        picked_key = sa.cast(picked.c.leaf, sa.Text).op("||")(":").op("||")(sa.cast(picked.c.row_ctid, sa.Text))
+        conditions.append(key == sa.func.any(sa.func.array(sa.select(picked_key).scalar_subquery())))
+    gone = sa.delete(table.table).where(*conditions).returning(sa.literal(1).label("one")).cte("gone")
+    last = picked.c.walk_value if order_by is not None else picked.c.row_ctid
+    return sa.select(
+        sa.select(sa.func.count()).select_from(gone).scalar_subquery(),
+        sa.select(sa.func.count()).select_from(picked).scalar_subquery(),
+        sa.cast(sa.select(sa.func.max(last)).scalar_subquery(), sa.Text if order_by is None else last.type),
     )
 
 
-def page_range_delete(table: BoundTable, due: ColumnElement[bool]) -> sa.Delete:
-    """The heap walk's batch, built once per run and run with `page_range_params`: due
-    rows on pages [first, end), nobody's held ones (counted in HELD_COUNTER, which the
-    connection reads as it commits). Built once, it is compiled once: a run of a thousand
-    batches spends its time deleting, not building SQL."""
-    first = sa.cast(sa.bindparam("first_page", type_=sa.Text), TID())
-    end = sa.cast(sa.bindparam("end_page", type_=sa.Text), TID())
-    snapshot_xmax = sa.bindparam("snapshot_xmax", type_=sa.BigInteger)
-    return sa.delete(table.table).where(ctid >= first, ctid < end, due, guard(due, snapshot_xmax, count=True))
+def _not_listed(excluded: BindParameter[Any]) -> ColumnElement[bool]:
+    """Rows found held by an earlier try of this batch (a race `guard` could not see)."""
+    return sa.or_(excluded.is_(None), ctid != sa.func.all(sa.cast(excluded, ARRAY(TID()))))
 
 
-def delete_pages(
-    conn: Connection, statement: sa.Delete, first: int, end: int, snapshot_xmax: int, excluded: Collection[str] = ()
-) -> int:
-    """Run `page_range_delete`'s statement on pages [first, end)."""
-    if excluded:  # rare: rows a race made this batch wait for
-        statement = statement.where(*_excluding(excluded))
-    params = {"first_page": f"({first},0)", "end_page": f"({end},0)", "snapshot_xmax": snapshot_xmax}
-    return int(conn.execute(statement, params).rowcount)
-
-
-def pick(
-    conn: Connection,
-    table: BoundTable,
-    where: ColumnElement[bool],
-    limit: int,
-    order_by: ColumnElement[Any] | None = None,
-    excluded: Collection[str] = (),
-    *,
-    partitioned: bool = False,
-) -> list[tuple[str, Any]]:
-    """At most `limit` rows' (ctid, order value): a batch of the index walk (in the
-    index's order), or a capped batch of the heap walk. On a partitioned table a ctid
-    names a row in each partition, so the value also carries the row's partition."""
-    columns = [ctid, order_by if order_by is not None else sa.null()]
-    if partitioned:
-        columns.append(sa.cast(sa.literal_column("tableoid"), sa.BigInteger))
-    query = sa.select(*columns).select_from(table.table).where(where, *_excluding(excluded))
-    if order_by is not None:
-        query = query.order_by(order_by)
-    rows = conn.execute(query.limit(limit)).all()
-    if partitioned:
-        return [(str(row[0]), (row[1], int(row[2]))) for row in rows]
-    return [(str(row[0]), row[1]) for row in rows]
-
-
-def delete_ctids(
-    conn: Connection,
-    table: BoundTable,
-    due: ColumnElement[bool],
-    ctids: Sequence[str],
-    snapshot_xmax: int,
-    excluded: Collection[str] = (),
-    *,
-    picked: Sequence[tuple[str, Any]] = (),
-) -> int:
-    """Delete these rows, in heap order, if they are still due and nobody holds them. On a
-    partitioned table, only in the partition each was picked from (pick's values)."""
-    listed = sa.cast(sa.bindparam("ctids", list(ctids), type_=ARRAY(sa.Text)), ARRAY(TID()))
-    conditions = [ctid == sa.func.any(listed), due, guard(due, snapshot_xmax, count=False), *_excluding(excluded)]
-    if table.info.partitioned:
-        keys = [f"{value[1]}:{row_ctid}" for row_ctid, value in picked]
-        key = sa.cast(sa.literal_column("tableoid"), sa.BigInteger).op("||")(":").op("||")(sa.cast(ctid, sa.Text))
-        conditions.append(key == sa.func.any(sa.bindparam("keys", keys, type_=ARRAY(sa.Text))))
-    return int(conn.execute(sa.delete(table.table).where(*conditions)).rowcount)
+def run_batch(conn: Connection, statement: sa.Select[Any], params: dict[str, Any]) -> BatchOutcome:
+    """One batch statement with its parameters (`excluded`: ctids to leave out, or none)."""
+    excluded = params.pop("excluded", None)
+    row = conn.execute(statement, {**params, "excluded": sorted(excluded) if excluded else None}).one()
+    return BatchOutcome(deleted=int(row[0]), picked=int(row[1]), last=row[2])
 
 
 def held_tuple(exc: BaseException) -> str | None:

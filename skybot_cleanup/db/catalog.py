@@ -6,7 +6,10 @@ column is a configuration error naming the setting that renames it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
@@ -60,17 +63,45 @@ class TableNames:
     column_variables: dict[str, str]  # role -> variable
 
 
+class TableShape(StrEnum):
+    """How a table stores its rows: what a walk by ctid must cover."""
+
+    PLAIN = "plain"
+    PARTITIONED = "partitioned"  # declarative partitions: the rows live in the leaves
+    INHERITED = "inherited"  # old-style INHERITS children, each with its own rows, beside the parent's
+
+
 @dataclass(frozen=True)
 class TableInfo:
     schema: str | None
     name: str
     columns: dict[str, str]  # name -> type as the database spells it
-    estimated_rows: int | None  # the planner's reltuples; None when never analyzed (or SQLite)
-    partitioned: bool = False
-    pages: int | None = None  # the planner's relpages (0 when never analyzed or vacuumed)
+    # The planner's row count over every leaf; None when a leaf was never analyzed (or SQLite).
+    estimated_rows: int | None
+    shape: TableShape = TableShape.PLAIN
+    leaves: int = 1  # tables that hold rows: the table itself, or its partitions, or it and its children
+    # The largest leaf's size in pages, read from its file (not the statistics): a TID range
+    # applies to every leaf, so a walk of the heap covers this many pages.
+    pages: int = 0
+    # Rows per page over the analyzed leaves (None: none analyzed yet). A partitioned
+    # parent's own figures are never used: ANALYZE sets its relpages to -1.
+    rows_per_page: float | None = None
     # Row-level security applies to this role: every statement sees only what its policies allow.
     rls_hides_rows: bool = False
     rls_forced: bool = False
+    size_bytes: int | None = None  # every leaf, with indexes and TOAST
+    dead_tuples: int | None = None
+    last_vacuum: datetime | None = None
+    last_analyze: datetime | None = None
+    # The connecting role's privileges on the table (a run needs both; reports, SELECT).
+    can_select: bool = True
+    can_delete: bool = True
+    role: str = ""  # the connecting role, as the privileges above are its own
+
+    @property
+    def multi_leaf(self) -> bool:
+        """A ctid names a row in each leaf: statements by ctid must say which leaf too."""
+        return self.leaves > 1 or self.shape is TableShape.PARTITIONED
 
     @property
     def rls_warning(self) -> str | None:
@@ -83,43 +114,139 @@ class TableInfo:
         )
 
 
-# One lookup per table: columns, types, the planner's row estimate, and whether
-# row-level security hides rows from this role (RLS is on, and the role is not a
-# superuser, not BYPASSRLS, and not the owner, or the owner of a table that forces it).
-PG_TABLE = sa.text("""
-    SELECT n.nspname, c.relname, c.reltuples::bigint, c.relkind = 'p', c.relpages,
-           pg_catalog.array_agg(a.attname::text ORDER BY a.attnum),
-           pg_catalog.array_agg(pg_catalog.format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum),
+# One lookup for any number of tables, in one round trip: columns and types, the shape
+# (partitions and inheritance children, walked through pg_inherits), each leaf's size and
+# statistics, and whether row-level security hides rows from this role: RLS is on, and the
+# role is not a superuser, not BYPASSRLS, and not the owner (or the owner of a table that
+# forces it), and no policy lets it see and delete every row (a permissive USING (true)
+# for SELECT and for DELETE, and no restrictive policy).
+PG_TABLES = sa.text("""
+    SELECT wanted.ord, n.nspname, c.relname, c.relkind::text,
+           (SELECT pg_catalog.array_agg(a.attname::text ORDER BY a.attnum) FROM pg_catalog.pg_attribute a
+            WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS names,
+           (SELECT pg_catalog.array_agg(pg_catalog.format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum)
+            FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS types,
+           leaf.leaves, leaf.foreign_leaves, leaf.pages, leaf.analyzed, leaf.stat_rows, leaf.stat_pages,
+           leaf.size_bytes, leaf.dead_tuples, leaf.last_vacuum, leaf.last_analyze,
            c.relrowsecurity AND NOT (r.rolsuper OR r.rolbypassrls)
-               AND (c.relforcerowsecurity OR NOT pg_catalog.pg_has_role(c.relowner, 'USAGE')),
-           c.relforcerowsecurity
-    FROM pg_catalog.pg_class c
-    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-    JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+               AND (c.relforcerowsecurity OR NOT pg_catalog.pg_has_role(c.relowner, 'USAGE'))
+               AND NOT (
+                   NOT EXISTS (SELECT 1 FROM pg_catalog.pg_policy p
+                               WHERE p.polrelid = c.oid AND NOT p.polpermissive
+                                 AND (0::oid = ANY (p.polroles) OR EXISTS (
+                                      SELECT 1 FROM pg_catalog.unnest(p.polroles) pr(oid)
+                                      WHERE pg_catalog.pg_has_role(pr.oid, 'USAGE'))))
+                   AND (SELECT pg_catalog.count(DISTINCT p.polcmd) = 2
+                               OR coalesce(pg_catalog.bool_or(p.polcmd = '*'), false)
+                        FROM pg_catalog.pg_policy p
+                        WHERE p.polrelid = c.oid AND p.polpermissive AND p.polcmd IN ('*', 'r', 'd')
+                          AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) = 'true'
+                          AND (0::oid = ANY (p.polroles) OR EXISTS (
+                               SELECT 1 FROM pg_catalog.unnest(p.polroles) pr(oid)
+                               WHERE pg_catalog.pg_has_role(pr.oid, 'USAGE'))))
+               ) AS rls_hides_rows,
+           c.relforcerowsecurity,
+           pg_catalog.has_table_privilege(c.oid, 'SELECT') AS can_select,
+           pg_catalog.has_table_privilege(c.oid, 'DELETE') AS can_delete,
+           CURRENT_USER::text AS role
+    FROM ROWS FROM (pg_catalog.unnest(CAST(:schemas AS text[])), pg_catalog.unnest(CAST(:names AS text[])))
+         WITH ORDINALITY AS wanted(schema_name, table_name, ord)
+    -- By name in the catalog, not to_regclass(): a schema the role may not use is one whose
+    -- tables it cannot see (to_regclass would fail the whole lookup for it).
+    JOIN pg_catalog.pg_namespace n
+      ON n.nspname = wanted.schema_name AND pg_catalog.has_schema_privilege(n.oid, 'USAGE')
+    JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = wanted.table_name
     JOIN pg_catalog.pg_roles r ON r.rolname = CURRENT_USER
-    WHERE c.oid = pg_catalog.to_regclass(pg_catalog.quote_ident(CAST(:schema AS text)) || '.'
-                                         || pg_catalog.quote_ident(CAST(:name AS text)))
-    GROUP BY n.nspname, c.relname, c.reltuples, c.relkind, c.relpages, c.relrowsecurity, c.relforcerowsecurity,
-             c.relowner, r.rolsuper, r.rolbypassrls
+    CROSS JOIN LATERAL (
+        WITH RECURSIVE tree(relid) AS (
+            SELECT c.oid
+            UNION ALL
+            SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.relid
+        )
+        SELECT pg_catalog.count(*) AS leaves,
+               pg_catalog.count(*) FILTER (WHERE l.relkind = 'f') AS foreign_leaves,
+               pg_catalog.max(pg_catalog.pg_relation_size(l.oid)) FILTER (WHERE l.relkind <> 'f')
+                   / pg_catalog.current_setting('block_size')::bigint AS pages,
+               pg_catalog.bool_and(l.reltuples >= 0) AS analyzed,
+               pg_catalog.sum(l.reltuples) FILTER (WHERE l.reltuples >= 0 AND l.relpages > 0) AS stat_rows,
+               pg_catalog.sum(l.relpages) FILTER (WHERE l.reltuples >= 0 AND l.relpages > 0) AS stat_pages,
+               pg_catalog.sum(pg_catalog.pg_total_relation_size(l.oid))::bigint AS size_bytes,
+               pg_catalog.sum(s.n_dead_tup)::bigint AS dead_tuples,
+               pg_catalog.max(greatest(s.last_vacuum, s.last_autovacuum)) AS last_vacuum,
+               pg_catalog.max(greatest(s.last_analyze, s.last_autoanalyze)) AS last_analyze
+        FROM tree
+        JOIN pg_catalog.pg_class l ON l.oid = tree.relid AND l.relkind NOT IN ('p', 'v', 'm')
+        LEFT JOIN pg_catalog.pg_stat_all_tables s ON s.relid = l.oid
+    ) leaf
 """)
+
+_NOT_TABLES = {"v": "a view", "m": "a materialized view", "f": "a foreign table", "c": "a composite type"}
+
+
+Found = TableInfo | ConfigError | None
+
+
+def lookup_tables(conn: Connection, wanted: Sequence[tuple[str | None, str]]) -> list[Found]:
+    """Each (schema, name) as the database has it; None where there is no such relation,
+    and a ConfigError for one that is no table (a view: the tool deletes by ctid, which
+    only tables have). One round trip for all of them."""
+    if conn.dialect.name != "postgresql":
+        return [_sqlite_table(conn, name) for _schema, name in wanted]
+    rows = conn.execute(
+        PG_TABLES, {"schemas": [schema for schema, _ in wanted], "names": [name for _, name in wanted]}
+    ).all()
+    found: list[Found] = [None] * len(wanted)
+    for row in rows:
+        found[row.ord - 1] = _table_info(row)
+    return found
 
 
 def lookup_table(conn: Connection, schema: str | None, name: str) -> TableInfo | None:
-    if conn.dialect.name == "postgresql":
-        row = conn.execute(PG_TABLE, {"schema": schema, "name": name}).one_or_none()
-        if row is None:
-            return None
-        namespace, relname, reltuples, partitioned, pages, names, types, rls_hides_rows, rls_forced = row
-        return TableInfo(
-            schema=namespace,
-            name=relname,
-            columns=dict(zip(names, types, strict=True)),
-            estimated_rows=reltuples if reltuples >= 0 else None,
-            partitioned=bool(partitioned),
-            pages=pages,
-            rls_hides_rows=bool(rls_hides_rows),
-            rls_forced=bool(rls_forced),
+    """One table, or None; raises ConfigError for a relation that is no table."""
+    found = lookup_tables(conn, [(schema, name)])[0]
+    if isinstance(found, ConfigError):
+        raise found
+    return found
+
+
+def _table_info(row: Any) -> TableInfo | ConfigError:
+    shown = qualified(row.nspname, row.relname)
+    if row.relkind in _NOT_TABLES:
+        return ConfigError(
+            f"{shown} is {_NOT_TABLES[row.relkind]}, not a table: the tool deletes rows by their physical "
+            "address, which only tables have; point the setting at the table itself"
         )
+    if row.foreign_leaves:
+        return ConfigError(
+            f"{shown} has {row.foreign_leaves} foreign partition(s): the tool deletes rows by their physical "
+            "address, which a foreign table does not have; clean those on their own server"
+        )
+    if row.relkind == "p":
+        shape = TableShape.PARTITIONED
+    else:
+        shape = TableShape.INHERITED if row.leaves > 1 else TableShape.PLAIN
+    return TableInfo(
+        schema=row.nspname,
+        name=row.relname,
+        columns=dict(zip(row.names, row.types, strict=True)),
+        estimated_rows=int(row.stat_rows or 0) if row.analyzed else None,
+        shape=shape,
+        leaves=int(row.leaves),
+        pages=int(row.pages or 0),
+        rows_per_page=float(row.stat_rows) / float(row.stat_pages) if row.stat_pages else None,
+        rls_hides_rows=bool(row.rls_hides_rows),
+        rls_forced=bool(row.relforcerowsecurity),
+        size_bytes=row.size_bytes,
+        dead_tuples=row.dead_tuples,
+        last_vacuum=row.last_vacuum,
+        last_analyze=row.last_analyze,
+        can_select=bool(row.can_select),
+        can_delete=bool(row.can_delete),
+        role=row.role,
+    )
+
+
+def _sqlite_table(conn: Connection, name: str) -> TableInfo | None:
     rows = conn.exec_driver_sql(f"PRAGMA table_info({sql_literal(name)})").all()
     if not rows:
         return None
@@ -151,15 +278,35 @@ class BoundTable:
 
 
 def bind_table(conn: Connection, schema: str | None, spec: TableSpec, names: TableNames) -> BoundTable:
-    """The configured table, after checking that it and its columns exist."""
-    info = lookup_table(conn, schema, names.table)
+    """The configured table, after checking that it and its columns exist; raises ConfigError."""
+    bound = bind(schema, spec, names, lookup_tables(conn, [(schema, names.table)])[0])
+    if isinstance(bound, ConfigError):
+        raise bound
+    return bound
+
+
+def bind_all(
+    conn: Connection, schema: str | None, registry: Registry, names: dict[str, TableNames]
+) -> dict[str, BoundTable | ConfigError]:
+    """Every table of the registry (names by table key), or the error that says which
+    setting to fix; one round trip."""
+    found = lookup_tables(conn, [(schema, names[spec.key].table) for spec in registry.tables])
+    return {
+        spec.key: bind(schema, spec, names[spec.key], info) for spec, info in zip(registry.tables, found, strict=True)
+    }
+
+
+def bind(schema: str | None, spec: TableSpec, names: TableNames, info: Found) -> BoundTable | ConfigError:
+    """A table as lookup_tables found it, bound; or the error that says which setting to fix."""
+    if isinstance(info, ConfigError):
+        return ConfigError(f"{info} (setting {names.table_variable})")
     if info is None:
-        raise ConfigError(f"table {qualified(schema, names.table)} not found (setting {names.table_variable})")
+        return ConfigError(f"table {qualified(schema, names.table)} not found (setting {names.table_variable})")
     columns = []
     for role, column in spec.roles.items():
         column_name = names.columns[role]
         if column_name not in info.columns:
-            raise ConfigError(
+            return ConfigError(
                 f'column "{column_name}" not found in table {qualified(schema, names.table)} '
                 f"(setting {names.column_variables[role]})"
             )
@@ -173,46 +320,3 @@ def bind_table(conn: Connection, schema: str | None, spec: TableSpec, names: Tab
     return BoundTable(
         spec=spec, table=table, columns={role: table.c[column.name] for role, column in columns}, info=info
     )
-
-
-def bind_all(
-    conn: Connection, schema: str | None, registry: Registry, names: dict[str, TableNames]
-) -> dict[str, BoundTable | ConfigError]:
-    """Every table of the registry (names by table key), or the error that says which setting to fix."""
-    bound: dict[str, BoundTable | ConfigError] = {}
-    for spec in registry.tables:
-        try:
-            bound[spec.key] = bind_table(conn, schema, spec, names[spec.key])
-        except ConfigError as exc:
-            bound[spec.key] = exc
-    return bound
-
-
-# Summed over the leaves of pg_partition_tree (a plain table is its own only leaf): a
-# partitioned table has no storage or statistics of its own.
-PG_TABLE_HEALTH = sa.text("""
-    WITH root AS (
-        SELECT pg_catalog.to_regclass(pg_catalog.quote_ident(CAST(:schema AS text)) || '.'
-                                      || pg_catalog.quote_ident(CAST(:name AS text))) AS oid
-    ),
-    leaves AS (
-        SELECT t.relid FROM root, pg_catalog.pg_partition_tree(root.oid) t WHERE t.isleaf
-        UNION
-        SELECT root.oid FROM root JOIN pg_catalog.pg_class c ON c.oid = root.oid WHERE c.relkind <> 'p'
-    )
-    SELECT pg_catalog.sum(pg_catalog.pg_total_relation_size(l.relid))::bigint AS size_bytes,
-           pg_catalog.sum(s.n_dead_tup)::bigint AS dead_tuples,
-           pg_catalog.max(greatest(s.last_vacuum, s.last_autovacuum)) AS last_vacuum,
-           pg_catalog.max(greatest(s.last_analyze, s.last_autoanalyze)) AS last_analyze,
-           CASE WHEN pg_catalog.bool_and(c.reltuples >= 0) THEN pg_catalog.sum(c.reltuples)::bigint END
-               AS estimated_rows,
-           pg_catalog.count(*) AS partitions
-    FROM leaves l
-    JOIN pg_catalog.pg_class c ON c.oid = l.relid
-    LEFT JOIN pg_catalog.pg_stat_user_tables s ON s.relid = l.relid
-""")
-
-
-def table_health(conn: Connection, info: TableInfo) -> dict[str, Any]:
-    """Size, dead tuples, last vacuum and analyze, and the planner's row estimate (PostgreSQL)."""
-    return dict(conn.execute(PG_TABLE_HEALTH, {"schema": info.schema, "name": info.name}).mappings().one())

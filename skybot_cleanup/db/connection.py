@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -36,23 +36,72 @@ CLIENT_CHECK_INTERVAL_MS = 1000
 MIN_SERVER_VERSION = 140000
 # The tool's lock_timeout never exceeds this share of the server's deadlock_timeout.
 DEADLOCK_TIMEOUT_SHARE = 5
+# Each physical standby the primary streams to (a walsender with no database: logical
+# ones have one), as [name, replayed, behind, lag seconds]: its replay position and what
+# it has yet to replay, in bytes of WAL. A standby has no standbys to read (and
+# pg_current_wal_lsn() fails there): NULL. The positions are NULL to a role without
+# pg_read_all_stats (or pg_monitor, or superuser).
+STANDBYS_SQL = """(CASE WHEN NOT pg_catalog.pg_is_in_recovery() THEN (
+    SELECT pg_catalog.json_agg(pg_catalog.json_build_array(
+               coalesce(r.application_name, '') || '@' || coalesce(pg_catalog.host(r.client_addr), 'local')
+               || '#' || r.pid,
+               pg_catalog.pg_wal_lsn_diff(r.replay_lsn, '0/0')::bigint,
+               pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), r.replay_lsn)::bigint,
+               EXTRACT(EPOCH FROM r.replay_lag)::float8))
+    FROM pg_catalog.pg_stat_replication r
+    JOIN pg_catalog.pg_stat_activity a ON a.pid = r.pid AND a.datid IS NULL) END)"""
+
+
+@dataclass(frozen=True)
+class Standby:
+    """One physical standby's row of pg_stat_replication, as the primary sees it."""
+
+    name: str
+    replayed: int | None  # replay position, in bytes of WAL (None: this role may not see it)
+    behind: int | None  # WAL bytes not yet replayed
+    lag_s: float | None  # replay_lag; None when caught up and idle (or not visible)
+
+    @property
+    def visible(self) -> bool:
+        return self.replayed is not None
+
+
+def standbys_of(value: Any) -> list[Standby]:
+    return [Standby(str(name), replayed, behind, lag) for name, replayed, behind, lag in value or ()]
+
+
 # Transaction-local counter of the due rows a batch left out because another
 # transaction held them (db.batches.guard), reset by every transaction's prologue.
 HELD_COUNTER = "skybot_cleanup.held"
 
 
 class PinnedPathDialect(PGDialect_psycopg):
-    """psycopg's dialect, whose one unqualified start-up query is qualified.
+    """psycopg's dialect, without its start-up queries.
 
-    SQLAlchemy asks a new connection for its default schema with `select
-    current_schema()` before any transaction of ours pins the path: a database whose
-    search_path lists a schema ahead of pg_catalog would run a planted current_schema()
-    there. Its other start-up statements are SHOW commands or qualified already."""
+    SQLAlchemy asks a new connection for its version, default schema, isolation level
+    and string escaping, a round trip each, before the first statement of ours. The
+    server reports its version and standard_conforming_strings as it accepts the
+    connection; the tool always names schemas, and begins its own transactions (the
+    driver is in autocommit), so the rest is never needed. A cron job in another region
+    than its database pays every round trip: these were four of a no-op run's 23. Nor
+    can a query run before a transaction of ours pins search_path (a planted
+    current_schema() would otherwise run there)."""
 
     supports_statement_cache = True  # as its parent: the subclass changes no SQL compilation
 
+    def _get_server_version_info(self, connection: Connection) -> tuple[int, ...]:
+        version = int(connection.connection.dbapi_connection.info.server_version)  # type: ignore[union-attr]
+        return (version // 10000, version % 10000)
+
     def _get_default_schema_name(self, connection: Connection) -> str:
-        return str(connection.exec_driver_sql("SELECT pg_catalog.current_schema()").scalar())
+        return ""  # never consulted: every table the tool names carries its schema
+
+    def get_default_isolation_level(self, dbapi_conn: Any) -> Any:
+        return "READ COMMITTED"
+
+    def _set_backslash_escapes(self, connection: Connection) -> None:
+        info = connection.connection.dbapi_connection.info  # type: ignore[union-attr]
+        self._backslash_escapes = info.parameter_status("standard_conforming_strings") == b"off"
 
 
 dialect_registry.register("postgresql.skybot_psycopg", __name__, "PinnedPathDialect")
@@ -171,6 +220,8 @@ class RunConnection:
         lock: str | None = None,
         read_only: bool = False,
         deadline: float | None = None,
+        planner: Mapping[str, str] | None = None,
+        watch_standbys: bool = False,
     ):
         self.conn = conn
         self.session = session
@@ -185,13 +236,21 @@ class RunConnection:
         self.server_now: datetime | None = None
         self.host_now: datetime | None = None
         self.snapshot_xmax = 0  # the next transaction id when this transaction began
+        # When the server's postmaster started: the same on a new connection means the same
+        # server, still running, so what an earlier connection committed is there.
+        self.server_started: datetime | None = None
         # Due rows the last committed transaction left out as held (HELD_COUNTER).
         self.held_in_last_transaction = 0
         # lock_timeout and idle_in_transaction_session_timeout as the first transaction
         # derived them from the server's settings: later ones reuse the values.
         self._derived: dict[str, str] = {}
         # Planner settings of the transactions to come (a batch walk's: db.batches).
-        self.planner: dict[str, str] = {}
+        self.planner: Mapping[str, str] = planner or {}
+        # Every transaction reads the physical standbys' replay positions (replica pacing).
+        self.watch_standbys = watch_standbys and self.on_postgres
+        self.standbys: list[Standby] = []
+        self.read_at = 0.0  # time.monotonic() of the last reading of the server's clock and standbys
+        self.round_trip_s: float | None = None  # the last prologue's, as a measure of latency
 
     def statement_timeout_ms(self) -> int:
         """The configured statement_timeout, never longer than the time left (0: none)."""
@@ -237,7 +296,10 @@ class RunConnection:
             "server_now": "pg_catalog.timezone('UTC', pg_catalog.clock_timestamp())",
             "version": "pg_catalog.current_setting('server_version_num')::integer",
             "snapshot_xmax": "pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::text::bigint",
+            "server_started": "pg_catalog.pg_postmaster_start_time()",
         }
+        if self.watch_standbys:
+            columns["standbys"] = STANDBYS_SQL
         if take_lock:
             key = sql_literal(lock_key(str(self.lock)))
             columns["locked"] = f"pg_catalog.pg_try_advisory_lock(pg_catalog.hashtextextended({key}, 0::bigint))"
@@ -270,16 +332,24 @@ class RunConnection:
             self._read_held(cursor)
         while cursor.description is None and cursor.nextset():
             pass
-        row = dict(zip(names, cursor.fetchone() or (), strict=True))
         self.in_transaction = True
+        self._take(dict(zip(names, cursor.fetchone() or (), strict=True)), sent, take_lock)
+
+    def _take(self, row: dict[str, Any], sent: float, take_lock: bool) -> None:
+        """What a prologue read: the settings it derived, the lock, the clocks, the standbys."""
         for name in ("lock_timeout", "idle_in_transaction_session_timeout"):
             self._derived.setdefault(name, sql_literal(str(row[f"set {name}"])))
         if take_lock:
             self.locked = bool(row["locked"])  # first: whatever is raised next, the unlock must follow
         # The host's clock halfway through the round trip: the moment the server read its own.
-        self.host_now = naive_utc(utc_now() - timedelta(seconds=(time.monotonic() - sent) / 2))
+        self.read_at = time.monotonic()
+        self.round_trip_s = self.read_at - sent
+        self.host_now = naive_utc(utc_now() - timedelta(seconds=self.round_trip_s / 2))
         self.server_now = row["server_now"]
+        if self.watch_standbys:
+            self.standbys = standbys_of(row["standbys"])
         self.snapshot_xmax = int(row["snapshot_xmax"])
+        self.server_started = row["server_started"]
         if row["version"] < MIN_SERVER_VERSION:  # behind a pooler that reports its own version
             raise ConfigError(unsupported_server(row["version"]))
         if row["read_only"] and not self.read_only:
@@ -338,7 +408,7 @@ class RunConnection:
         with contextlib.suppress(Exception, KeyboardInterrupt):
             self._end("ROLLBACK")
 
-    def commit_and_continue(self, planner: dict[str, str] | None = None) -> None:
+    def commit_and_continue(self, planner: Mapping[str, str] | None = None) -> None:
         """Commit this transaction's work and start the next one, still holding the lock
         (with these planner settings, from now on)."""
         if planner is not None:
@@ -349,6 +419,71 @@ class RunConnection:
             self.conn.exec_driver_sql("COMMIT")
             self.in_transaction = False
             self.begin()
+
+    def read_standbys(self) -> None:
+        """The standbys' replay positions again (one round trip: while a run waits for them)."""
+        self.standbys = standbys_of(self._driver_execute(f"SELECT {STANDBYS_SQL}").fetchone()[0])
+        self.read_at = time.monotonic()
+
+    def pipeline(self, statements: Sequence[tuple[str, Mapping[str, Any]] | str]) -> list[list[tuple[Any, ...]]]:
+        """Statements of the open transaction sent at once (psycopg's pipeline mode;
+        PostgreSQL only): each one's rows. The first that fails raises (the transaction is
+        then aborted: undo_work), and the rest are not run."""
+        return [cursor.fetchall() if cursor.description else [] for cursor in self._pipelined(statements)]
+
+    def transaction_in_one_round_trip(self, statements: Sequence[sa.ClauseElement]) -> list[Any]:
+        """A whole transaction, its prologue included, sent at once (PostgreSQL only):
+        each statement's rows, or row count for one that returns none. The first that
+        fails raises, the rest are not run, and the transaction is rolled back. A history
+        write costs one round trip, not five."""
+        sent = time.monotonic()
+        names, prologue = self._prologue(take_lock=False)
+        dialect = self.conn.dialect
+        opening: list[tuple[str, Mapping[str, Any]] | str] = [
+            "BEGIN",
+            f"SET LOCAL search_path = {PINNED_SEARCH_PATH}",
+            prologue,
+        ]
+        compiled = [
+            statement.compile(dialect=dialect, compile_kwargs={"render_postcompile": True}) for statement in statements
+        ]
+        work: list[tuple[str, Mapping[str, Any]] | str] = [(str(each), each.params) for each in compiled]
+        try:
+            cursors = self._pipelined([*opening, *work, "COMMIT"])
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._driver_execute("ROLLBACK")
+            raise
+        results = [cursor.fetchall() if cursor.description else cursor.rowcount for cursor in cursors]
+        self._take(dict(zip(names, results[2][0], strict=True)), sent, take_lock=False)
+        return results[len(opening) : -1]
+
+    def _pipelined(self, statements: Sequence[tuple[str, Mapping[str, Any]] | str]) -> list[Any]:
+        """Send every statement, then read every answer: one round trip. Raises the first
+        error the server gave (not psycopg's 'pipeline aborted' for those it skipped)."""
+        import psycopg
+
+        driver = self.conn.connection.driver_connection
+        assert driver is not None
+        cursors, first_error = [], None
+        try:
+            with driver.pipeline():
+                for statement in statements:
+                    cursor = driver.cursor()
+                    try:
+                        if isinstance(statement, str):
+                            cursor.execute(statement)
+                        else:
+                            cursor.execute(statement[0], statement[1])
+                    except psycopg.Error as exc:
+                        first_error = exc
+                        break
+                    cursors.append(cursor)
+        except psycopg.Error as exc:
+            first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        return cursors
 
     def undo_work(self) -> None:
         """Roll back what this transaction did since it began, keeping the lock
@@ -377,10 +512,11 @@ def run_transaction(
     lock: str | None = None,
     read_only: bool = False,
     deadline: float | None = None,
+    planner: Mapping[str, str] | None = None,
 ) -> Iterator[RunConnection]:
     """A RunConnection in a transaction, committed on success and rolled back otherwise."""
     with engine.connect() as conn:
-        run = RunConnection(conn, session, label, lock=lock, read_only=read_only, deadline=deadline)
+        run = RunConnection(conn, session, label, lock=lock, read_only=read_only, deadline=deadline, planner=planner)
         run.begin()
         try:
             yield run
