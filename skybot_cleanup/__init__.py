@@ -1,3 +1,3 @@
 """skybot-cleanup: scheduled housekeeping for the SkyBot Inbox database."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -17,11 +17,11 @@ import typer
 
 from skybot_cleanup import __version__
 from skybot_cleanup.errors import (
-    EXIT_CONFIG,
-    EXIT_FAILURE,
     ConfigError,
+    ExitCode,
     Interrupted,
     exit_code_for_signal,
+    exit_codes_help,
     worst_exit_code,
 )
 from skybot_cleanup.registry import REGISTRY, Job, Task
@@ -33,11 +33,7 @@ if TYPE_CHECKING:
     from skybot_cleanup.run import ProgressCallback
     from skybot_cleanup.settings import CleanupSettings
 
-EXIT_CODES = (
-    "Exit codes: 0 ok (also nothing to delete), 1 failure (after retries), 2 usage or configuration "
-    "error (retrying cannot help), 75 skipped (another run holds the task's lock; "
-    "SKYBOT_CLEANUP_SKIPPED_EXIT_CODE=0 makes it 0), 128+N stopped by signal N."
-)
+EXIT_CODES = exit_codes_help()
 
 app = typer.Typer(
     name="skybot-cleanup",
@@ -167,7 +163,7 @@ def main_callback(
     logs.reset()
 
 
-def _fail(message: str, exit_code: int = EXIT_CONFIG, *, logged: bool = False) -> NoReturn:
+def _fail(message: str, exit_code: int = ExitCode.CONFIG, *, logged: bool = False) -> NoReturn:
     from skybot_cleanup.logs import report_failure
 
     report_failure(message, logged=logged, exit_code=exit_code)
@@ -184,7 +180,7 @@ def _load(jobs: Sequence[Job] = (), dry_run: bool = False, **overrides: Any) -> 
         loaded = settings.load(overrides)
     except ConfigError as exc:
         _failed_start(jobs, overrides, exc, dry_run=dry_run)
-    logs.configure_logging(loaded.settings.log_format, loaded.settings.log_level)
+    logs.configure_logging(loaded.settings.log_format, loaded.settings.log_level, loaded.settings.syslog_prefix)
     log = logs.get_logger()
     for variable, closest in loaded.unknown:
         log.warning(
@@ -373,7 +369,11 @@ def _guarded(label: str, settings: CleanupSettings, work: Any) -> Any:
         _fail(f"{label} failed: {failure.message}", failure.exit_code)
 
 
-@app.command("metrics")
+@app.command(
+    "metrics",
+    help="Measure backlogs, active sessions and table health; delete nothing. "
+    f"Exit {ExitCode.FAILURE} if a task could not be measured.",
+)
 def metrics_command(
     as_json: Annotated[
         bool,
@@ -404,7 +404,6 @@ def metrics_command(
     no_history: NoHistory = False,
     quiet: Quiet = False,
 ) -> None:
-    """Measure backlogs, active sessions and table health; delete nothing. Exit 1 if a task could not be measured."""
     from skybot_cleanup import commands, textfiles, views
     from skybot_cleanup.logs import get_logger, report_failure
 
@@ -433,7 +432,11 @@ def metrics_command(
     raise typer.Exit(worst_exit_code([run.result.exit_code, *signalled]))
 
 
-@app.command("status")
+@app.command(
+    "status",
+    help="Per job: health, last success and failure, next run, rows due. "
+    f"Exit {ExitCode.FAILURE} if any is OVERDUE, FAILING or UNKNOWN.",
+)
 def status_command(
     as_json: Annotated[
         bool,
@@ -446,7 +449,6 @@ def status_command(
     database_url: DatabaseUrl = None,
     database_url_file: DatabaseUrlFile = None,
 ) -> None:
-    """Per job: health, last success and failure, next run, rows due. Exit 1 if any is OVERDUE, FAILING or UNKNOWN."""
     from skybot_cleanup import commands, views
     from skybot_cleanup.logs import get_logger
 
@@ -457,10 +459,14 @@ def status_command(
         )
     status = _guarded("status", settings, lambda: commands.job_status(settings))
     _echo(views.status_json(status) if as_json else [views.status_table(status)])
-    raise typer.Exit(0 if status.healthy else 1)
+    raise typer.Exit(ExitCode.OK if status.healthy else ExitCode.FAILURE)
 
 
-@app.command("check")
+@app.command(
+    "check",
+    help="Pre-flight: server, tables, column types, privileges, indexes, backlogs, history. "
+    f"Exit {ExitCode.FAILURE} on errors.",
+)
 def check_command(
     as_json: Annotated[
         bool,
@@ -473,13 +479,12 @@ def check_command(
     database_url: DatabaseUrl = None,
     database_url_file: DatabaseUrlFile = None,
 ) -> None:
-    """Pre-flight: server, tables, column types, privileges, indexes, backlogs, history. Exit 1 on errors."""
     from skybot_cleanup import commands, views
 
     settings = _load(database_url=database_url, database_url_file=database_url_file)
     findings = _guarded("check", settings, lambda: commands.check(settings))
     _echo(views.findings_lines(findings, as_json))
-    raise typer.Exit(1 if any(finding.level == "error" for finding in findings) else 0)
+    raise typer.Exit(ExitCode.FAILURE if any(finding.level == "error" for finding in findings) else ExitCode.OK)
 
 
 @app.command("history")
@@ -553,7 +558,7 @@ def config_command(
     database_url: DatabaseUrl = None,
     database_url_file: DatabaseUrlFile = None,
 ) -> None:
-    """Every setting in effect and where it came from; secrets redacted."""
+    """The version, and every setting in effect and where it came from; secrets redacted."""
     from skybot_cleanup import settings as settings_module
     from skybot_cleanup import views
     from skybot_cleanup.settings import describe_settings
@@ -566,11 +571,8 @@ def config_command(
 
     ping = loaded.settings.ping_url
     problem = check_url(ping.get_secret_value()) if ping else None
-    _echo(
-        views.config_lines(
-            describe_settings(loaded, {"ping_url": f"unusable: {problem}"} if problem else None), as_json
-        )
-    )
+    view = describe_settings(loaded, {"ping_url": f"unusable: {problem}"} if problem else None)
+    _echo(views.config_lines({"version": __version__, **view}, as_json))
 
 
 @app.command("schedule")
@@ -620,13 +622,13 @@ def schedule_command(
     except UnsafePath as exc:
         _fail(f"error: refusing to write under {output}: {exc.strerror}")
     except OSError as exc:
-        _fail(f"error: cannot write under {output}: {exc.strerror}", EXIT_FAILURE)
+        _fail(f"error: cannot write under {output}: {exc.strerror}", ExitCode.FAILURE)
     for path in written:
         typer.echo(f"wrote {path}")
 
 
-@app.command()
-def demo(
+@app.command("demo")
+def demo_command(
     path: Annotated[Path, typer.Option("--path", help="SQLite file to (re)create.")] = Path("skybot-demo.db"),
     database_url: Annotated[
         Optional[str],
@@ -656,7 +658,7 @@ def demo(
     except Exception as exc:  # an unwritable path, an unreachable server
         from skybot_cleanup.commands import failure_of
 
-        _fail(f"error: cannot create the demo database: {failure_of(exc, settings).message}", EXIT_FAILURE)
+        _fail(f"error: cannot create the demo database: {failure_of(exc, settings).message}", ExitCode.FAILURE)
     shown = (database_url and parse_database_url(url).display) or str(path)
     if not as_json:
         typer.echo(views.demo_seeded(shown, demo_module.ids_by_table(database, settings)))
@@ -665,7 +667,8 @@ def demo(
         exit_codes.append(step.result.exit_code)
         _echo(views.demo_step_lines(step, as_json))
     if not as_json:
-        _echo(views.demo_left(demo_module.ids_by_table(database, settings), None if database_url else url))
+        left = demo_module.ids_by_table(database, settings)
+        _echo(views.demo_left(left, None if database_url else url, demo_module.invocation()))
     raise typer.Exit(worst_exit_code(exit_codes))
 
 
@@ -682,4 +685,4 @@ def main() -> None:
         report_failure(
             f"unexpected error: {type(exc).__name__}: {redact(str(exc))} (set {ENV_PREFIX}DEBUG=1 for a traceback)"
         )
-        sys.exit(EXIT_FAILURE)
+        sys.exit(ExitCode.FAILURE)

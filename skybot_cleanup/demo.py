@@ -4,6 +4,10 @@ an empty PostgreSQL database (or schema)."""
 from __future__ import annotations
 
 import contextlib
+import os
+import shlex
+import shutil
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -218,3 +222,17 @@ def run(demo: DemoDatabase, settings: CleanupSettings, now: datetime) -> Iterabl
         after = ids_by_table(demo, settings)
         removed = sorted(set().union(*(before[name] - after[name] for name in before)))
         yield DemoStep(result, task.rule, removed)
+
+
+def invocation(argv0: str | None = None) -> str:
+    """How to run the tool again from where the demo ran: as it was run. The README's
+    first command runs `.venv/bin/skybot-cleanup`, which is not on a newcomer's PATH, so
+    a bare `skybot-cleanup` is suggested only when it is this very program."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    if Path(argv0).name != "skybot-cleanup":  # python -m skybot_cleanup
+        return f"{shlex.quote(sys.executable)} -m skybot_cleanup"
+    on_path = shutil.which("skybot-cleanup")
+    with contextlib.suppress(OSError):
+        if on_path and os.path.samefile(on_path, argv0):
+            return "skybot-cleanup"
+    return shlex.quote(argv0)

@@ -6,16 +6,90 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import IntEnum, unique
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
-EXIT_SKIPPED = 75  # EX_TEMPFAIL: schedulers treat it as "try again later"
-EXIT_SIGNAL_BASE = 128  # a process stopped by signal N exits 128 + N, as shells report it
+
+@unique
+class ExitCode(IntEnum):
+    """Every exit code the tool chooses, by name (pipx's constants.py is the model).
+
+    The help text, the README's table, the alert rules and their tests, and the deploy
+    files (systemd, Kubernetes, cron) are generated from this class: change a code here
+    and regenerate; nothing else spells one.
+    """
+
+    OK = 0
+    FAILURE = 1
+    CONFIG = 2
+    SKIPPED = 75  # EX_TEMPFAIL (sysexits.h): schedulers read it as "try again later"
+
+    # A code shows as its number wherever it is rendered: structlog's key=value output
+    # uses repr, and "exit_code=<ExitCode.OK: 0>" would read as noise at 3 AM.
+    __repr__ = int.__repr__
+
+    @property
+    def summary(self) -> str:
+        """A few words, for --help."""
+        return _EXIT_CODE_TEXT[self][0]
+
+    @property
+    def meaning(self) -> str:
+        """Every failure that ends in this code, for the README."""
+        return _EXIT_CODE_TEXT[self][1]
+
+    @property
+    def retried(self) -> str:
+        """Whether a run retries the failures behind this code before exiting with it."""
+        return _EXIT_CODE_TEXT[self][2]
+
+
+_EXIT_CODE_TEXT: dict[ExitCode, tuple[str, str, str]] = {
+    ExitCode.OK: (
+        "ok (also nothing to delete)",
+        'success, including "nothing to delete", dry runs and runs stopped by `--max-rows`/`--max-runtime`',
+        "",
+    ),
+    ExitCode.FAILURE: (
+        "failure (after retries)",
+        "runtime failure that may pass: database unreachable, refused, reset, timed out, starting up or "
+        "shutting down, a lock timeout, deadlock or serialization failure (all after retries), or any "
+        "unexpected error; for `status`, a job OVERDUE, FAILING or UNKNOWN; for `check`, an error found; for "
+        "`metrics`, a task it could not measure or a snapshot it could not deliver",
+        "yes (transient ones)",
+    ),
+    ExitCode.CONFIG: (
+        "usage or configuration error (retrying cannot help)",
+        "configuration that retrying cannot fix: usage, an invalid setting or settings file, no or invalid "
+        "`DATABASE_URL`, TLS that cannot be verified, authentication failed, role or database missing, no "
+        "`pg_hba.conf` entry, a PostgreSQL older than the tool supports, a read-only database or hot "
+        "standby, a configured table or column missing, a privilege missing",
+        "no",
+    ),
+    ExitCode.SKIPPED: (
+        "skipped (another run holds the task's lock; SKYBOT_CLEANUP_SKIPPED_EXIT_CODE=0 makes it 0)",
+        "skipped: another run of the same task holds its lock (schedulers should not alert on it; "
+        "`SKYBOT_CLEANUP_SKIPPED_EXIT_CODE=0` maps it to 0 for platforms that count anything else as a failure)",
+        "",
+    ),
+}
+
+# The names the rest of the package imports.
+EXIT_OK = ExitCode.OK
+EXIT_FAILURE = ExitCode.FAILURE
+EXIT_CONFIG = ExitCode.CONFIG
+EXIT_SKIPPED = ExitCode.SKIPPED
+# Not a code of its own: a process stopped by signal N exits 128 + N, as shells report it.
+EXIT_SIGNAL_BASE = 128
 
 
 def exit_code_for_signal(signum: int) -> int:
     return EXIT_SIGNAL_BASE + signum
+
+
+def exit_codes_help() -> str:
+    """The exit codes in one sentence, for every command's --help."""
+    codes = ", ".join(f"{code} {code.summary}" for code in ExitCode)
+    return f"Exit codes: {codes}, {EXIT_SIGNAL_BASE}+N stopped by signal N."
 
 
 class SqlState:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from skybot_cleanup.errors import ConfigError, remember_secrets, url_key_parts
+from skybot_cleanup.errors import ConfigError, ExitCode, remember_secrets, url_key_parts
 from skybot_cleanup.registry import IDENTIFIER_PATTERN, REGISTRY, Registry, TableSpec, Task
 
 if TYPE_CHECKING:  # the db layer loads SQLAlchemy: only for the commands that connect
@@ -202,17 +202,23 @@ class CleanupSettings(BaseSettings):
         "monitor never holds a run longer.",
     )
     skipped_exit_code: int = Field(
-        default=75,
-        ge=0,
-        le=75,
-        description="Exit code of a run skipped because another holds the task's lock: 75, or 0 for "
-        "platforms that count any other code as a failure (Kubernetes, Render).",
+        default=ExitCode.SKIPPED,
+        ge=ExitCode.OK,
+        le=ExitCode.SKIPPED,
+        description=f"Exit code of a run skipped because another holds the task's lock: {ExitCode.SKIPPED}, or "
+        f"{ExitCode.OK} for platforms that count any other code as a failure (Kubernetes, Render).",
     )
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto",
         description="Log format on stderr: auto is JSON unless stderr is a terminal.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Lowest level logged.")
+    syslog_prefix: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Start each log line on stderr with its syslog priority (`<3>` for an error, `<6>` for info), "
+        "which journald and `logger --prio-prefix` read and strip: auto is on when stderr is systemd's journal "
+        "(JOURNAL_STREAM); the generated crontab sets on.",
+    )
     debug: bool = Field(
         default=False, description="Print a traceback for an unexpected error (read from the environment only)."
     )
@@ -233,8 +239,8 @@ class CleanupSettings(BaseSettings):
     @field_validator("skipped_exit_code")
     @classmethod
     def _skip_code(cls, value: int) -> int:
-        if value not in (0, 75):
-            raise ValueError("must be 75 or 0")
+        if value not in (ExitCode.OK, ExitCode.SKIPPED):
+            raise ValueError(f"must be {ExitCode.SKIPPED} or {ExitCode.OK}")
         return value
 
     @field_validator(*PATH_FIELDS)
@@ -244,7 +250,7 @@ class CleanupSettings(BaseSettings):
             raise ValueError("must be a path, without NUL or other control characters")
         return value
 
-    @field_validator("log_format", "log_level", mode="before")
+    @field_validator("log_format", "log_level", "syslog_prefix", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
@@ -516,10 +522,6 @@ def salvage(overrides: Mapping[str, Any], environ: Mapping[str, str] | None = No
             value = None
         found[name] = None if value is None else str(value)
     return found
-
-
-def load_settings(registry: Registry = REGISTRY, **overrides: Any) -> CleanupSettings:
-    return load(overrides, registry=registry).settings
 
 
 def _env_file(environ: Mapping[str, str]) -> Path | None:

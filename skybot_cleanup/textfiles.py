@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from skybot_cleanup import schedule
 from skybot_cleanup.clock import epoch, parse_iso, utc_now
+from skybot_cleanup.errors import ExitCode
 from skybot_cleanup.localfiles import closing_fd, read_regular_file, write_file
 from skybot_cleanup.registry import Job
 from skybot_cleanup.results import RunResult
@@ -88,9 +89,8 @@ def run_registry(job: Job, result: RunResult, last_success: float | None) -> Col
 
     finished = parse_iso(result.finished_at) if result.finished_at else utc_now()
     gauge("last_run_timestamp_seconds", "Unix time the job's last run finished.").labels(job.name).set(epoch(finished))
-    gauge("last_exit_code", "Exit code of the job's last run (0 ok, 1 failure, 2 configuration, 75 skipped).").labels(
-        job.name
-    ).set(result.exit_code)
+    codes = ", ".join(f"{code} {code.name.lower()}" for code in ExitCode)
+    gauge("last_exit_code", f"Exit code of the job's last run ({codes}).").labels(job.name).set(result.exit_code)
     gauge("last_duration_seconds", "Duration of the job's last run.").labels(job.name).set(result.duration_ms / 1000)
     gauge("last_rows", "Rows deleted by the job's last run.").labels(job.name).set(result.rows)
     if last_success is not None:

@@ -7,6 +7,7 @@ database or decides an exit code.
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -201,7 +202,7 @@ def config_lines(view: dict[str, Any], json_output: bool) -> list[str]:
     if json_output:
         return [as_json(view)]
     width = max(len(entry["variable"]) for entry in view["settings"])
-    lines = [f"settings file: {view['settings_file'] or '(none)'}"]
+    lines = [f"skybot-cleanup {view['version']}", f"settings file: {view['settings_file'] or '(none)'}"]
     lines += [
         f"{entry['variable']:<{width}}  {entry['value']!s:<40}  {entry['source']}"
         + (f"  ERROR: {entry['error']}" if entry.get("error") else "")
@@ -229,15 +230,16 @@ def demo_step_lines(step: DemoStep, json_output: bool) -> list[str]:
     return lines
 
 
-def demo_left(ids: dict[str, set[str]], example_url: str | None) -> list[str]:
-    """What the demo left, and how to try the tool on it: the URL in the environment (a
-    command line is visible to every local user), or, for a server, in a file."""
+def demo_left(ids: dict[str, set[str]], example_url: str | None, command: str = "skybot-cleanup") -> list[str]:
+    """What the demo left, and how to try the tool on it with `command` (the way this one
+    ran): the URL in the environment (a command line is visible to every local user), or,
+    for a server, in a file."""
     remaining = "\n".join(f"    {table}: {', '.join(sorted(table_ids))}" for table, table_ids in ids.items())
     try_it = (
-        f"DATABASE_URL={example_url} skybot-cleanup refresh-tokens --dry-run"
+        f"DATABASE_URL={shlex.quote(example_url)} {command} refresh-tokens --dry-run"
         if example_url
         else "put the database URL in a file only you can read, then: "
-        "DATABASE_URL_FILE=<that file> skybot-cleanup refresh-tokens --dry-run"
+        f"DATABASE_URL_FILE=<that file> {command} refresh-tokens --dry-run"
     )
     return [f"\nStill there (live, or revoked within the audit window):\n{remaining}", f"\nTry it yourself: {try_it}"]
 

@@ -1,5 +1,6 @@
-"""The package's layers (docs/architecture.md): every import, wherever it sits in a file,
-goes down a layer; none forms a cycle; the generators are never part of a run."""
+"""The package's layers (generate/layers.py, shown in docs/architecture.md): every
+import, wherever it sits in a file, goes down a layer; none forms a cycle; the
+generators are never part of a run."""
 
 from __future__ import annotations
 
@@ -8,34 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from skybot_cleanup.generate import layers
+
 PACKAGE = Path(__file__).resolve().parents[1] / "skybot_cleanup"
 
-# Lowest first. A module may import only modules of a lower layer, so modules of one
-# layer never import each other (run, metrics, status and check stay apart).
-LAYERS: list[set[str]] = [
-    {"vocabulary"},  # the closed vocabularies: no import of the package
-    {"clock", "errors", "schedule", "localfiles"},
-    {"registry", "logs"},  # what the app's tables are, and what each job does with them
-    {"spool"},
-    {"results", "db.urls"},
-    {"db.connection"},
-    {"db.catalog", "db.reads"},
-    {"db.counts", "db.batches"},
-    {"db"},  # the db package's face: re-exports only
-    {"settings"},  # the one module that reads configuration
-    {"cutoff", "retry", "heartbeat", "app_schema", "walks", "pacing"},
-    {"history"},
-    {"recording", "health"},  # the shell of every recorded run; the one judgement of every job
-    {"run", "metrics", "status", "check"},  # one job or one report each
-    {"textfiles", "demo"},
-    {"generate"},  # files generated from the registry, for `skybot-cleanup schedule` and the maintainers
-    {"generate.alerts", "generate.readme", "generate.lock"},
-    {"generate.deploy"},
-    {"commands"},  # what each command does, as functions of the settings
-    {"views"},  # every rendering
-    {"cli"},
-    {"__main__"},
-]
+# Lowest first: skybot_cleanup/generate/layers.py holds the list (with what each module
+# holds), and docs/architecture.md's table is generated from it.
+LAYERS: list[set[str]] = [set(layer) for layer in layers.LAYERS]
 LEVEL = {module: level for level, modules in enumerate(LAYERS) for module in modules}
 ROOT = ""  # `from skybot_cleanup import __version__`: the package's root, imported by anyone
 
@@ -68,7 +48,7 @@ GRAPH = {module_name(path): imports(path) for path in PACKAGE.rglob("*.py")}
 
 
 def test_every_module_has_a_layer():
-    assert set(GRAPH) - {ROOT} == set(LEVEL), "give each new module its layer in LAYERS"
+    assert set(GRAPH) - {ROOT} == set(LEVEL), "give each new module its layer in generate/layers.py"
 
 
 @pytest.mark.parametrize("module", sorted(set(GRAPH) - {ROOT}))

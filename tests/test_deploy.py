@@ -39,7 +39,8 @@ from typer.main import get_command
 from skybot_cleanup import schedule
 from skybot_cleanup.app_schema import app_metadata
 from skybot_cleanup.cli import app
-from skybot_cleanup.generate.deploy import DEFAULT_EXEC, FORMATS, deadline_s, render_files
+from skybot_cleanup.errors import ExitCode
+from skybot_cleanup.generate.deploy import DEFAULT_EXEC, FORMATS, INSTALL, deadline_s, render_files
 from skybot_cleanup.registry import REGISTRY
 
 SANDBOXED = """
@@ -317,7 +318,9 @@ def test_crontab_lines_give_the_registrys_run_times():
     for job, (cron, user, command) in zip(JOBS, entries, strict=True):
         assert user == "skybot-cleanup"
         assert list(zip(range(6), CronSim(cron, BASE), strict=False)) == list(enumerate(expected_runs(job)))
-        assert f"{DEFAULT_EXEC} {job.name} --quiet 2>&1 | logger --size 65536 -t skybot-cleanup" in command
+        assert (
+            f"{DEFAULT_EXEC} {job.name} --quiet 2>&1 | logger --size 65536 --prio-prefix -t skybot-cleanup" in command
+        )
         assert command.startswith("set -o pipefail;")
         assert "%" not in command  # cron turns % into newlines
         assert job.name in SUBCOMMANDS
@@ -329,10 +332,14 @@ def test_crontab_environment():
     assert re.search(r"^PATH=/", text, re.M)
     assert "SKYBOT_CLEANUP_ENV_FILE=/etc/skybot-cleanup/env\n" in text
     assert "SKYBOT_CLEANUP_LOG_FORMAT=json\n" in text
+    assert "SKYBOT_CLEANUP_SYSLOG_PREFIX=on\n" in text  # for logger --prio-prefix
     assert "CRON_TZ" not in text.replace("ignores CRON_TZ", "")
 
 
-@pytest.mark.parametrize(("exit_code", "error_logged"), [(0, False), (3, True), (75, False)])
+@pytest.mark.parametrize(
+    ("exit_code", "error_logged"),
+    [(ExitCode.OK, False), (ExitCode.FAILURE, True), (ExitCode.CONFIG, True), (ExitCode.SKIPPED, False)],
+)
 def test_crontab_line_keeps_the_exit_status(tmp_path, exit_code, error_logged):
     """The real line, run by bash as cron runs it, with stand-ins for the tool and logger."""
     (tmp_path / "skybot-cleanup").write_text(f"#!/bin/sh\necho boom\nexit {exit_code}\n")
@@ -346,53 +353,147 @@ def test_crontab_line_keeps_the_exit_status(tmp_path, exit_code, error_logged):
     )
     assert completed.returncode == exit_code
     syslog = (tmp_path / "syslog").read_text()
-    assert syslog.startswith("--size 65536 -t skybot-cleanup\nboom\n")
+    assert syslog.startswith("--size 65536 --prio-prefix -t skybot-cleanup\nboom\n")
     assert (f"-p user.err -t skybot-cleanup refresh-tokens exited {exit_code}" in syslog) == error_logged
+
+
+def crontab_environment() -> dict[str, str]:
+    """The variables the crontab sets for its lines (SHELL and PATH aside)."""
+    assignments = re.findall(r"^([A-Z_]+)=(.*)$", (DEPLOY / "crontab").read_text(), re.M)
+    return {name: value for name, value in assignments if name not in ("SHELL", "PATH", "SKYBOT_CLEANUP_ENV_FILE")}
+
+
+def run_crontab_line_into_syslog(tmp_path: Path, job: str, env: dict[str, str]) -> tuple[int, list[tuple[int, str]]]:
+    """A crontab line run by bash as cron runs it, with the real logger writing to a
+    socket of ours instead of /dev/log: the exit status and each syslog record's
+    priority (facility * 8 + severity) and message."""
+    need("logger")
+    sock_path = str(tmp_path / "syslog.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(sock_path)
+    server.settimeout(0.5)
+    (tmp_path / "logger").write_text(f'#!/bin/sh\nexec /usr/bin/logger --socket {sock_path} "$@"\n')
+    (tmp_path / "logger").chmod(0o755)
+    command = next(command for _cron, _user, command in crontab_entries() if f" {job} --quiet " in command)
+    completed = subprocess.run(
+        ["/bin/bash", "-c", command.replace(DEFAULT_EXEC, str(CONSOLE_SCRIPT))],
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin", "HOME": str(tmp_path), **crontab_environment(), **env},
+    )
+    records = []
+    while True:
+        try:
+            records.append(server.recv(1 << 20).decode())
+        except TimeoutError:
+            break
+    server.close()
+    assert records, completed.stderr
+    found = []
+    for record in records:
+        priority, message = re.fullmatch(r"<(\d+)>.*? skybot-cleanup: (.*)", record, re.S).groups()
+        found.append((int(priority), message))
+    return completed.returncode, found
+
+
+USER_ERR, USER_WARNING, USER_INFO = 8 + 3, 8 + 4, 8 + 6  # syslog's user facility (1) at err, warning, info
 
 
 def test_crontab_line_gives_syslog_one_json_record_per_event_through_the_real_logger(sqlite, tmp_path):
     """The metrics event is over 1 KiB, logger's default record size: it must still
     arrive whole, and nothing but JSON may reach syslog."""
-    need("logger")
-
     seed_operator_data(sqlite)
-    sock_path = str(tmp_path / "syslog.sock")
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    server.bind(sock_path)
-    server.settimeout(0.5)
-    records: list[bytes] = []
+    returncode, records = run_crontab_line_into_syslog(tmp_path, "metrics", {"DATABASE_URL": sqlite.url})
+    assert returncode == ExitCode.OK
+    events = [json.loads(message) for _priority, message in records]  # every record is one whole JSON event
+    metrics = next(event for event in events if event["event"] == "metrics")
+    assert len(json.dumps(metrics)) > 1024
+    assert {priority for priority, _message in records} == {USER_INFO}
 
-    def receive() -> None:
-        while True:
-            try:
-                records.append(server.recv(1 << 20))
-            except TimeoutError:
-                return
 
-    # The real logger, pointed at our socket instead of /dev/log.
-    (tmp_path / "logger").write_text(f'#!/bin/sh\nexec /usr/bin/logger --socket {sock_path} "$@"\n')
-    (tmp_path / "logger").chmod(0o755)
-    _cron, _user, command = crontab_entries()[-1]  # metrics
-    command = command.replace(DEFAULT_EXEC, str(CONSOLE_SCRIPT))
+def test_crontab_line_files_an_error_event_at_user_err(tmp_path):
+    """Through the real logger --prio-prefix: the tool's error events at err, its
+    warnings at warning, the rest at info; each record's text is the bare JSON event."""
+    returncode, records = run_crontab_line_into_syslog(
+        tmp_path,
+        "refresh-tokens",
+        {"DATABASE_URL": "sqlite:////nonexistent/app.db", "SKYBOT_CLEANUP_STATE_DIR": str(tmp_path / "state")},
+    )
+    assert returncode == ExitCode.CONFIG
+    *events, (last_priority, last_message) = records
+    assert (last_priority, last_message) == (USER_ERR, f"refresh-tokens exited {ExitCode.CONFIG}")  # the line's own
+    levels = {"error": USER_ERR, "warning": USER_WARNING, "info": USER_INFO}
+    for priority, message in events:
+        event = json.loads(message)
+        assert priority == levels[event["level"]], event
+    by_event = {json.loads(message)["event"]: priority for priority, message in events}
+    assert (by_event["run_failed"], by_event["run_finished"]) == (USER_ERR, USER_INFO)
+
+
+def test_error_events_reach_the_journal_at_priority_3(sqlite, tmp_path):
+    """The real systemd-journald, in a mount namespace of its own, fed as a service's
+    stderr is (a stream socket, with JOURNAL_STREAM naming it): the tool notices the
+    journal by itself, journald files each line at the priority the tool gave it and
+    strips the prefix, and every message is the bare JSON event."""
+    if os.geteuid() != 0:
+        unavailable("a private journald needs root (a mount namespace)")
+    journald = next(
+        (p for p in ("/lib/systemd/systemd-journald", "/usr/lib/systemd/systemd-journald") if Path(p).exists()), None
+    )
+    if journald is None:
+        unavailable("systemd-journald is not installed (Debian: apt-get install systemd)")
+    for tool in ("systemd-cat", "journalctl", "unshare"):
+        need(tool)
+    seed_tokens_and_keys(sqlite, due=2)
+    script = f"""
+set -e
+mount -t tmpfs tmpfs /run
+mkdir -p /run/systemd/journal /run/log/journal
+{journald} </dev/null >/dev/null 2>&1 &
+trap 'kill $!' EXIT
+for _ in $(seq 100); do [ -S /run/systemd/journal/stdout ] && break; sleep 0.05; done
+# As systemd starts a service: stdout and stderr on one journal stream, JOURNAL_STREAM naming it.
+systemd-cat -t skybot-cleanup /bin/sh -c 'JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2) exec "$0" "$@"' \
+    {CONSOLE_SCRIPT} refresh-tokens || true
+SKYBOT_CLEANUP_MAX_RETRIES=0 DATABASE_URL=sqlite:////nonexistent/app.db \
+    systemd-cat -t skybot-cleanup /bin/sh -c 'JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2) exec "$0" "$@"' \
+    {CONSOLE_SCRIPT} refresh-tokens || true
+journalctl --sync
+journalctl --directory=/run/log/journal -t skybot-cleanup -o json --no-pager
+"""
     completed = subprocess.run(
-        ["/bin/bash", "-c", command],
+        ["unshare", "--mount", "--propagation", "private", "/bin/bash", "-c", script],
         capture_output=True,
         text=True,
+        timeout=120,
         env={
-            "PATH": f"{tmp_path}:/usr/bin:/bin",
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
             "DATABASE_URL": sqlite.url,
             "SKYBOT_CLEANUP_LOG_FORMAT": "json",
+            "SKYBOT_CLEANUP_STATE_DIR": str(tmp_path / "state"),
             "HOME": str(tmp_path),
         },
     )
-    receive()
-    server.close()
     assert completed.returncode == 0, completed.stderr
-    messages = [record.decode().split(": ", 1)[1] for record in records]
-    assert messages, records
-    events = [json.loads(message) for message in messages]  # every record is one whole JSON event
-    metrics = next(event for event in events if event["event"] == "metrics")
-    assert len(json.dumps(metrics)) > 1024
+    entries = [json.loads(line) for line in completed.stdout.splitlines()]
+    logged = [(int(entry["PRIORITY"]), entry["MESSAGE"]) for entry in entries]
+    events = [(priority, json.loads(message)) for priority, message in logged if message.startswith("{")]
+    assert len(events) == len(logged) - 1, logged  # and the one summary line on stdout, at info
+    levels = {"error": 3, "warning": 4, "info": 6}
+    assert all(priority == levels[event["level"]] for priority, event in events), events
+    finished = [(priority, event["status"]) for priority, event in events if event["event"] == "run_finished"]
+    assert finished == [(6, "ok"), (6, "failed")]
+    assert [priority for priority, event in events if event["event"] == "run_failed"] == [3]
+
+
+def test_crontab_and_service_install_the_locked_dependencies():
+    """The lock first, without resolving, then the tool, as the image and CI install it."""
+    _venv, lock, tool = INSTALL
+    assert "pip install --no-deps -r requirements.lock" in lock
+    assert "pip install --no-deps --no-build-isolation . && " in tool and tool.endswith("pip check")
+    service = (DEPLOY / "systemd" / "skybot-cleanup@.service").read_text()
+    for text in (service, (DEPLOY / "crontab").read_text()):
+        assert "\n".join(f"#   {step}" for step in INSTALL) in text
 
 
 @pytest.fixture(scope="module")
@@ -474,7 +575,9 @@ def test_service_essentials():
     for line in (
         "Type=oneshot",
         "EnvironmentFile=/etc/skybot-cleanup/env",
-        "SuccessExitStatus=75",
+        f"SuccessExitStatus={ExitCode.SKIPPED}",
+        f"RestartPreventExitStatus={ExitCode.CONFIG}",
+        "SyslogLevelPrefix=yes",
         "DynamicUser=yes",
         "User=skybot-cleanup",
         "StateDirectory=skybot-cleanup",
@@ -506,7 +609,8 @@ def test_render_blueprint():
         env = {e["key"]: e for e in service["envVars"]}
         assert re.fullmatch(r"3\.11\.\d+", env["PYTHON_VERSION"]["value"])
         assert env["DATABASE_URL"]["fromDatabase"] == {"name": "skybot-inbox-db", "property": "connectionString"}
-        assert env["SKYBOT_CLEANUP_SKIPPED_EXIT_CODE"]["value"] == "0"  # Render counts 75 as a failed run
+        # Render counts a skip's code as a failed run.
+        assert env["SKYBOT_CLEANUP_SKIPPED_EXIT_CODE"]["value"] == str(ExitCode.OK)
 
 
 def test_kubernetes_cronjobs():
@@ -521,7 +625,11 @@ def test_kubernetes_cronjobs():
         assert 0 < job_spec["activeDeadlineSeconds"] < interval and job_spec["backoffLimit"] >= 1
         (rule,) = job_spec["podFailurePolicy"]["rules"]
         # Kubernetes 1.27 and 1.28 reject a rule without onPodConditions.
-        assert (rule["action"], rule["onExitCodes"]["values"], rule["onPodConditions"]) == ("FailJob", [2], [])
+        assert (rule["action"], rule["onExitCodes"]["values"], rule["onPodConditions"]) == (
+            "FailJob",
+            [ExitCode.CONFIG],
+            [],
+        )
         pod = job_spec["template"]["spec"]
         assert pod["restartPolicy"] == "Never"
         assert pod["automountServiceAccountToken"] is False
@@ -529,7 +637,8 @@ def test_kubernetes_cronjobs():
         assert container["command"] == [DEFAULT_EXEC, job.name] and job.name in SUBCOMMANDS
         env = {e["name"]: e for e in container["env"]}
         assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "skybot-cleanup", "key": "DATABASE_URL"}
-        assert env["SKYBOT_CLEANUP_SKIPPED_EXIT_CODE"]["value"] == "0"  # a pod exiting 75 counts as failed
+        # A pod exiting with a skip's code counts as failed.
+        assert env["SKYBOT_CLEANUP_SKIPPED_EXIT_CODE"]["value"] == str(ExitCode.OK)
 
 
 def test_dockerfile_is_reproducible_and_layered():

@@ -183,7 +183,10 @@ def test_a_failed_run_never_reads_the_previous_textfile_through_a_link(tmp_path)
     assert completed.returncode == 1
     written = prom / "skybot_cleanup_refresh-tokens.prom"
     assert written.is_file() and not written.is_symlink()
-    assert "4242424242" not in written.read_text()
+    # Compared as parsed values: Prometheus writes 4242424242.0 as 4.242424242e+09. The
+    # failed run knows no earlier success, so the file must hold none.
+    assert 4242424242.0 not in samples(written.read_text()).values()
+    assert last_success(written) is None
     assert secret.read_text().startswith("skybot_cleanup_last_success")  # untouched
 
 

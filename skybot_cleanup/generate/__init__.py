@@ -1,6 +1,7 @@
-"""Generated files: from the registry, deployment files for every scheduler (deploy),
-the monitoring pack (alerts) and the tables of the README and docs/ pages (readme);
-from pyproject.toml, requirements.lock (lock).
+"""Generated files: from the registry, deployment files for every scheduler (deploy) and
+the monitoring pack (alerts); from the registry and the code, the generated sections of
+the README and the docs/ pages (docs), the layer table among them (layers); from
+pyproject.toml, requirements.lock (lock).
 
 Nothing that runs a job imports this package: only `skybot-cleanup schedule` and the
 maintainers' tools do.

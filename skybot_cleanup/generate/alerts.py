@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from skybot_cleanup import schedule
+from skybot_cleanup.errors import ExitCode
 from skybot_cleanup.generate import HEADER
 from skybot_cleanup.registry import Registry
 from skybot_cleanup.settings import Settings
@@ -44,7 +45,10 @@ def rules(registry: Registry) -> dict[str, Any]:
         },
         {
             "alert": "SkybotCleanupTaskFailing",
-            "expr": f"{P}_last_exit_code != 0 and {P}_last_exit_code != 2 and {P}_last_exit_code != 75",
+            # A configuration error has an alert of its own; a skip is no failure.
+            "expr": " and ".join(
+                f"{P}_last_exit_code != {code}" for code in (ExitCode.OK, ExitCode.CONFIG, ExitCode.SKIPPED)
+            ),
             "labels": {"severity": "warning"},
             "annotations": {
                 "summary": "skybot-cleanup {{ $labels.task }} failed (exit {{ $value }})",
@@ -54,10 +58,11 @@ def rules(registry: Registry) -> dict[str, Any]:
         },
         {
             "alert": "SkybotCleanupMisconfigured",
-            "expr": f"{P}_last_exit_code == 2",
+            "expr": f"{P}_last_exit_code == {ExitCode.CONFIG}",
             "labels": {"severity": "critical"},
             "annotations": {
-                "summary": "skybot-cleanup {{ $labels.task }} exits 2: configuration or privileges",
+                "summary": "skybot-cleanup {{ $labels.task }} "
+                f"exits {ExitCode.CONFIG}: configuration or privileges",
                 "description": "Retrying cannot fix it. Run `skybot-cleanup check` with the job's settings.",
             },
         },
@@ -71,7 +76,7 @@ def rules(registry: Registry) -> dict[str, Any]:
                 "for": wait,
                 "labels": {"severity": "warning", "task": job.name},
                 "annotations": {
-                    "summary": f"no last-success series for skybot-cleanup {job.name}",
+                    "summary": "no last-success series for skybot-cleanup {{ $labels.task }}",
                     "description": "It has never succeeded since its textfile was first written, or "
                     "the textfile is not collected (check SKYBOT_CLEANUP_PROM_FILE and "
                     "node_exporter's --collector.textfile.directory).",
@@ -183,6 +188,7 @@ def rule_tests(registry: Registry) -> dict[str, Any]:
         return _expected(registry, alert, alert_labels, **values)
 
     stale_after = 3 * metrics_interval // 60
+    ok, failure, config, skipped = ExitCode.OK, ExitCode.FAILURE, ExitCode.CONFIG, ExitCode.SKIPPED
     tests: list[dict[str, Any]] = [
         {
             "name": "an hourly task that stops succeeding is overdue after two hours, not before",
@@ -203,15 +209,21 @@ def rule_tests(registry: Registry) -> dict[str, Any]:
             ],
         },
         {
-            "name": "exit codes: 1 is failing, 2 is misconfigured, 75 (skipped) and 0 are neither",
+            "name": f"exit codes: {failure} is failing, {config} is misconfigured, {skipped} (skipped) and {ok} "
+            "are neither",
             "interval": "5m",
-            "input_series": [{"series": f"{P}_last_exit_code{{{labels}}}", "values": "0 75 1 1 2 2"}],
+            "input_series": [
+                {
+                    "series": f"{P}_last_exit_code{{{labels}}}",
+                    "values": f"{ok} {skipped} {failure} {failure} {config} {config}",
+                }
+            ],
             "alert_rule_test": [
                 {"eval_time": "5m", "alertname": "SkybotCleanupTaskFailing", "exp_alerts": []},
                 {
                     "eval_time": "10m",
                     "alertname": "SkybotCleanupTaskFailing",
-                    "exp_alerts": [expect("SkybotCleanupTaskFailing", on_host, value="1")],
+                    "exp_alerts": [expect("SkybotCleanupTaskFailing", on_host, value=str(failure))],
                 },
                 {"eval_time": "10m", "alertname": "SkybotCleanupMisconfigured", "exp_alerts": []},
                 {"eval_time": "20m", "alertname": "SkybotCleanupTaskFailing", "exp_alerts": []},

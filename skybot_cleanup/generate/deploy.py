@@ -14,16 +14,36 @@ from collections.abc import Callable
 from pathlib import Path
 
 from skybot_cleanup import __version__, schedule
+from skybot_cleanup.errors import ExitCode
 from skybot_cleanup.generate import HEADER
 from skybot_cleanup.localfiles import closing_fd, open_child_directory, open_shared_directory, write_file
 from skybot_cleanup.registry import REGISTRY, Job, Registry
 
 DEFAULT_EXEC = "/usr/local/bin/skybot-cleanup"
-RENDER_EXEC = "skybot-cleanup"  # on Render the virtualenv's bin is on PATH
+RENDER_COM_EXEC = "skybot-cleanup"  # on Render.com the virtualenv's bin is on PATH
+VENV = "/opt/skybot-cleanup"
 DEFAULT_IMAGE = f"skybot-cleanup:{__version__}"
 ENV_FILE = "/etc/skybot-cleanup/env"
 TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"  # Debian's node_exporter textfile directory
 PYTHON_VERSION = "3.11.9"
+# The exit codes the files below name, for str.format: {ok}, {failure}, {config}, {skipped}.
+CODES = {code.name.lower(): code for code in ExitCode}
+# For cron and systemd: the locked dependencies first, then the tool without resolving
+# anything, as the container image installs it (so every host runs the versions CI tested).
+INSTALL = (
+    f"sudo python3 -m venv {VENV}",
+    f"sudo {VENV}/bin/pip install --no-deps -r requirements.lock   # the image's exact versions",
+    f"sudo {VENV}/bin/pip install --no-deps --no-build-isolation . && sudo {VENV}/bin/pip check",
+)
+# Where the files run it by default (without --exec).
+LINK = f"sudo ln -s {VENV}/bin/skybot-cleanup {DEFAULT_EXEC}"
+
+
+def _install_comment() -> str:
+    """The install steps as comment lines, for the files that need an installed tool."""
+    return "\n".join(f"#   {step}" for step in INSTALL)
+
+
 # The longest a run may take, whatever its interval: a cleanup that needs longer
 # should be drained by hand in batches first.
 MAX_DEADLINE_S = 6 * 3600
@@ -65,21 +85,26 @@ def crontab(exec_path: str = DEFAULT_EXEC, registry: Registry = REGISTRY) -> dic
         "# whose zone is UTC (timedatectl set-timezone Etc/UTC), or shift the hours by hand (Debian's",
         "# cron ignores CRON_TZ). Runs as the user 'skybot-cleanup'. The tool reads DATABASE_URL and",
         f"# SKYBOT_CLEANUP_* from {ENV_FILE} itself (no shell sourcing, so a URL with & or % is safe).",
-        "# Logs are JSON, one syslog record per event (logger --size: its default splits at 1 KiB);",
-        "# --quiet keeps stdout's summary lines out of them. With pipefail the line's exit status is",
-        "# the tool's, and a failure (not 0, not 75) is also logged at user.err.",
+        "# Logs are JSON, one syslog record per event (logger --size: its default splits at 1 KiB),",
+        "# each at its own priority: the tool starts every line with one (<3> for an error) and",
+        "# logger --prio-prefix files it there (user.err) and strips it. --quiet keeps stdout's summary",
+        "# lines out of the logs. With pipefail the line's exit status is the tool's, and an exit that",
+        f"# is neither {ExitCode.OK} nor {ExitCode.SKIPPED} is also logged at user.err.",
+        "# Installed from a checkout of the tool, with its locked dependencies (docs/deployment.md):",
+        _install_comment(),
         "SHELL=/bin/bash",
         "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         f"SKYBOT_CLEANUP_ENV_FILE={ENV_FILE}",
         "SKYBOT_CLEANUP_LOG_FORMAT=json",
+        "SKYBOT_CLEANUP_SYSLOG_PREFIX=on",
         "",
     ]
     for job in registry.jobs:
         lines.append(
             f"{job.schedule} skybot-cleanup set -o pipefail; "
-            f"{command} {job.name} --quiet 2>&1 | logger --size 65536 -t skybot-cleanup; rc=$?; "
-            f'[ $rc -eq 0 ] || [ $rc -eq 75 ] || logger -p user.err -t skybot-cleanup "{job.name} exited $rc"; '
-            "exit $rc"
+            f"{command} {job.name} --quiet 2>&1 | logger --size 65536 --prio-prefix -t skybot-cleanup; rc=$?; "
+            f"[ $rc -eq {ExitCode.OK} ] || [ $rc -eq {ExitCode.SKIPPED} ] || "
+            f'logger -p user.err -t skybot-cleanup "{job.name} exited $rc"; exit $rc'
         )
     return {"crontab": "\n".join(lines) + "\n"}
 
@@ -87,6 +112,8 @@ def crontab(exec_path: str = DEFAULT_EXEC, registry: Registry = REGISTRY) -> dic
 SERVICE = """\
 # {header}.
 # One instance per job: skybot-cleanup@refresh-tokens.service, started by its timer.
+# Installed from a checkout of the tool, with its locked dependencies (docs/deployment.md):
+{install}
 [Unit]
 Description=skybot-cleanup %i (SkyBot Inbox database housekeeping)
 Wants=network-online.target
@@ -99,13 +126,16 @@ ExecStart={exec_path} %i
 # would be read as a unit specifier.
 EnvironmentFile={env_file}
 Environment=SKYBOT_CLEANUP_LOG_FORMAT=json
+# With stderr on the journal (JOURNAL_STREAM), the tool starts each line with its syslog
+# priority (<3> for an error): journald strips it and files the line at that priority.
+SyslogLevelPrefix=yes
 # Type=oneshot has no start timeout of its own; each job's drop-in (deadline.conf)
 # sets its own, under the gap to its next run.
 TimeoutStartSec={timeout}
-# 75: another run holds the job's lock; the overlap is not a failure.
-SuccessExitStatus=75
-# Configuration errors (2) will not fix themselves; a restart would only repeat them.
-RestartPreventExitStatus=2
+# {skipped}: another run holds the job's lock; the overlap is not a failure.
+SuccessExitStatus={skipped}
+# Configuration errors ({config}) will not fix themselves; a restart would only repeat them.
+RestartPreventExitStatus={config}
 
 # One dynamic user for every instance, so they share the state directory, where runs
 # the database could not record wait ($STATE_DIRECTORY, /var/lib/private/skybot-cleanup).
@@ -193,7 +223,12 @@ def systemd(exec_path: str = DEFAULT_EXEC, registry: Registry = REGISTRY) -> dic
     longest = max(deadline_s(job) for job in registry.jobs)
     files = {
         "systemd/skybot-cleanup@.service": SERVICE.format(
-            header=HEADER, exec_path=_systemd_exec(exec_path), env_file=ENV_FILE, timeout=f"{longest}s"
+            header=HEADER,
+            install=_install_comment(),
+            exec_path=_systemd_exec(exec_path),
+            env_file=ENV_FILE,
+            timeout=f"{longest}s",
+            **CODES,
         ),
         "systemd/node-exporter/skybot-cleanup@.service.d/prometheus.conf": PROMETHEUS_DROP_IN.format(
             header=HEADER, textfile_dir=TEXTFILE_DIR
@@ -214,14 +249,15 @@ def _yaml_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render(exec_path: str = RENDER_EXEC, registry: Registry = REGISTRY) -> dict[str, str]:
+def render_com_blueprint(exec_path: str = RENDER_COM_EXEC, registry: Registry = REGISTRY) -> dict[str, str]:
+    """render.yaml: one Render.com cron job per job."""
     command = shlex.quote(_checked_exec(exec_path))
     lines = [
         f"# {HEADER}.",
         "# Merge these services into the app's render.yaml. Each is a cron job built from this",
         "# tool's repository (set `repo:` to it when the app's Blueprint lives elsewhere).",
         "# Render cron schedules are UTC; Render runs at most one run of a job at a time, and counts",
-        "# any exit code but 0 as a failed run: a skipped run (lock held) exits 0 here.",
+        f"# any exit code but {ExitCode.OK} as a failed run: a skipped run (lock held) exits {ExitCode.OK} here.",
         "services:",
     ]
     for job in registry.jobs:
@@ -242,7 +278,7 @@ def render(exec_path: str = RENDER_EXEC, registry: Registry = REGISTRY) -> dict[
             "      - key: SKYBOT_CLEANUP_LOG_FORMAT",
             "        value: json",
             "      - key: SKYBOT_CLEANUP_SKIPPED_EXIT_CODE",
-            '        value: "0"',
+            f'        value: "{ExitCode.OK}"',
         ]
     return {"render.yaml": "\n".join(lines) + "\n"}
 
@@ -270,13 +306,13 @@ spec:
       activeDeadlineSeconds: {deadline}
       podFailurePolicy:
         rules:
-          # Exit 2 is a configuration error: retrying cannot fix it. (onPodConditions:
+          # Exit {config} is a configuration error: retrying cannot fix it. (onPodConditions:
           # required, even empty, before Kubernetes 1.29.)
           - action: FailJob
             onExitCodes:
               containerName: skybot-cleanup
               operator: In
-              values: [2]
+              values: [{config}]
             onPodConditions: []
       template:
         metadata:
@@ -304,9 +340,9 @@ spec:
                       key: DATABASE_URL
                 - name: SKYBOT_CLEANUP_LOG_FORMAT
                   value: json
-                # A pod exiting 75 counts as failed: a skipped run (lock held) exits 0.
+                # A pod exiting {skipped} counts as failed: a skipped run (lock held) exits {ok}.
                 - name: SKYBOT_CLEANUP_SKIPPED_EXIT_CODE
-                  value: "0"
+                  value: "{ok}"
               resources:
                 requests:
                   cpu: 50m
@@ -366,6 +402,7 @@ def kubernetes(
             starting_deadline=min(deadline, 600),
             image=image,
             command=command,
+            **CODES,
         )
     return files
 
@@ -379,7 +416,7 @@ def monitoring(exec_path: str | None = None, registry: Registry = REGISTRY) -> d
 FORMATS: dict[str, Callable[..., dict[str, str]]] = {
     "crontab": crontab,
     "systemd": systemd,
-    "render": render,
+    "render": render_com_blueprint,
     "kubernetes": kubernetes,
     "monitoring": monitoring,
 }
