@@ -13,7 +13,6 @@ reads them as another user), and renamed into place.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +23,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from skybot_cleanup import schedule
 from skybot_cleanup.clock import epoch, parse_iso, utc_now
-from skybot_cleanup.localfiles import closing_fd, read_regular_file, write_file
+from skybot_cleanup.localfiles import (
+    closing_fd,
+    open_directory_through_trusted_links,
+    read_regular_file,
+    write_file,
+)
 from skybot_cleanup.registry import Job
 from skybot_cleanup.results import RunResult
 
@@ -53,10 +57,11 @@ MAX_TEXTFILE_BYTES = 1024 * 1024
 
 def write_textfile(path: Path, registry: CollectorRegistry) -> None:
     """Atomic, 0644, no timestamps: what node_exporter's textfile collector wants. The
-    new file is created exclusively and renamed over the path: a link or anything else
-    planted there is replaced, never written through. Raises OSError."""
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    with closing_fd(directory):
+    directory is reached through no link another user planted (a root run would write
+    wherever it points); the new file is created exclusively and renamed over the path:
+    a link or anything else planted there is replaced, never written through. Raises
+    OSError."""
+    with closing_fd(open_directory_through_trusted_links(path.parent)) as directory:
         write_file(directory, path.name, generate_latest(registry), 0o644)
 
 
@@ -65,7 +70,8 @@ def previous_value(path: Path, name: str, task: str) -> float | None:
     through a link (a root run would copy another file's value into a public one), never
     waiting on a FIFO, and never more than MAX_TEXTFILE_BYTES."""
     try:
-        text = read_regular_file(path, MAX_TEXTFILE_BYTES).decode("utf-8", "replace")
+        with closing_fd(open_directory_through_trusted_links(path.parent)) as directory:
+            text = read_regular_file(path.name, MAX_TEXTFILE_BYTES, directory=directory).decode("utf-8", "replace")
     except OSError:
         return None
     try:
