@@ -16,13 +16,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from skybot_cleanup import schedule
 from skybot_cleanup.clock import epoch, parse_iso, utc_now
+from skybot_cleanup.heartbeat import open_url, within
 from skybot_cleanup.localfiles import (
     closing_fd,
     open_directory_through_trusted_links,
@@ -194,7 +195,27 @@ def snapshot_registry(snapshot: Snapshot) -> CollectorRegistry:
     return registry
 
 
+# The longest a push to the Pushgateway may take, connect, redirects and reply included.
+PUSH_TIMEOUT_S = 10.0
+
+
 def push(url: str, registry: CollectorRegistry) -> None:
+    """The snapshot to a Pushgateway, within one total deadline (a gateway that answers a
+    byte at a time would hold a socket timeout forever), following only http(s)
+    redirects. Raises on any failure."""
     from prometheus_client import push_to_gateway
 
-    push_to_gateway(url, job=PREFIX, registry=registry, timeout=10)
+    timeout = PUSH_TIMEOUT_S
+    within(timeout, lambda: push_to_gateway(url, job=PREFIX, registry=registry, timeout=timeout, handler=_handler))
+
+
+def _handler(url: str, method: str, timeout: float | None, headers: list[tuple[str, str]], data: bytes) -> Any:
+    """prometheus_client's default handler, through heartbeat.open_url (which raises
+    HTTPError for an error status, as urllib does)."""
+    import urllib.request
+
+    def send() -> None:
+        request = urllib.request.Request(url, data=data, method=method, headers=dict(headers))  # noqa: S310
+        open_url(request, timeout=timeout or PUSH_TIMEOUT_S).close()
+
+    return send

@@ -24,6 +24,8 @@ from helpers import (
     seed_operator_data,
 )
 
+from skybot_cleanup import textfiles
+
 
 def test_an_invalid_setting_in_the_settings_file_still_writes_the_textfile_pings_and_is_recorded(
     sqlite, tmp_path, monitor
@@ -283,3 +285,51 @@ def test_a_textfile_directory_reached_through_the_users_own_link_is_used(sqlite,
     )
     assert completed.returncode == 0, completed.stderr
     assert [path.name for path in (tmp_path / "real").iterdir()] == ["skybot_cleanup_refresh-tokens.prom"]
+
+
+def trickle(handler):
+    """A Pushgateway that answers its status line and then one header byte a second: a
+    socket timeout never fires (once, a push was held 124 s)."""
+    handler.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+    for _ in range(120):  # 2 minutes at most, whatever the client does
+        if handler.server.released.wait(1.0):
+            return
+        handler.wfile.write(b"x")
+        handler.wfile.flush()
+        handler.server.sent += 1
+
+
+def test_a_trickling_pushgateway_holds_metrics_no_longer_than_its_deadline(sqlite, monitor, monkeypatch):
+    seed_operator_data(sqlite)
+    monkeypatch.setattr(textfiles, "PUSH_TIMEOUT_S", 2.0)
+    monitor.reply = trickle
+    result = invoke(
+        "metrics", "--pushgateway", f"http://127.0.0.1:{monitor.server_port}", env={"DATABASE_URL": sqlite.url}
+    )
+    assert result.exit_code == 1
+    (failed,) = events(result.stderr, "run_failed")
+    assert failed["error"] == "metrics were collected but not delivered: TimeoutError: no complete reply within 2.0 s"
+    assert [request[:2] for request in monitor.requests] == [("PUT", "/metrics/job/skybot_cleanup")]
+
+
+@pytest.mark.parametrize("target", ["ftp://127.0.0.1:1/metrics", "file:///etc/passwd"])
+def test_a_push_redirected_away_from_http_is_not_followed(sqlite, monitor, target):
+    seed_operator_data(sqlite)
+
+    def redirect(handler):
+        handler.send_response(307)
+        handler.send_header("Location", target)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    monitor.reply = redirect
+    result = invoke(
+        "metrics", "--pushgateway", f"http://127.0.0.1:{monitor.server_port}", env={"DATABASE_URL": sqlite.url}
+    )
+    assert result.exit_code == 1
+    (failed,) = events(result.stderr, "run_failed")
+    scheme = target.partition(":")[0]
+    assert failed["error"] == (
+        "metrics were collected but not delivered: RedirectRefused: "
+        f"redirected to {scheme}://, which is not followed (only http:// and https:// are)"
+    )
