@@ -246,14 +246,18 @@ def write_file(directory: int, name: str, data: bytes, mode: int) -> None:
         raise
 
 
-def read_regular_file(name: Path | str, limit: int, *, directory: int | None = None, private: bool = False) -> bytes:
+def read_regular_file(name: Path | str, limit: int, *, directory: int | None = None, own: bool = False) -> bytes:
     """At most `limit` bytes of a regular file, opened without following a link or
-    waiting on a FIFO; `private`: owned by this user and readable by no one else (0600).
-    Raises UnsafePath for anything else."""
+    waiting on a FIFO; `own`: this user's, and writable by no one else (so no one else
+    can have written it). Raises UnsafePath for anything else."""
     with closing_fd(os.open(name, _READ, dir_fd=directory)) as fd:
         info = _regular(fd, name, limit)
-        if private and (info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) != 0o600):
-            raise UnsafePath(name, f"is not this user's 0600 file (uid {info.st_uid}, mode {info.st_mode:o})")
+        if own and (info.st_uid != os.geteuid() or info.st_mode & 0o022):
+            raise UnsafePath(
+                name,
+                f"is not this user's file, writable by no one else (uid {info.st_uid}, "
+                f"mode {stat.S_IMODE(info.st_mode):04o})",
+            )
         return os.read(fd, limit)
 
 
