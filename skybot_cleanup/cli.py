@@ -188,6 +188,8 @@ def _load(jobs: Sequence[Job] = (), dry_run: bool = False, **overrides: Any) -> 
             variable=variable,
             hint=f"did you mean {closest}?" if closest else "no setting has a similar name",
         )
+    for warning in loaded.warnings:
+        log.warning(warning.event, **warning.fields)
     heartbeat.warn_if_invalid(loaded.settings)
     return loaded.settings
 

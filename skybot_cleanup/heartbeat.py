@@ -2,8 +2,9 @@
 
 A ping is a courtesy to the monitor, never a reason for the cleanup to fail or wait:
 the URL is checked once (a bad one is one warning and no pings), each ping has one
-total deadline (connect, reply and its one quick retry: a monitor that answers a byte
-at a time holds nobody), at most a few KiB of the reply are read, and every error is a
+total deadline (connect, redirects, reply and its one quick retry: a monitor that
+answers a byte at a time holds nobody), a redirect is followed only to http(s) (never
+to ftp:// or file://), at most a few KiB of the reply are read, and every error is a
 warning. The URL is a credential (anyone holding it can ping), so only its host is
 ever logged.
 """
@@ -14,8 +15,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
-from urllib.parse import quote, urlsplit
+from functools import cache
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote, urljoin, urlsplit
 
 from skybot_cleanup.errors import redact, url_key_parts
 from skybot_cleanup.logs import get_logger
@@ -26,6 +28,9 @@ ATTEMPTS = 2
 MAX_REPLY_BYTES = 4096
 _warned_invalid = False
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    import urllib.request
 
 
 def check_url(template: str) -> str | None:
@@ -60,6 +65,40 @@ def warn_if_invalid(settings: CleanupSettings) -> None:
             error=f"SKYBOT_CLEANUP_PING_URL is unusable: {problem}",
             hint="heartbeats are off; the cleanup runs as usual",
         )
+
+
+class RedirectRefused(OSError):
+    """A monitor redirected a request away from HTTP (ftp://, file://): not followed."""
+
+
+@cache
+def _http_only_redirects() -> type:
+    import urllib.request  # only when there is something to send
+
+    class HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+        """Follows a redirect only to http:// or https://. urllib's own follows ftp://
+        (and names a refused file:// target, whole, in its error)."""
+
+        def http_error_302(self, req, fp, code, msg, headers):  # type: ignore[no-untyped-def]
+            target = headers.get("location") or headers.get("uri") or ""
+            scheme = urlsplit(urljoin(req.full_url, target)).scheme.lower()
+            if scheme not in ("http", "https"):
+                fp.close()
+                raise RedirectRefused(
+                    f"redirected to {scheme}://, which is not followed (only http:// and https:// are)"
+                )
+            return super().http_error_302(req, fp, code, msg, headers)
+
+        http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+    return HttpOnlyRedirects
+
+
+def open_url(request: urllib.request.Request, timeout: float) -> Any:
+    """urlopen, following only http(s) redirects (pings and Pushgateway pushes)."""
+    import urllib.request
+
+    return urllib.request.build_opener(_http_only_redirects()).open(request, timeout=timeout)
 
 
 def within(seconds: float, work: Callable[[], T]) -> T:
@@ -124,7 +163,7 @@ class Pinger:
 
         def send() -> bytes:
             left = max(deadline - time.monotonic(), 0.001)
-            with urllib.request.urlopen(request, timeout=left) as response:  # noqa: S310
+            with open_url(request, timeout=left) as response:
                 return bytes(response.read(MAX_REPLY_BYTES))
 
         for attempt in range(1, ATTEMPTS + 1):
@@ -140,6 +179,8 @@ class Pinger:
                     error_class=type(exc).__name__,
                     error=redact(str(exc), (self.url, url, *url_key_parts(url))),
                 )
+                if isinstance(exc, RedirectRefused):
+                    break  # it would be redirected again
             if attempt < ATTEMPTS and deadline - time.monotonic() > 0.5:
                 time.sleep(0.5)
             elif time.monotonic() >= deadline:

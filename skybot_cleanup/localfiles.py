@@ -57,6 +57,72 @@ def _check_ancestors(real: Path) -> None:
             raise UnsafePath(ancestor, "is writable by group or others")
 
 
+def _others_can_change(info: os.stat_result) -> bool:
+    """Another user could rename or replace what this directory holds: it is not root's
+    or this user's, or it is writable by group or others and not sticky (as /tmp is)."""
+    return not _trusted_owner(info.st_uid) or bool(info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX)
+
+
+# The kernel's own limit on the links one path resolution may follow.
+_MAX_LINKS = 40
+
+
+def open_through_trusted_links(path: Path | str, *, directory: bool) -> tuple[int, bool]:
+    """An open descriptor of `path` (a directory, or a file opened for reading without
+    waiting on a FIFO), and whether a link was followed on the way. The path is resolved
+    one component at a time, each opened relative to the last, so nothing can be swapped
+    for a link between a check and its use; a link is followed only when it belongs to
+    root or this user and sits in a directory that no one else can change (a Kubernetes
+    secret's `..data` links do; a link an unprivileged user planted in /tmp does not).
+    Raises OSError: UnsafePath for a link it will not follow."""
+    text = os.fspath(path)
+    if not text:
+        raise FileNotFoundError(2, "No such file or directory")
+    pending = text.split("/")
+    current = os.open("/" if text.startswith("/") else ".", os.O_RDONLY | os.O_DIRECTORY)
+    followed = 0
+    try:
+        while pending:
+            name = pending.pop(0)
+            if name in ("", "."):
+                continue
+            info = os.stat(name, dir_fd=current, follow_symlinks=False)
+            if stat.S_ISLNK(info.st_mode):
+                if not _trusted_owner(info.st_uid):
+                    raise UnsafePath(
+                        text, f"is reached through a link ({name}) owned by uid {info.st_uid}, not by this user or root"
+                    )
+                if _others_can_change(os.fstat(current)):
+                    raise UnsafePath(text, f"is reached through a link ({name}) in a directory other users can change")
+                followed += 1
+                if followed > _MAX_LINKS:
+                    raise UnsafePath(text, "is reached through too many links")
+                target = os.readlink(name, dir_fd=current)
+                if target.startswith("/"):
+                    os.close(current)
+                    current = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+                pending = target.split("/") + pending
+                continue
+            last = all(part in ("", ".") for part in pending)
+            opened = os.open(name, _READ if last and not directory else _DIRECTORY, dir_fd=current)
+            os.close(current)
+            current = opened
+    except BaseException:
+        os.close(current)
+        raise
+    return current, followed > 0
+
+
+def open_directory_through_trusted_links(path: Path | str) -> int:
+    """An open directory, reached through no link another user planted or could change
+    (see open_through_trusted_links); whoever owns the directory itself. Raises OSError."""
+    fd, _ = open_through_trusted_links(path, directory=True)
+    if not stat.S_ISDIR(os.fstat(fd).st_mode):  # pragma: no cover - O_DIRECTORY makes sure
+        os.close(fd)
+        raise UnsafePath(path, "is not a directory")
+    return fd
+
+
 def _check_own_directory(fd: int, path: Path | str) -> None:
     info = os.fstat(fd)
     if info.st_uid != os.geteuid():
@@ -101,12 +167,16 @@ def open_private_directory(path: Path) -> int:
     return fd
 
 
-def open_private_subdirectory(parent: int, name: str) -> int:
-    """`name` inside an open private directory, created 0700 where missing, never a link."""
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(name, 0o700, dir_fd=parent)
+def open_private_subdirectory(parent: int, name: str, *, create: bool = True) -> int:
+    """`name` inside an open private directory, created 0700 where missing (unless not
+    `create`: FileNotFoundError), never a link."""
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=parent)
     try:
         fd = os.open(name, _DIRECTORY, dir_fd=parent)
+    except FileNotFoundError:
+        raise
     except OSError as exc:  # a link (ELOOP), or not a directory
         raise UnsafePath(name, f"is not a directory of this user's ({exc.strerror})") from None
     try:
@@ -176,20 +246,37 @@ def write_file(directory: int, name: str, data: bytes, mode: int) -> None:
         raise
 
 
-def read_regular_file(
-    name: Path | str, limit: int, *, directory: int | None = None, private: bool = False, follow_link: bool = False
-) -> bytes:
-    """At most `limit` bytes of a regular file, opened without waiting on a FIFO, and
-    without following a link unless `follow_link` (a path the operator named, such as a
-    Kubernetes secret, which is a link into the volume's current data); `private`: owned
-    by this user and readable by no one else (0600). Raises UnsafePath for anything else."""
-    fd = os.open(name, _READ & ~os.O_NOFOLLOW if follow_link else _READ, dir_fd=directory)
-    with closing_fd(fd):
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise UnsafePath(name, "is not a regular file")
-        if private and (info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) != 0o600):
-            raise UnsafePath(name, f"is not this user's 0600 file (uid {info.st_uid}, mode {info.st_mode:o})")
-        if info.st_size > limit:
-            raise UnsafePath(name, f"is larger than {limit} bytes")
+def read_regular_file(name: Path | str, limit: int, *, directory: int | None = None, own: bool = False) -> bytes:
+    """At most `limit` bytes of a regular file, opened without following a link or
+    waiting on a FIFO; `own`: this user's, and writable by no one else (so no one else
+    can have written it). Raises UnsafePath for anything else."""
+    with closing_fd(os.open(name, _READ, dir_fd=directory)) as fd:
+        info = _regular(fd, name, limit)
+        if own and (info.st_uid != os.geteuid() or info.st_mode & 0o022):
+            raise UnsafePath(
+                name,
+                f"is not this user's file, writable by no one else (uid {info.st_uid}, "
+                f"mode {stat.S_IMODE(info.st_mode):04o})",
+            )
         return os.read(fd, limit)
+
+
+def read_named_file(path: Path | str, limit: int) -> tuple[bytes, os.stat_result]:
+    """At most `limit` bytes of a regular file the operator named (a secret), and its
+    status: reached through links only as open_through_trusted_links allows, and through
+    a link only to a file of root's or this user's. Raises OSError (UnsafePath)."""
+    fd, via_link = open_through_trusted_links(path, directory=False)
+    with closing_fd(fd):
+        info = _regular(fd, path, limit)
+        if via_link and not _trusted_owner(info.st_uid):
+            raise UnsafePath(path, f"is a link to a file of uid {info.st_uid}, not of this user or root")
+        return os.read(fd, limit), info
+
+
+def _regular(fd: int, name: Path | str, limit: int) -> os.stat_result:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise UnsafePath(name, "is not a regular file")
+    if info.st_size > limit:
+        raise UnsafePath(name, f"is larger than {limit} bytes")
+    return info

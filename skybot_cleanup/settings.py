@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -438,12 +439,21 @@ class Source:
         return f"{self.kind} ({self.variable}{app})"
 
 
+@dataclass(frozen=True)
+class LoadWarning:
+    """Something found while reading the settings, logged once logging is configured."""
+
+    event: str
+    fields: dict[str, str]
+
+
 @dataclass
 class Loaded:
     settings: CleanupSettings
     env_file: Path | None
     sources: dict[str, Source] = field(default_factory=dict)
     unknown: list[tuple[str, str | None]] = field(default_factory=list)  # variable, closest real name
+    warnings: list[LoadWarning] = field(default_factory=list)
 
 
 # Variables of the app's that we read as fallbacks (reported as such by `config`).
@@ -467,8 +477,9 @@ def load(
 
     sources: dict[str, Source] = {}
     raw: dict[str, Any] = {}
+    warnings: list[LoadWarning] = []
     for name in model.model_fields:
-        sources[name], value = _resolve(model, name, given, upper_environ, file_values)
+        sources[name], value = _resolve(model, name, given, upper_environ, file_values, warnings)
         if sources[name].kind != "default":
             raw[name] = value
     try:
@@ -492,6 +503,7 @@ def load(
         settings=settings,
         env_file=env_file,
         sources=sources,
+        warnings=warnings,
         unknown=[
             (variable, next(iter(difflib.get_close_matches(variable, sorted(known), n=1, cutoff=0.6)), None))
             for variable in unknown
@@ -550,19 +562,39 @@ FILE_SUFFIX = "_FILE"
 MAX_SECRET_FILE_BYTES = 64 * 1024
 
 
-def read_secret_file(path: str, named: str) -> str:
-    """The value in a secret file: its text, without the surrounding white space."""
-    from skybot_cleanup.localfiles import read_regular_file
+def read_secret_file(path: str, named: str, warnings: list[LoadWarning] | None = None) -> str:
+    """The value in a secret file: its first non-empty line, without the white space
+    around it. Nothing of what the file holds is ever put into a message: pointed at the
+    wrong file (an env file, /proc/self/environ), it must not show that file's secrets.
+    A file others may read adds a warning to `warnings`, once per file."""
+    from skybot_cleanup.localfiles import read_named_file
 
     try:
-        text = read_regular_file(path, MAX_SECRET_FILE_BYTES, follow_link=True).decode("utf-8").strip()
+        data, info = read_named_file(path, MAX_SECRET_FILE_BYTES)
+        text = data.decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read {named} {path}: {exc.strerror or exc}{_as_whom()}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{named} {path} is not UTF-8 text") from None
-    if not text:
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if not line:
         raise ConfigError(f"{named} {path} is empty")
-    return text
+    if not line.isprintable():  # NUL-separated /proc/self/environ, a binary file
+        raise ConfigError(f"{named} {path} holds no URL: its first line has control characters (not shown)")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077 and warnings is not None and all(warning.fields.get("path") != path for warning in warnings):
+        # As libpq does for ~/.pgpass: a secret others can read is no longer a secret.
+        warnings.append(
+            LoadWarning(
+                "secret_file_readable",
+                {
+                    "path": path,
+                    "error": f"{named} {path} has mode {mode:04o}: group or others may read it",
+                    "hint": f"chmod 600 {path} (or 400; in Kubernetes, defaultMode: 0400)",
+                },
+            )
+        )
+    return line
 
 
 def _resolve(
@@ -571,6 +603,7 @@ def _resolve(
     given: Mapping[str, Any],
     environ: Mapping[str, str],
     file_values: Mapping[str, str],
+    warnings: list[LoadWarning] | None = None,
 ) -> tuple[Source, Any]:
     """Where a field's value comes from: option, then environment, then settings file;
     at each, the value itself before a file that holds it."""
@@ -579,7 +612,7 @@ def _resolve(
     file_option = f"{name}_file"
     if name in FILE_FIELDS and given.get(file_option):
         option = "--" + file_option.replace("_", "-")
-        return Source("option", option), read_secret_file(str(given[file_option]), option)
+        return Source("option", option), read_secret_file(str(given[file_option]), option, warnings)
     upper_file = {key.upper(): value for key, value in file_values.items()}
     for origin, values in (("environment", environ), ("settings file", upper_file)):
         for variable in variable_names(model, name):
@@ -587,7 +620,7 @@ def _resolve(
                 return Source(origin, variable), values[variable]  # type: ignore[arg-type]
             if name in FILE_FIELDS and values.get(variable + FILE_SUFFIX):
                 named = variable + FILE_SUFFIX
-                return Source(origin, named), read_secret_file(values[named], named)  # type: ignore[arg-type]
+                return Source(origin, named), read_secret_file(values[named], named, warnings)  # type: ignore[arg-type]
     return Source("default"), None
 
 

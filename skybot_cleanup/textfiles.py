@@ -13,11 +13,10 @@ reads them as another user), and renamed into place.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -25,7 +24,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from skybot_cleanup import schedule
 from skybot_cleanup.clock import epoch, parse_iso, utc_now
 from skybot_cleanup.errors import ExitCode
-from skybot_cleanup.localfiles import closing_fd, read_regular_file, write_file
+from skybot_cleanup.heartbeat import open_url, within
+from skybot_cleanup.localfiles import (
+    closing_fd,
+    open_directory_through_trusted_links,
+    read_regular_file,
+    write_file,
+)
 from skybot_cleanup.registry import Job
 from skybot_cleanup.results import RunResult
 
@@ -54,10 +59,11 @@ MAX_TEXTFILE_BYTES = 1024 * 1024
 
 def write_textfile(path: Path, registry: CollectorRegistry) -> None:
     """Atomic, 0644, no timestamps: what node_exporter's textfile collector wants. The
-    new file is created exclusively and renamed over the path: a link or anything else
-    planted there is replaced, never written through. Raises OSError."""
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    with closing_fd(directory):
+    directory is reached through no link another user planted (a root run would write
+    wherever it points); the new file is created exclusively and renamed over the path:
+    a link or anything else planted there is replaced, never written through. Raises
+    OSError."""
+    with closing_fd(open_directory_through_trusted_links(path.parent)) as directory:
         write_file(directory, path.name, generate_latest(registry), 0o644)
 
 
@@ -66,7 +72,8 @@ def previous_value(path: Path, name: str, task: str) -> float | None:
     through a link (a root run would copy another file's value into a public one), never
     waiting on a FIFO, and never more than MAX_TEXTFILE_BYTES."""
     try:
-        text = read_regular_file(path, MAX_TEXTFILE_BYTES).decode("utf-8", "replace")
+        with closing_fd(open_directory_through_trusted_links(path.parent)) as directory:
+            text = read_regular_file(path.name, MAX_TEXTFILE_BYTES, directory=directory).decode("utf-8", "replace")
     except OSError:
         return None
     try:
@@ -188,7 +195,27 @@ def snapshot_registry(snapshot: Snapshot) -> CollectorRegistry:
     return registry
 
 
+# The longest a push to the Pushgateway may take, connect, redirects and reply included.
+PUSH_TIMEOUT_S = 10.0
+
+
 def push(url: str, registry: CollectorRegistry) -> None:
+    """The snapshot to a Pushgateway, within one total deadline (a gateway that answers a
+    byte at a time would hold a socket timeout forever), following only http(s)
+    redirects. Raises on any failure."""
     from prometheus_client import push_to_gateway
 
-    push_to_gateway(url, job=PREFIX, registry=registry, timeout=10)
+    timeout = PUSH_TIMEOUT_S
+    within(timeout, lambda: push_to_gateway(url, job=PREFIX, registry=registry, timeout=timeout, handler=_handler))
+
+
+def _handler(url: str, method: str, timeout: float | None, headers: list[tuple[str, str]], data: bytes) -> Any:
+    """prometheus_client's default handler, through heartbeat.open_url (which raises
+    HTTPError for an error status, as urllib does)."""
+    import urllib.request
+
+    def send() -> None:
+        request = urllib.request.Request(url, data=data, method=method, headers=dict(headers))  # noqa: S310
+        open_url(request, timeout=timeout or PUSH_TIMEOUT_S).close()
+
+    return send

@@ -102,7 +102,16 @@ def _size(size: float | None) -> str:
 
 
 def status_json(status: status_module.Status) -> list[str]:
-    return [as_json(job.as_dict()) for job in status.jobs]
+    # Whoever can write the history could have put a secret there (as history_lines).
+    return [
+        as_json(
+            {
+                **job.as_dict(),
+                **{name: redact(text) for name in ("error", "last_failure_error") if (text := getattr(job, name))},
+            }
+        )
+        for job in status.jobs
+    ]
 
 
 def status_table(status: status_module.Status) -> str:

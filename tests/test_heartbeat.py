@@ -148,3 +148,54 @@ def test_a_malformed_ping_url_is_a_warning_for_runs_and_an_error_for_check_and_c
     assert (entry["value"], entry["error"]) == ("***", "unusable: it is not a valid URL")
     for completed in (run, check, config):
         assert "secret-key-uuid" not in completed.stdout + completed.stderr
+
+
+def redirect_to(location: str):
+    def reply(handler):
+        if handler.path.startswith("/moved/"):
+            handler.send_response(200)
+        else:
+            handler.send_response(302)
+            handler.send_header("Location", location)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    return reply
+
+
+@pytest.mark.parametrize("target", ["ftp://127.0.0.1:1/skybot", "file:///etc/passwd"])
+def test_a_ping_redirected_away_from_http_is_not_followed_and_is_a_warning(sqlite, monitor, target):
+    """urllib follows a redirect to ftp:// by itself; a monitor (or whoever answers for
+    it) must not send the tool anywhere but to another http(s) URL."""
+    seed_operator_data(sqlite)
+    monitor.reply = redirect_to(target)
+    completed = run_cli(
+        "refresh-tokens",
+        env={"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_PING_URL": f"http://127.0.0.1:{monitor.server_port}/{{task}}"},
+    )
+    assert completed.returncode == 0, completed.stderr
+    scheme = target.partition(":")[0]
+    failed = [
+        (e["suffix"], e["attempt"], e["error_class"], e["error"]) for e in events(completed.stderr, "ping_failed")
+    ]
+    refused = f"redirected to {scheme}://, which is not followed (only http:// and https:// are)"
+    # Refused once per ping: a retry would be sent to the same place.
+    assert failed == [("start", 1, "RedirectRefused", refused), ("0", 1, "RedirectRefused", refused)]
+    assert [request[1].split("?")[0] for request in monitor.requests] == ["/refresh-tokens/start", "/refresh-tokens/0"]
+
+
+def test_a_ping_redirected_to_http_is_followed_within_its_deadline(sqlite, monitor):
+    seed_operator_data(sqlite)
+    monitor.reply = redirect_to(f"http://127.0.0.1:{monitor.server_port}/moved/here")
+    completed = run_cli(
+        "refresh-tokens",
+        env={"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_PING_URL": f"http://127.0.0.1:{monitor.server_port}/{{task}}"},
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert events(completed.stderr, "ping_failed") == []
+    assert [(method, path.split("?")[0]) for method, path, _ in monitor.requests] == [
+        ("GET", "/refresh-tokens/start"),
+        ("GET", "/moved/here"),
+        ("POST", "/refresh-tokens/0"),
+        ("GET", "/moved/here"),  # urllib turns a redirected POST into a GET, as browsers do
+    ]

@@ -26,6 +26,7 @@ from helpers import (
 from skybot_cleanup.clock import utc_now
 from skybot_cleanup.db import parse_database_url
 from skybot_cleanup.history import history_tables
+from skybot_cleanup.spool import PENDING_RUNS
 
 
 def test_tasks_started_together_on_a_fresh_database_all_reach_the_history(postgres):
@@ -131,7 +132,7 @@ def test_an_unreachable_database_run_reaches_the_history_with_the_next_run(postg
         },
     )
     assert down.returncode == 1
-    spooled = list((state / "pending-runs").glob("*.json"))
+    spooled = list((state / PENDING_RUNS).glob("*.json"))
     assert len(spooled) == 1
     # The database the failed run was meant for is back (same host, same database name).
     env = {"DATABASE_URL": postgres.url, "SKYBOT_CLEANUP_STATE_DIR": str(state)}
@@ -142,7 +143,7 @@ def test_an_unreachable_database_run_reaches_the_history_with_the_next_run(postg
     spooled[0].write_text(json.dumps(record))
     up = run_cli("refresh-tokens", env=env)
     assert up.returncode == 0, up.stderr
-    assert list((state / "pending-runs").glob("*")) == []
+    assert list((state / PENDING_RUNS).glob("*")) == []
     rows = history_rows(postgres)
     assert [(r["status"], r["exit_code"], r["error_class"]) for r in rows] == [
         ("failed", 1, "OperationalError"),
@@ -244,5 +245,5 @@ def test_history_failure_is_a_warning_once_and_cleanup_succeeds(postgres, limite
     )
     assert completed.stderr.count('"history_unavailable"') == 1
     # Not lost: each run waits in the state directory for a history it can write.
-    assert len(list((tmp_path / "state" / "pending-runs").glob("*.json"))) == 4
+    assert len(list((tmp_path / "state" / PENDING_RUNS).glob("*.json"))) == 4
     assert postgres.ids("MagicLink") == {"ml_live"}

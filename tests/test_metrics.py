@@ -23,6 +23,7 @@ from skybot_cleanup import db
 from skybot_cleanup.clock import utc_now
 from skybot_cleanup.demo import refresh_token_row
 from skybot_cleanup.history import history_tables
+from skybot_cleanup.spool import PENDING_RUNS
 
 
 def test_metrics_runs_are_in_the_history_and_have_their_run_textfile(sqlite, tmp_path):
@@ -58,7 +59,7 @@ def test_metrics_on_an_unreachable_database_fails_and_is_spooled(postgres, tmp_p
     assert completed.returncode == 1
     assert prom_values(tmp_path / "skybot_cleanup_metrics.prom")["skybot_cleanup_last_exit_code"] == 1
     assert not (tmp_path / "snapshot.prom").exists()
-    (spooled,) = (state / "pending-runs").glob("*.json")
+    (spooled,) = (state / PENDING_RUNS).glob("*.json")
     assert json.loads(spooled.read_text())["task"] == "metrics"
 
 

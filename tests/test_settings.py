@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import shutil
 import tempfile
 from pathlib import Path
@@ -223,28 +225,143 @@ def test_a_settings_file_in_a_directory_the_user_cannot_enter_is_one_line_and_ex
     )
 
 
+def secret_volume(root: Path, files: dict[str, str], mode: int = 0o644) -> Path:
+    """A Kubernetes secret volume as the kubelet writes it: the files in a timestamped
+    directory, `..data` a link to it, each key a link through `..data`, in a sticky
+    directory anyone may write (the volume's tmpfs); everything this user's."""
+    root.mkdir()
+    root.chmod(0o1777)
+    data = root / "..2026_12_01_00_00_00.000000001"
+    data.mkdir(mode=0o755)
+    for name, text in files.items():
+        (data / name).write_text(text)
+        (data / name).chmod(mode)
+        (root / name).symlink_to(f"..data/{name}")
+    (root / "..data").symlink_to(data.name)
+    return root
+
+
 def test_the_database_url_from_a_secret_file_as_docker_and_kubernetes_mount_it(backend, tmp_path):
     """DATABASE_URL_FILE and --database-url-file: the URL is in neither the process list
-    nor the environment. Kubernetes mounts a secret as a link into the volume's data."""
+    nor the environment. Kubernetes mounts a secret as links into the volume's data."""
     seed_tokens(backend)
-    data = tmp_path / "..data"
-    data.mkdir()
-    (data / "database-url").write_text(f"{backend.url}\n")
-    (tmp_path / "database-url").symlink_to(data / "database-url")
-    by_variable = run_cli("refresh-tokens", "--json", env={"DATABASE_URL_FILE": str(tmp_path / "database-url")})
+    volume = secret_volume(tmp_path / "secrets", {"database-url": f"\n{backend.url}\nsecond line\n"}, mode=0o600)
+    by_variable = run_cli("refresh-tokens", "--json", env={"DATABASE_URL_FILE": str(volume / "database-url")})
     assert by_variable.returncode == 0, by_variable.stderr
     assert json.loads(by_variable.stdout)["rows"] == 2
+    assert events(by_variable.stderr, "secret_file_readable") == []
     backend.insert("RefreshToken", [refresh_token_row("expired_3", utc_now() - HOUR)])
     by_option = run_cli(
         "refresh-tokens",
         "--json",
         "--database-url-file",
-        str(tmp_path / "database-url"),
+        str(volume / "database-url"),
         env={"DATABASE_URL": "postgres://nobody@127.0.0.1:1/none"},
     )
     assert by_option.returncode == 0, by_option.stderr
     assert json.loads(by_option.stdout)["rows"] == 1
     assert backend.ids("RefreshToken") == {"live", "revoked_expired"}
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_a_url_file_others_may_read_is_a_warning_once(sqlite, tmp_path, mode):
+    """As libpq says of a ~/.pgpass that group or others may read (Kubernetes' default
+    mode for a secret is 0644)."""
+    volume = secret_volume(tmp_path / "secrets", {"database-url": sqlite.url, "ping-url": "http://127.0.0.1:1/x"}, mode)
+    path = str(volume / "database-url")
+    completed = run_cli(
+        "all", "--dry-run", env={"DATABASE_URL_FILE": path, "SKYBOT_CLEANUP_PING_URL_FILE": str(volume / "ping-url")}
+    )
+    assert completed.returncode == 0, completed.stderr
+    warned = [(event["path"], event["error"]) for event in events(completed.stderr, "secret_file_readable")]
+    assert warned == [
+        (path, f"DATABASE_URL_FILE {path} has mode {mode:04o}: group or others may read it"),
+        (
+            str(volume / "ping-url"),
+            f"SKYBOT_CLEANUP_PING_URL_FILE {volume / 'ping-url'} has mode {mode:04o}: group or others may read it",
+        ),
+    ]
+
+
+def nobody() -> int:
+    return pwd.getpwnam("nobody").pw_uid
+
+
+@pytest.mark.parametrize("planted", ["another user's link", "a link others could replace", "a link to their file"])
+def test_a_url_file_reached_through_a_link_someone_else_controls_is_never_read(tmp_path, planted):
+    """Root, pointed at a path in a directory other users can write: a link there is
+    followed only if it is root's and no one else can swap it, and only to root's file."""
+    need_root()
+    secret = tmp_path / "root-only"
+    secret.write_text(f"postgresql://app:{PASSWORD}@db.internal/skybot\n")
+    secret.chmod(0o600)
+    theirs = world_dir("skybot-url-")
+    link = theirs / "database-url"
+    if planted == "another user's link":
+        theirs.chmod(0o1777)  # sticky, as /tmp is: only the link's owner is wrong
+        link.symlink_to(secret)
+        os.lchown(link, nobody(), -1)
+        why = f"is reached through a link (database-url) owned by uid {nobody()}, not by this user or root"
+    elif planted == "a link others could replace":
+        link.symlink_to(secret)  # root's own link, in a directory anyone may change
+        why = "is reached through a link (database-url) in a directory other users can change"
+    else:
+        theirs.chmod(0o1777)
+        (theirs / "url").write_text(f"postgresql://app:{PASSWORD}@db.internal/skybot\n")
+        os.chown(theirs / "url", nobody(), -1)
+        link.symlink_to(theirs / "url")
+        why = f"is a link to a file of uid {nobody()}, not of this user or root"
+    try:
+        completed = run_cli(
+            "refresh-tokens", env={"DATABASE_URL_FILE": str(link), "SKYBOT_CLEANUP_LOG_FORMAT": "console"}
+        )
+    finally:
+        shutil.rmtree(theirs)
+    running_as = pwd.getpwuid(os.geteuid()).pw_name
+    assert (completed.returncode, completed.stdout) == (2, "")
+    assert completed.stderr == (
+        f"skybot-cleanup: error: cannot read DATABASE_URL_FILE {link}: {link} {why} (running as {running_as})\n"
+    )
+
+
+PLANTED = "planted-Secret-4242"
+
+
+@pytest.mark.parametrize("pointed_at", ["an env file", "a one-line env file", "/proc/self/environ"])
+def test_a_url_file_that_is_not_one_shows_nothing_of_what_it_holds(tmp_path, pointed_at):
+    """The wrong file named as the URL file: whatever it holds (a planted password, the
+    environment), no command shows any of it, and each fails in one line."""
+    if pointed_at == "/proc/self/environ":
+        path = "/proc/self/environ"
+    else:
+        lines = [f"PGPASSWORD={PLANTED}", f"DATABASE_URL=postgres://app:{PLANTED}@db.internal/app"]
+        path = str(tmp_path / "app.env")
+        Path(path).write_text(("\n" if pointed_at == "an env file" else " ").join(lines) + "\n")
+        Path(path).chmod(0o600)
+    env = {"DATABASE_URL_FILE": path, "PGPASSWORD": PLANTED, "SKYBOT_CLEANUP_LOG_FORMAT": "console"}
+    for command in ("refresh-tokens", "check", "status", "history", "metrics", "config"):
+        completed = run_cli(command, env=env)
+        shown = completed.stdout + completed.stderr
+        # Not even lowercased: the scheme was once quoted that way.
+        assert all(word not in shown.lower() for word in (PLANTED.lower(), "db.internal", "pgpassword")), shown
+        if command != "config" or pointed_at == "/proc/self/environ":
+            assert completed.returncode == 2, (command, shown)
+            assert completed.stderr.splitlines()[-1].startswith("skybot-cleanup: "), (command, shown)
+
+
+def test_config_shows_only_the_first_line_of_the_url_file(tmp_path):
+    secret = tmp_path / "database-url"
+    secret.write_text(f"postgresql://app@db.internal/skybot\nPGPASSWORD={PLANTED}\n")
+    completed = run_cli("config", env={"DATABASE_URL_FILE": str(secret)})
+    assert completed.returncode == 0, completed.stderr
+    (line,) = [line for line in completed.stdout.splitlines() if line.startswith("SKYBOT_CLEANUP_DATABASE_URL ")]
+    assert line.split() == [
+        "SKYBOT_CLEANUP_DATABASE_URL",
+        "postgresql://app@db.internal/skybot",
+        "environment",
+        "(DATABASE_URL_FILE)",
+    ]
+    assert PLANTED not in completed.stdout + completed.stderr
 
 
 def test_config_names_the_secret_file_and_never_shows_what_it_holds(tmp_path):

@@ -12,12 +12,24 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from components import need_root, world_dir
-from helpers import HOUR, Backend, events, history_rows, os_user_group, run_cli, seed_operator_data, unreachable_twin
+from helpers import (
+    HOUR,
+    REPOSITORY,
+    Backend,
+    events,
+    history_rows,
+    os_user_group,
+    run_cli,
+    seed_operator_data,
+    unavailable,
+    unreachable_twin,
+)
 
 from skybot_cleanup.app_schema import app_metadata
 from skybot_cleanup.clock import utc_now
 from skybot_cleanup.db import parse_database_url
 from skybot_cleanup.demo import insert_rows, refresh_token_row
+from skybot_cleanup.spool import EARLIER_PENDING_RUNS, MAX_TEXT_CHARS, PENDING_RUNS
 
 
 def sqlite_app(path: Path) -> Backend:
@@ -68,7 +80,7 @@ def test_a_state_directory_the_user_cannot_enter_never_fails_the_cleanup():
 
 def test_a_malformed_spool_file_is_set_aside_and_the_run_succeeds(sqlite, tmp_path):
     seed_operator_data(sqlite)
-    spool = tmp_path / "state-dir" / "pending-runs"
+    spool = tmp_path / "state-dir" / PENDING_RUNS
     spool.mkdir(parents=True)
     identity = parse_database_url(sqlite.url).identity
     (spool / "20261101T000000000000-x.json").write_text(json.dumps({"database": identity, "run_id": "x"}))
@@ -87,16 +99,9 @@ def test_a_malformed_spool_file_is_set_aside_and_the_run_succeeds(sqlite, tmp_pa
 
 def test_a_stale_claim_of_a_dead_run_is_recorded_once(postgres, tmp_path):
     state = tmp_path / "state-dir"
-    down = run_cli(
-        "magic-links",
-        env={
-            "DATABASE_URL": unreachable_twin(postgres.url),
-            "SKYBOT_CLEANUP_STATE_DIR": str(state),
-            "SKYBOT_CLEANUP_MAX_RETRIES": "0",
-        },
-    )
+    down = run_cli("magic-links", env=outage(postgres.url, state))
     assert down.returncode == 1
-    (spooled,) = (state / "pending-runs").glob("*.json")
+    (spooled,) = (state / PENDING_RUNS).glob("*.json")
     # A run that claimed it and was killed before recording it (pid 2**22 + 1 does not exist).
     spooled.rename(spooled.with_name(f"{spooled.name}.claimed-{2**22 + 1}"))
     completed = run_cli("magic-links", env={"DATABASE_URL": postgres.url, "SKYBOT_CLEANUP_STATE_DIR": str(state)})
@@ -105,7 +110,17 @@ def test_a_stale_claim_of_a_dead_run_is_recorded_once(postgres, tmp_path):
         ("magic-links", "failed", 1),
         ("magic-links", "ok", 0),
     ]
-    assert list((state / "pending-runs").iterdir()) == []
+    assert list((state / PENDING_RUNS).iterdir()) == []
+
+
+def outage(url: str, state: Path) -> dict[str, str]:
+    """The settings of a run for `url`'s user and database while its server is down: its
+    record waits in the spool under `state`."""
+    return {
+        "DATABASE_URL": unreachable_twin(url),
+        "SKYBOT_CLEANUP_STATE_DIR": str(state),
+        "SKYBOT_CLEANUP_MAX_RETRIES": "0",
+    }
 
 
 def unreachable_run(env: dict[str, str], **kwargs) -> subprocess.CompletedProcess[str]:
@@ -134,8 +149,8 @@ def test_a_root_run_never_writes_through_another_users_state_directory(tmp_path,
     if planted == "pending-runs link":
         state.mkdir()
         owned_by_nobody(state)
-        (state / "pending-runs").symlink_to(target)
-        owned_by_nobody(state / "pending-runs")
+        (state / PENDING_RUNS).symlink_to(target)
+        owned_by_nobody(state / PENDING_RUNS)
     elif planted == "state directory link":
         state.symlink_to(target)
         owned_by_nobody(state)
@@ -156,37 +171,37 @@ def test_spool_files_are_0600_in_a_0700_directory_whatever_the_umask(tmp_path):
     state = tmp_path / "state"
     completed = unreachable_run({"SKYBOT_CLEANUP_STATE_DIR": str(state)}, umask=0o002)
     assert completed.returncode == 1
-    (entry,) = (state / "pending-runs").iterdir()
+    (entry,) = (state / PENDING_RUNS).iterdir()
     assert stat.S_IMODE(entry.stat().st_mode) == 0o600
-    assert stat.S_IMODE((state / "pending-runs").stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / PENDING_RUNS).stat().st_mode) == 0o700
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
 
 
 def test_a_forged_or_foreign_entry_is_quarantined_never_replayed(postgres, tmp_path):
-    """Entries the tool did not write with its own hands: a file another user owns, one
-    others may read, one that is a link. None reaches the history; each is set aside."""
+    """Entries someone else could have written: a file another user owns, one others may
+    write, one that is a link. None reaches the history; each is set aside."""
     need_root()
     state = tmp_path / "state"
     unreachable_run({"SKYBOT_CLEANUP_STATE_DIR": str(state)})
-    spool = state / "pending-runs"
+    spool = state / PENDING_RUNS
     (genuine,) = spool.iterdir()
     entry = json.loads(genuine.read_text())
     identity = parse_database_url(postgres.url).identity
     forged = {**entry, "database": identity, "status": "ok", "task": "refresh-tokens", "run_id": "forged"}
     genuine.unlink()
-    for name, mode, owner in (("a-foreign.json", 0o600, "nobody"), ("b-readable.json", 0o644, None)):
+    for name, mode, owner in (("a-foreign.json", 0o600, "nobody"), ("b-writable.json", 0o620, None)):
         path = spool / name
         path.write_text(json.dumps(forged))
         path.chmod(mode)
         if owner:
             owned_by_nobody(path)
-    (spool / "c-link.json").symlink_to(spool / "b-readable.json")
+    (spool / "c-link.json").symlink_to(spool / "b-writable.json")
     completed = run_cli("refresh-tokens", env={"DATABASE_URL": postgres.url, "SKYBOT_CLEANUP_STATE_DIR": str(state)})
     assert completed.returncode == 0, completed.stderr
     assert "forged" not in {row["run_id"] for row in history_rows(postgres)}
     assert sorted(path.name for path in spool.iterdir()) == [
         "a-foreign.json.bad",
-        "b-readable.json.bad",
+        "b-writable.json.bad",
         "c-link.json.bad",
     ]
     assert "spool_entry_quarantined" in [event["event"] for event in events(completed.stderr)]
@@ -198,4 +213,169 @@ def test_a_failed_spool_write_leaves_no_partial_file(tmp_path):
     completed = unreachable_run({"SKYBOT_CLEANUP_STATE_DIR": str(state)}, file_size_limit=64)
     assert completed.returncode == 1
     assert "run_not_recorded" in [event["event"] for event in events(completed.stderr)]
-    assert list((state / "pending-runs").iterdir()) == []
+    assert list((state / PENDING_RUNS).iterdir()) == []
+
+
+def test_a_long_error_text_is_cut_when_spooled_and_an_uncut_earlier_entry_is_still_recorded(sqlite, tmp_path):
+    """A run whose error is 100,000 characters long, and whose history cannot be written:
+    its entry keeps the error's first MAX_TEXT_CHARS, and is recorded once the history
+    is back. An earlier release wrote such entries whole: one over 64 KiB is recorded
+    too, never set aside."""
+    seed_operator_data(sqlite)
+    state = tmp_path / "state"
+    env = {"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_STATE_DIR": str(state)}
+    assert run_cli("idempotency-keys", env=env).returncode == 0  # the history tables exist
+    reason = "refused by a trigger of the app: " + "x" * 100_000
+    sqlite.execute(
+        f"CREATE TRIGGER refuse BEFORE DELETE ON \"RefreshToken\" BEGIN SELECT RAISE(ABORT, '{reason}'); END"
+    )
+    sqlite.execute(
+        "CREATE TRIGGER no_history BEFORE INSERT ON skybot_cleanup_runs BEGIN SELECT RAISE(ABORT, 'no history'); END"
+    )
+    failed = run_cli("refresh-tokens", env=env)
+    assert failed.returncode == 1, failed.stderr
+    (entry,) = (state / PENDING_RUNS).glob("*.json")
+    written = json.loads(entry.read_text())
+    (reported,) = [event["error"] for event in events(failed.stderr, "run_failed")]
+    assert reported.endswith(reason)  # the run's own report is whole
+    assert written["error"] == f"{reported[:MAX_TEXT_CHARS]}... [{len(reported) - MAX_TEXT_CHARS} characters cut]"
+    assert entry.stat().st_size < 64 * 1024
+
+    (earlier,) = EARLIER_PENDING_RUNS
+    (state / earlier).mkdir(mode=0o755)
+    uncut = state / earlier / "20261101T000000000000-uncut.json"
+    uncut.write_text(json.dumps({**written, "run_id": "uncut", "error": reason}))
+    uncut.chmod(0o644)
+    assert uncut.stat().st_size > 64 * 1024
+    sqlite.execute("DROP TRIGGER no_history")
+    sqlite.execute("DROP TRIGGER refuse")
+    recorded = run_cli("refresh-tokens", env=env)
+    assert recorded.returncode == 0, recorded.stderr
+    runs = [(row["task"], row["status"], row["error"]) for row in history_rows(sqlite)]
+    assert runs == [
+        ("idempotency-keys", "ok", None),
+        ("refresh-tokens", "failed", reason),  # as the earlier release wrote it
+        ("refresh-tokens", "failed", written["error"]),
+        ("refresh-tokens", "ok", None),
+    ]
+    assert sorted(path.name for path in state.rglob("*") if path.is_file()) == []
+    assert "spool_entry_quarantined" not in [event["event"] for event in events(recorded.stderr)]
+
+
+def test_an_earlier_spool_directory_others_could_write_is_left_alone(postgres, tmp_path):
+    """0.1.0 made its directory with the umask's mode: under umask 002 the group may write
+    it, so its entries cannot be told from forgeries. They wait, neither replayed nor set
+    aside (one warning says how to fix it); this release's own records are unaffected."""
+    state = tmp_path / "state"
+    down = unreachable_run({"SKYBOT_CLEANUP_STATE_DIR": str(state)})
+    assert down.returncode == 1
+    (entry,) = (state / PENDING_RUNS).glob("*.json")
+    (earlier,) = EARLIER_PENDING_RUNS
+    (state / earlier).mkdir()
+    (state / earlier).chmod(0o775)
+    waiting = state / earlier / entry.name.replace(".json", "-earlier.json")
+    identity = parse_database_url(postgres.url).identity  # trusted, it would be recorded now
+    waiting.write_text(json.dumps({**json.loads(entry.read_text()), "database": identity, "run_id": "earlier"}))
+    waiting.chmod(0o644)
+    completed = run_cli("refresh-tokens", env={"DATABASE_URL": postgres.url, "SKYBOT_CLEANUP_STATE_DIR": str(state)})
+    assert completed.returncode == 0, completed.stderr
+    (warning,) = events(completed.stderr, "spool_directory_unusable")
+    assert warning["directory"] == str(state / earlier)
+    assert warning["error"] == "pending-runs is writable by group or others (chmod go-w)"
+    assert [path.name for path in (state / earlier).iterdir()] == [waiting.name]
+    assert [row["status"] for row in history_rows(postgres)] == ["ok"]
+
+
+# -- across releases -----------------------------------------------------------------------------
+
+# The release before this one (0.1.0). Its spool entries are 0644 files in a 0755
+# directory, with exactly the twelve fields it knew; it sets aside any other entry.
+PREVIOUS_RELEASE = "34a245a"
+
+
+@pytest.fixture(scope="session")
+def previous_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The previous release's console script, installed from its commit into a virtualenv
+    of its own, as an operator has it: once per session (pip takes a while)."""
+    python = Path("/usr/bin/python3")
+    if not python.exists():
+        unavailable("the previous release is installed with /usr/bin/python3, which is missing")
+    root = tmp_path_factory.mktemp(f"release-{PREVIOUS_RELEASE}")
+    archive = subprocess.run(["git", "-C", str(REPOSITORY), "archive", PREVIOUS_RELEASE], capture_output=True)
+    if archive.returncode != 0:
+        unavailable(f"git cannot archive {PREVIOUS_RELEASE} (a shallow clone?): {archive.stderr.decode().strip()}")
+    (root / "src").mkdir()
+    subprocess.run(["tar", "-x", "-C", str(root / "src")], input=archive.stdout, check=True)
+    subprocess.run([str(python), "-m", "venv", str(root / "venv")], check=True)
+    pip = subprocess.run(
+        [str(root / "venv" / "bin" / "pip"), "install", "-q", str(root / "src")],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    if pip.returncode != 0:
+        unavailable(f"pip cannot install {PREVIOUS_RELEASE}: {pip.stderr.strip().splitlines()[-1:]}")
+    return root / "venv" / "bin" / "skybot-cleanup"
+
+
+def run_release(script: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Another release's console script, as cron runs it (umask 022, a bare environment)."""
+    return subprocess.run(
+        [str(script), *args],
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": os.environ.get("HOME", "/root"), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: os.umask(0o022),
+    )
+
+
+def not_set_aside(state: Path) -> list[str]:
+    return sorted(str(path.relative_to(state)) for path in state.rglob("*.bad"))
+
+
+@pytest.mark.xdist_group("previous-release")
+def test_the_previous_releases_spool_entry_is_recorded_after_the_upgrade(postgres, tmp_path, previous_release):
+    """0.1.0 could not reach the database and kept its run; the upgrade's first run that
+    reaches it records that run, as 0.1.0 wrote it."""
+    state = tmp_path / "state"
+    old = run_release(previous_release, "magic-links", env=outage(postgres.url, state))
+    assert old.returncode == 1, old.stderr
+    (earlier,) = EARLIER_PENDING_RUNS
+    (entry,) = (state / earlier).glob("*.json")
+    assert (stat.S_IMODE(entry.stat().st_mode), stat.S_IMODE((state / earlier).stat().st_mode)) == (0o644, 0o755)
+    kept = json.loads(entry.read_text())
+    assert "batches" not in kept and len(kept) == 13  # its twelve fields and the database
+
+    upgraded = run_cli("magic-links", env={"DATABASE_URL": postgres.url, "SKYBOT_CLEANUP_STATE_DIR": str(state)})
+    assert upgraded.returncode == 0, upgraded.stderr
+    runs = [(row["run_id"], row["status"], row["exit_code"], row["error_class"]) for row in history_rows(postgres)]
+    assert runs[0] == (kept["run_id"], "failed", 1, "OperationalError")
+    assert [run[1:] for run in runs[1:]] == [("ok", 0, None)]
+    assert not_set_aside(state) == [] and list((state / earlier).iterdir()) == []
+    assert "spool_entry_quarantined" not in [event["event"] for event in events(upgraded.stderr)]
+
+
+@pytest.mark.xdist_group("previous-release")
+def test_a_downgrade_leaves_this_releases_entries_for_it(postgres, tmp_path, previous_release):
+    """0.1.0 sets aside any entry with a field it does not know. This release keeps its
+    entries where 0.1.0 never looks: a downgrade leaves them, and the next upgrade
+    records them."""
+    state = tmp_path / "state"
+    down = run_cli("magic-links", env=outage(postgres.url, state))
+    assert down.returncode == 1, down.stderr
+    (entry,) = (state / PENDING_RUNS).glob("*.json")
+    kept = json.loads(entry.read_text())
+    assert "batches" in kept  # a field 0.1.0 does not know
+
+    env = {"DATABASE_URL": postgres.url, "SKYBOT_CLEANUP_STATE_DIR": str(state)}
+    downgraded = run_release(previous_release, "magic-links", env=env)
+    assert downgraded.returncode == 0, downgraded.stderr
+    assert entry.exists() and not_set_aside(state) == []
+
+    upgraded = run_cli("magic-links", env=env)
+    assert upgraded.returncode == 0, upgraded.stderr
+    runs = [(row["run_id"], row["status"]) for row in history_rows(postgres)]
+    assert [status for _, status in runs] == ["ok", "failed", "ok"]
+    assert runs[1][0] == kept["run_id"]
+    assert not entry.exists() and not_set_aside(state) == []

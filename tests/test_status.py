@@ -11,6 +11,7 @@ from helpers import (
     HOUR,
     JOB_NAMES,
     MINUTE,
+    SECRET,
     TASK_NAMES,
     events,
     invoke,
@@ -187,3 +188,20 @@ def test_status_retries_a_transient_failure_within_a_short_budget():
     assert result.exit_code == 1
     retries = [e for e in events(result.stderr) if e["event"] == "retrying"]
     assert len(retries) == 2 and all(e["delay_s"] <= 4 for e in retries)  # 1 s base, not 5 s
+
+
+def test_status_json_hides_secrets_recorded_in_the_history_as_the_table_does(sqlite):
+    """Whoever could write the history could have put a password there (or a failure
+    quoted one): `status --json` redacts it like `status` and `history --json`."""
+    seed_operator_data(sqlite)
+    error = f"boom\x1b[2J at postgresql://app:{SECRET}@db.internal/app and hc-ping.com/{SECRET}/x"
+    put_history(sqlite, ("refresh-tokens", "failed", HOUR), error=error)
+    env = {"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_PING_URL": f"https://hc-ping.com/{SECRET}/{{task}}"}
+    as_json = run_cli("status", "--json", env=env)
+    table = run_cli("status", env=env)
+    statuses = {s["task"]: s for s in map(json.loads, as_json.stdout.splitlines())}
+    assert statuses["refresh-tokens"]["last_failure_error"] == (
+        "OperationalError: boom\\x1b[2J at postgresql://app:***@db.internal/app and hc-ping.com/***/x"
+    )
+    for output in (as_json.stdout + as_json.stderr, table.stdout + table.stderr):
+        assert SECRET not in output and "\x1b" not in output

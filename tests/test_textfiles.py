@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import stat
 import time
 from pathlib import Path
 
 import pytest
+from components import need_root, world_dir
 from helpers import (
     JOB_NAMES,
     TASK_NAMES,
@@ -20,6 +23,8 @@ from helpers import (
     samples,
     seed_operator_data,
 )
+
+from skybot_cleanup import textfiles
 
 
 def test_an_invalid_setting_in_the_settings_file_still_writes_the_textfile_pings_and_is_recorded(
@@ -236,3 +241,98 @@ def test_a_textfile_is_replaced_whole_never_rewritten_in_place(sqlite, tmp_path)
         textfile.name,
         "victim",
     ]
+
+
+@pytest.mark.parametrize("planted", ["another user's link", "a link others could replace"])
+def test_a_root_run_never_writes_textfiles_through_a_link_someone_else_controls(sqlite, tmp_path, planted):
+    """The textfile directory named through a link in a directory others can write: root
+    must not write its files wherever an unprivileged user points that link. The run's
+    result stands; the textfile is a warning."""
+    need_root()
+    seed_operator_data(sqlite)
+    target = tmp_path / "root-only"
+    target.mkdir(mode=0o700)
+    theirs = world_dir("skybot-prom-")
+    link = theirs / "textfiles"
+    link.symlink_to(target)
+    if planted == "another user's link":
+        theirs.chmod(0o1777)  # sticky, as /tmp is: only the link's owner is wrong
+        os.lchown(link, pwd.getpwnam("nobody").pw_uid, -1)
+        why = "owned by uid"
+    else:
+        why = "in a directory other users can change"  # root's own link, but anyone may replace it
+    try:
+        for command in ("refresh-tokens", "metrics"):
+            completed = run_cli(command, env={"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_PROM_FILE": f"{link}/"})
+            assert list(target.iterdir()) == [], command
+            if command == "refresh-tokens":
+                assert completed.returncode == 0, completed.stderr
+                (warning,) = events(completed.stderr, "textfile_not_written")
+                assert f"is reached through a link (textfiles) {why}" in warning["error"]
+            else:
+                assert completed.returncode == 1  # the snapshot was not delivered
+                assert (
+                    f"is reached through a link (textfiles) {why}" in events(completed.stderr, "run_failed")[0]["error"]
+                )
+    finally:
+        shutil.rmtree(theirs)
+    assert sqlite.ids("RefreshToken") == {"live_1", "live_2", "revoked_live", "revoked_100d"}
+
+
+def test_a_textfile_directory_reached_through_the_users_own_link_is_used(sqlite, tmp_path):
+    seed_operator_data(sqlite)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "current").symlink_to("real")
+    completed = run_cli(
+        "refresh-tokens", env={"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_PROM_FILE": str(tmp_path / "current")}
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert [path.name for path in (tmp_path / "real").iterdir()] == ["skybot_cleanup_refresh-tokens.prom"]
+
+
+def trickle(handler):
+    """A Pushgateway that answers its status line and then one header byte a second: a
+    socket timeout never fires (once, a push was held 124 s)."""
+    handler.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+    for _ in range(120):  # 2 minutes at most, whatever the client does
+        if handler.server.released.wait(1.0):
+            return
+        handler.wfile.write(b"x")
+        handler.wfile.flush()
+        handler.server.sent += 1
+
+
+def test_a_trickling_pushgateway_holds_metrics_no_longer_than_its_deadline(sqlite, monitor, monkeypatch):
+    seed_operator_data(sqlite)
+    monkeypatch.setattr(textfiles, "PUSH_TIMEOUT_S", 2.0)
+    monitor.reply = trickle
+    result = invoke(
+        "metrics", "--pushgateway", f"http://127.0.0.1:{monitor.server_port}", env={"DATABASE_URL": sqlite.url}
+    )
+    assert result.exit_code == 1
+    (failed,) = events(result.stderr, "run_failed")
+    assert failed["error"] == "metrics were collected but not delivered: TimeoutError: no complete reply within 2.0 s"
+    assert [request[:2] for request in monitor.requests] == [("PUT", "/metrics/job/skybot_cleanup")]
+
+
+@pytest.mark.parametrize("target", ["ftp://127.0.0.1:1/metrics", "file:///etc/passwd"])
+def test_a_push_redirected_away_from_http_is_not_followed(sqlite, monitor, target):
+    seed_operator_data(sqlite)
+
+    def redirect(handler):
+        handler.send_response(307)
+        handler.send_header("Location", target)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    monitor.reply = redirect
+    result = invoke(
+        "metrics", "--pushgateway", f"http://127.0.0.1:{monitor.server_port}", env={"DATABASE_URL": sqlite.url}
+    )
+    assert result.exit_code == 1
+    (failed,) = events(result.stderr, "run_failed")
+    scheme = target.partition(":")[0]
+    assert failed["error"] == (
+        "metrics were collected but not delivered: RedirectRefused: "
+        f"redirected to {scheme}://, which is not followed (only http:// and https:// are)"
+    )

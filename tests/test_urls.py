@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
-from helpers import HOUR, SECRET, error_line, run_cli, seed_operator_data, with_password, with_query
+from helpers import HOUR, SECRET, error_line, run_cli, seed_operator_data, seed_tokens, with_password, with_query
 
 from skybot_cleanup.app_schema import app_metadata
 from skybot_cleanup.clock import utc_now
@@ -126,19 +126,73 @@ def test_prisma_tls_parameters_in_libpq_terms(query, libpq):
     ("raw", "message"),
     [
         ("", "no database URL"),
-        ("mysql://u@h/db", "DATABASE_URL scheme 'mysql' is not supported"),
+        ("mysql://u@h/db", "DATABASE_URL has a scheme that is not supported (not shown)"),
+        # Whatever is wrong, the message names it and quotes nothing (a URL file may be the wrong file).
+        (f"PGPASSWORD={SECRET}\nDATABASE_URL=postgresql://u@h/db", "scheme that is not supported (not shown)"),
+        (f"sqlite://u:{SECRET}@h:port/db", "DATABASE_URL is not a valid sqlite:/// URL"),
+        (f"postgresql://u@h/db?sslaccept={SECRET}", "its sslaccept (not shown) is not strict or accept_invalid_certs"),
         ("just-a-host", "expected scheme://"),
         ("postgresql://u@h:port/db", "bad port"),
         ("postgresql://u@h/db?schema=a-b", "not a valid schema name"),
         ("postgresql://u@h/db?sslidentity=id.p12&sslpassword=" + SECRET, "sslidentity (a PKCS#12 client identity)"),
-        ("postgresql://u@h/db?sslaccept=maybe", "is not strict or accept_invalid_certs"),
         ("postgresql://u@h/db?sslaccept=strict&sslmode=disable", "but sslmode=disable allows none"),
     ],
 )
 def test_bad_urls_are_configuration_errors_without_the_secret(raw, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as caught:
         parse_database_url(raw)
-    assert SECRET not in str(caught.value)
+    assert SECRET.lower() not in str(caught.value).lower()  # the scheme was once quoted, lowercased
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://user@:5432/db",
+        "postgresql://:5432/db",
+        "postgresql://user@[]:5432/db",
+        "postgresql://user@h1:5432,:5433/db",
+        "postgresql://user@h1,,h2/db",
+        "postgresql://user@h/db?host=h1,",
+        "postgresql://user@h/db?host=,%2Ftmp",
+    ],
+)
+def test_a_url_that_leaves_a_host_empty_is_refused(url):
+    """libpq takes an empty host as the local socket: a URL with a port but no host
+    would silently reach whatever listens there."""
+    with pytest.raises(ConfigError, match="DATABASE_URL leaves a host empty"):
+        parse_database_url(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "conninfo"),
+    [
+        # A socket directory named in the query, with or without a port in the authority.
+        (
+            "postgresql://user@:5432/db?host=/var/run/postgresql",
+            "postgresql://user@:5432/db?host=%2Fvar%2Frun%2Fpostgresql",
+        ),
+        ("postgresql://user@/db?host=/tmp", "postgresql://user@/db?host=%2Ftmp"),
+        # An address without a name: libpq connects to hostaddr.
+        ("postgresql://user@:5432/db?hostaddr=127.0.0.1", "postgresql://user@:5432/db?hostaddr=127.0.0.1"),
+        ("postgresql://user@%2Fvar%2Frun%2Fpostgresql:5432/db", "postgresql://user@%2Fvar%2Frun%2Fpostgresql:5432/db"),
+    ],
+)
+def test_a_socket_directory_or_an_address_names_the_server(url, conninfo):
+    assert parse_database_url(url).conninfo == conninfo
+
+
+def test_a_port_without_a_host_is_one_line_and_exit_2_before_anything_connects(postgres, tmp_path):
+    """The URL the review used: before, it connected through the local socket and ran."""
+    seed_tokens(postgres)
+    url = f"postgresql://postgres@:5432/{postgres.database}"
+    completed = run_cli(
+        "refresh-tokens",
+        env={"DATABASE_URL": url, "XDG_STATE_HOME": str(tmp_path), "SKYBOT_CLEANUP_LOG_FORMAT": "console"},
+    )
+    assert (completed.returncode, completed.stdout) == (2, "")
+    assert completed.stderr.startswith("skybot-cleanup: error: DATABASE_URL leaves a host empty")
+    assert len(completed.stderr.splitlines()) == 1
+    assert postgres.ids("RefreshToken") == {"expired_1", "expired_2", "live", "revoked_expired"}
 
 
 def test_the_display_form_masks_the_password():

@@ -62,13 +62,15 @@ def parse_database_url(raw: str | None, schema_override: str | None = None) -> D
     raw = raw.strip()
     scheme, sep, rest = raw.partition("://")
     scheme = scheme.lower().split("+")[0]
+    # No message quotes the URL, nor any part of it: it may come from a file, and the
+    # wrong file (an env file, /proc/self/environ) would be shown to whoever reads the logs.
     if not sep:
         raise ConfigError("DATABASE_URL is not a valid database URL (expected scheme://...)")
     if scheme == "sqlite":
         return _sqlite_target(raw)
     if scheme not in ("postgres", "postgresql"):
         raise ConfigError(
-            f"DATABASE_URL scheme {scheme!r} is not supported: use postgres://, postgresql:// or sqlite:///"
+            "DATABASE_URL has a scheme that is not supported (not shown): use postgres://, postgresql:// or sqlite:///"
         )
     return _postgres_target(rest, schema_override)
 
@@ -76,7 +78,10 @@ def parse_database_url(raw: str | None, schema_override: str | None = None) -> D
 def _sqlite_target(raw: str) -> DatabaseTarget:
     import sqlalchemy as sa
 
-    path = sa.make_url(raw).database or ""
+    try:
+        path = sa.make_url(raw).database or ""
+    except (ValueError, sa.exc.ArgumentError):
+        raise ConfigError("DATABASE_URL is not a valid sqlite:/// URL") from None
     return DatabaseTarget(
         kind="sqlite",
         conninfo=raw,
@@ -134,17 +139,33 @@ def _split(rest: str) -> _Parts:
     return _Parts(unquote(user), unquote(password), hosts, path, parse_qsl(query, keep_blank_values=True))
 
 
+def _host_of(entry: str) -> str:
+    """The host of one entry of a URL's host list, without its port."""
+    if entry.startswith("["):
+        return entry[1:].partition("]")[0]
+    return entry.partition(":")[0]
+
+
 def _names_its_server(parts: _Parts) -> None:
     """libpq fills what a URL leaves out from the environment and the OS user: the local
     socket, and a database named after that user. A run must never reach a database by
-    accident, so a URL names both its server and its database."""
+    accident, so a URL names both its server and its database, and every host it lists
+    (postgresql://user@:5432/db, h1,:5433 and ?host=h1, leave one empty)."""
     values = parts.values
+    named = values.get("host", parts.hosts)  # libpq: the query's host wins
+    hosts = [_host_of(entry) for entry in named.split(",")] if named else []
+    if hosts and not all(hosts) and not values.get("hostaddr"):
+        raise ConfigError(
+            "DATABASE_URL leaves a host empty (a port with no host before it, or an empty entry in a list of "
+            "hosts), which libpq would take as the local socket: name every host, as in "
+            "postgresql://user@db.internal:5432/app, or a socket directory as ?host=/var/run/postgresql"
+        )
     missing = [
         what
         for what, given in (
             (
                 "host (or a socket directory as ?host=)",
-                parts.hosts.strip(",") or values.get("host") or values.get("hostaddr"),
+                any(hosts) or values.get("hostaddr"),
             ),
             ("database", unquote(parts.path.lstrip("/")) or values.get("dbname")),
         )
@@ -199,7 +220,7 @@ def _tls_parameters(values: Mapping[str, str]) -> list[tuple[str, str]]:
     """
     accept = values.get("sslaccept", "").lower()
     if accept not in ("", "strict", "accept_invalid_certs"):
-        raise ConfigError(f"DATABASE_URL: sslaccept={accept!r} is not strict or accept_invalid_certs")
+        raise ConfigError("DATABASE_URL: its sslaccept (not shown) is not strict or accept_invalid_certs")
     if "sslidentity" in values:
         raise ConfigError(
             "DATABASE_URL: sslidentity (a PKCS#12 client identity) has no libpq equivalent; convert it "
