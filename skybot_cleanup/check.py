@@ -59,6 +59,9 @@ class Context:
     judgement: health.Judgement | None = None
     plans: dict[str, db.Pending] = field(default_factory=dict)
     rows: dict[str, db.CountReading] = field(default_factory=dict)
+    # Per task with a narrowing index: the rows its walk passes over, and the table's indexes.
+    passed_over: dict[str, db.CountReading] = field(default_factory=dict)
+    index_columns: dict[str, db.Pending] = field(default_factory=dict)
 
     def readable(self, key: str) -> db.BoundTable | None:
         """The bound table, when it exists and the role may read it (checks that query it
@@ -106,11 +109,16 @@ def server(ctx: Context) -> Iterator[Finding]:
             "(SELECT setting::bigint FROM pg_catalog.pg_settings "
             " WHERE name = 'idle_in_transaction_session_timeout'), "
             "(SELECT pg_catalog.has_schema_privilege(oid, 'USAGE') FROM pg_catalog.pg_namespace "
-            " WHERE nspname = :schema)"
+            " WHERE nspname = :schema), "
+            # The physical standbys, and how many of them this role may see the positions of.
+            "(SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_replication r JOIN pg_catalog.pg_stat_activity a "
+            " ON a.pid = r.pid AND a.datid IS NULL), "
+            "(SELECT pg_catalog.count(r.replay_lsn) FROM pg_catalog.pg_stat_replication r "
+            " JOIN pg_catalog.pg_stat_activity a ON a.pid = r.pid AND a.datid IS NULL)"
         ),
         {"schema": ctx.schema},
     ).one()
-    version, zone, ctx.role, standby, read_only_default, tls, idle_ms, schema_usable = row
+    version, zone, ctx.role, standby, read_only_default, tls, idle_ms, schema_usable, standbys, visible = row
     ctx.schema_usable = schema_usable
     yield Finding(
         "info",
@@ -125,6 +133,8 @@ def server(ctx: Context) -> Iterator[Finding]:
             f"({ctx.settings.sleep_ms} ms) plus a second: batched runs would be cut short after "
             "one batch; lower SKYBOT_CLEANUP_SLEEP_MS",
         )
+    if standbys:
+        yield _standbys_finding(ctx, int(standbys), int(visible))
     if standby or read_only_default:
         ctx.read_only = True
         what = "a hot standby" if standby else "read-only (default_transaction_read_only is on)"
@@ -133,6 +143,25 @@ def server(ctx: Context) -> Iterator[Finding]:
             f"the database is {what}: every cleanup would fail; point DATABASE_URL at the "
             "primary (with several hosts, add target_session_attrs=read-write)",
         )
+
+
+def _standbys_finding(ctx: Context, standbys: int, visible: int) -> Finding:
+    """Replica pacing needs the standbys' replay positions, which only pg_read_all_stats
+    (pg_monitor includes it) or a superuser may read."""
+    target, setting = ctx.settings.max_replica_lag_s, env_name("max_replica_lag_s")
+    counted = f"{standbys} streaming standby" + ("s" if standbys > 1 else "")
+    if not target:
+        return Finding("info", f"{counted}: replica pacing is off ({setting}=0), so batches do not wait for them")
+    if visible == standbys:
+        its = "their replay lag" if standbys > 1 else "its replay lag"
+        return Finding("ok", f"{counted}, {its} visible: batched runs keep it under {target:g} s ({setting})")
+    return Finding(
+        "warning",
+        f"{counted}, but {ctx.role} cannot read their replay positions, so batched runs cannot keep their lag "
+        f"under {target:g} s ({setting}). As a superuser, run (pg_read_all_stats is the narrowest role that "
+        "shows them; pg_monitor includes it):",
+        (f"GRANT pg_read_all_stats TO {_quote(ctx.role)};",),
+    )
 
 
 def _clock_finding(ctx: Context) -> Finding:
@@ -197,7 +226,18 @@ def tables(ctx: Context) -> Iterator[Finding]:
                 ctx.rows[task.table.key] = db.CountReading(
                     judging.reads, readable, sa.true(), cap=ctx.settings.index_advice_rows
                 )
-    db.read_counts(judging.reads, [*judging.counts.values(), *ctx.rows.values()])
+            if task.narrowing_index and task.walk_column:
+                walk = readable.columns[task.walk_column]
+                moment = cutoff(task, ctx.now, ctx.settings)
+                passed = sa.and_(walk < moment, sa.not_(due))
+                ctx.passed_over[task.name] = db.CountReading(
+                    judging.reads, readable, passed, order_by=walk, cap=ctx.settings.index_advice_rows
+                )
+                ctx.index_columns[task.name] = judging.reads.add(
+                    INDEX_COLUMNS.bindparams(schema=readable.info.schema, name=readable.info.name)
+                )
+    counted = [*judging.counts.values(), *ctx.rows.values(), *ctx.passed_over.values()]
+    db.read_counts(judging.reads, counted)
     ctx.judgement = judging.verdict()
     for spec in ctx.registry.tables:
         table = ctx.bound.get(spec.key)
@@ -287,6 +327,54 @@ def indexes(ctx: Context) -> Iterator[Finding]:
             yield Finding("ok", f"{task.name}: the planner can use an index for its predicate")
             continue
         yield _index_advice(ctx, task, table, due)
+
+
+# The columns of each index of a table, in the index's order.
+INDEX_COLUMNS = sa.text("""
+    SELECT pg_catalog.array_agg(a.attname::text ORDER BY k.n)
+    FROM pg_catalog.pg_index i
+    JOIN pg_catalog.pg_class c ON c.oid = i.indrelid
+    JOIN pg_catalog.pg_namespace ns ON ns.oid = c.relnamespace
+    CROSS JOIN LATERAL pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+    WHERE ns.nspname = :schema AND c.relname = :name
+    GROUP BY i.indexrelid
+""")
+
+
+def narrowing_indexes(ctx: Context) -> Iterator[Finding]:
+    """The hourly run's count reads every row of the walk column's range up to the cutoff,
+    the ones the predicate then leaves too (refresh-tokens: revoked tokens, kept 90 days):
+    its cost grows with the audit window. Measured here, with the index that removes it
+    (an index-only scan of due rows), as a schema.prisma change."""
+    for task in ctx.registry.tasks:
+        table, passed = ctx.readable(task.table.key), ctx.passed_over.get(task.name)
+        if table is None or passed is None or passed.error is not None or not task.narrowing_index:
+            continue
+        wanted = [ctx.settings.column_name(task.table, role) for role in task.narrowing_index]
+        listed = ctx.index_columns[task.name]
+        indexes = [list(row[0]) for row in listed.rows] if listed.error is None else []
+        walk_index = f'"{table.info.name}_{wanted[0]}_idx"'
+        if any(columns[: len(wanted)] == wanted for columns in indexes):
+            yield Finding("ok", f"{task.name}: an index on ({', '.join(wanted)}) lets each run read only due rows")
+            continue
+        count = passed.count()
+        if count.value == 0:
+            continue
+        over = f"~{count.value:,}" if count.estimated else f"{count.value:,}"
+        model = table.info.name
+        level = "warning" if count.value > ctx.settings.index_advice_rows else "info"
+        yield Finding(
+            level,
+            f"{task.name}: each run reads {over} rows it does not delete through {walk_index} to find the due ones "
+            f"(a cost that grows with them). Add to `model {model}` in the app's prisma/schema.prisma, and ship it "
+            "as a Prisma migration, to make that an index-only scan of due rows:",
+            (
+                f"  @@index([{', '.join(wanted)}])",
+                f'Prisma writes: CREATE INDEX "{model}_{"_".join(wanted)}_idx" ON "{model}"'
+                f"({', '.join(chr(34) + name + chr(34) for name in wanted)});",
+            ),
+        )
 
 
 def _scans_the_table(plan: Any) -> bool:
@@ -470,6 +558,7 @@ CHECKS: tuple[Check, ...] = (
     privileges,
     row_level_security,
     indexes,
+    narrowing_indexes,
     partitioning,
     backlogs,
     history_writable,

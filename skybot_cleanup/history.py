@@ -253,13 +253,14 @@ def _statements(
     rows: Sequence[dict[str, Any]],
     snapshot: tuple[datetime, str] | None,
     columns: set[str] | None = None,
-) -> list[sa.Insert | sa.Delete]:
+) -> list[sa.Insert | sa.Delete | sa.Select[Any]]:
     """The inserts and the pruning of one write: one statement per row, so that each
-    can be bounded by the server's clock."""
+    can be bounded by the server's clock; last, the newest success of the last row's job
+    (what its textfile shows when that run did not succeed)."""
     runs, snapshots = tables.runs, tables.snapshots
     on_postgres = conn.dialect.name == "postgresql"
     now: sa.ColumnElement[datetime] = SERVER_NOW if on_postgres else sa.literal(utc_now())
-    statements: list[sa.Insert | sa.Delete] = []
+    statements: list[sa.Insert | sa.Delete | sa.Select[Any]] = []
     for row in rows:
         kept = {name: value for name, value in row.items() if columns is None or name in columns}
         if on_postgres:  # never in the future of the server's clock
@@ -272,6 +273,9 @@ def _statements(
     horizon = now - sa.literal(retention, sa.Interval) if on_postgres else sa.literal(utc_now() - retention)
     statements.append(sa.delete(runs).where(runs.c.finished_at < horizon))
     statements.append(sa.delete(snapshots).where(snapshots.c.taken_at < horizon))
+    if rows:
+        newest = sa.and_(runs.c.task == rows[-1]["task"], runs.c.status == RunStatus.OK, runs.c.dry_run.is_(False))
+        statements.append(sa.select(sa.func.max(runs.c.finished_at)).where(newest))
     return statements
 
 
@@ -280,7 +284,7 @@ def _write(
     settings: CleanupSettings,
     rows: Sequence[dict[str, Any]] = (),
     snapshot: tuple[datetime, str] | None = None,
-) -> None:
+) -> datetime | None:
     """Through the run's own connection when it has one (no second connect), else a new
     one. On PostgreSQL the whole transaction goes in one round trip; only when the tables
     are missing or lack a column does it take more (to create or upgrade them)."""
@@ -289,30 +293,38 @@ def _write(
         tables = _tables(conn, settings)
         if run.on_postgres:
             try:
-                run.transaction_in_one_round_trip(_statements(conn, settings, tables, rows, snapshot))
-                return
+                answers = run.transaction_in_one_round_trip(_statements(conn, settings, tables, rows, snapshot))
+                return _newest_success(answers, rows)
             except Exception as exc:
                 if not (_missing_table(exc) or _missing_column(exc)):
                     raise
         run.begin()
         try:
             try:
-                _execute(conn, _statements(conn, settings, tables, rows, snapshot))
+                answers = _execute(conn, _statements(conn, settings, tables, rows, snapshot))
             except sa.exc.DBAPIError as exc:
                 if not (_missing_table(exc) or _missing_column(exc)):
                     raise
                 if run.on_postgres:
                     run.undo_work()
                 ensure_tables(conn, tables, settings.history_schema)
-                _execute(conn, _statements(conn, settings, tables, rows, snapshot, upgrade_runs_table(conn, tables)))
+                columns = upgrade_runs_table(conn, tables)
+                answers = _execute(conn, _statements(conn, settings, tables, rows, snapshot, columns))
             run.commit()
+            return _newest_success(answers, rows)
         finally:
             run.rollback()
 
 
-def _execute(conn: Connection, statements: Sequence[sa.Insert | sa.Delete]) -> None:
-    for statement in statements:
-        conn.execute(statement)
+def _execute(conn: Connection, statements: Sequence[sa.Insert | sa.Delete | sa.Select[Any]]) -> list[Any]:
+    return [
+        conn.execute(statement).all() if isinstance(statement, sa.Select) else conn.execute(statement).rowcount
+        for statement in statements
+    ]
+
+
+def _newest_success(answers: list[Any], rows: Sequence[dict[str, Any]]) -> datetime | None:
+    return answers[-1][0][0] if rows and answers and answers[-1] else None
 
 
 def record_run(
@@ -336,8 +348,9 @@ def record_run(
     if bind is not None:
         claimed = spool.claim(database)
         try:
-            _write(bind, settings, rows=[*(entry for _, entry in claimed), row], snapshot=snapshot)
+            newest = _write(bind, settings, rows=[*(entry for _, entry in claimed), row], snapshot=snapshot)
             spool.done(path for path, _ in claimed)
+            result.last_success_at = iso_utc(newest)
             return True
         except Exception as exc:
             spool.release(path for path, _ in claimed)

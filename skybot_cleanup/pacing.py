@@ -1,15 +1,17 @@
 """Replica-aware pacing: a batched run keeps every streaming standby's replay lag under a
-target, moving at about the speed the slowest standby replays, not stopping and starting.
+target, moving at about the speed the slowest standby replays, not stopping and
+starting.
 
 Between batches the run reads, in the message that commits a batch, each physical
 standby's replay position and lag from pg_stat_replication (db.connection). From two
 readings a standby was busy for throughout, the pacer learns how fast it replays; a
-standby's lag is then the larger of what it reports and what it has yet to replay at that
-speed. The run waits while the worst lag is above half the target: the standby is never
-idle (the run goes at its speed) and its lag stays between half the target and half the
-target plus one batch's worth. A lag reported above the target always stops the run until
-it falls, whatever the estimate says. Peers: pt-archiver's --check-slave-lag/--max-lag and
-gh-ost's --max-lag-millis, a throttle as a control loop.
+standby's lag is then the largest of what it reports, what it has yet to replay at that
+speed, and how long it has replayed nothing while behind. The run waits while the worst
+lag is above half the target: the standby is never idle (the run goes at its speed) and
+its lag stays between half the target and half the target plus one batch's worth. A lag
+reported above the target always stops the run until it falls, whatever the estimate
+says. Peers: pt-archiver's --check-slave-lag/--max-lag and gh-ost's --max-lag-millis, a
+throttle as a control loop.
 """
 
 from __future__ import annotations
@@ -65,7 +67,11 @@ class ReplicaPacer:
                 if moved > 0 or standby.behind == 0:
                     track.progressed_at = at
                 track.at, track.replayed, track.behind = at, standby.replayed, standby.behind
-            track.lag = max(standby.lag_s or 0.0, standby.behind / track.rate if track.rate else 0.0)
+            # A standby that has not moved since it last did, with WAL to replay, is at least
+            # that far behind (its own replay_lag stays where it was while it replays nothing).
+            stalled_for = at - track.progressed_at if standby.behind > 0 else 0.0
+            by_rate = standby.behind / track.rate if track.rate else 0.0
+            track.lag = max(standby.lag_s or 0.0, by_rate, stalled_for)
             seen[standby.name] = track
         self.tracks = seen
 

@@ -47,6 +47,9 @@ class RunResult:
     error_class: str | None = None
     error: str | None = None
     signal: int | None = None  # a stop signal that arrived once the run's work was over
+    # The job's newest success in the history, read as this run was recorded (not a column:
+    # what a textfile shows as its last success when this run did not succeed).
+    last_success_at: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {key: value for key, value in asdict(self).items() if value is not None}

@@ -44,6 +44,10 @@ REMAINING_COUNT_CAP = 1_000_000
 REMAINING_AFTER_MAX_RUNTIME_CAP = 10_000
 
 ProgressCallback = Callable[[int, int | None], None]  # (rows done, estimated total)
+STANDBYS_INVISIBLE = (
+    "this role cannot read the streaming standbys' replay positions, so the run cannot keep their lag under "
+    "SKYBOT_CLEANUP_MAX_REPLICA_LAG_S"
+)
 
 
 @dataclass
@@ -353,51 +357,54 @@ class Run:
         self._report_progress()
 
     def _pause(self, run: db.RunConnection) -> StopReason | None:
-        """Between two batches: --sleep-ms, and as long as the standbys need to come back
-        within half the lag target (that time counts against --max-runtime, and goes to
-        the result as replica_wait_s). Why the run must stop instead, if it must."""
-        sleep_s, pacer = self.settings.sleep_ms / 1000, self.pacer
-        if pacer is None:
-            if sleep_s and self._out_of_time(after_s=sleep_s):  # do not sleep past the cap
+        """Between two batches: as long as the standbys need to come back within half the
+        lag target, and --sleep-ms (the time already waited counts toward it). Why the run
+        must stop instead, if it must."""
+        began = time.monotonic()
+        if self.pacer is not None:
+            stop = self._wait_for_standbys(run, self.pacer)
+            if stop is not None:
+                return stop
+        rest = self.settings.sleep_ms / 1000 - (time.monotonic() - began)
+        if rest > 0:
+            if self._out_of_time(after_s=rest):  # do not sleep past the cap
                 return StopReason.MAX_RUNTIME
-            time.sleep(sleep_s)
-            return None
+            time.sleep(rest)
+        return None
+
+    def _wait_for_standbys(self, run: db.RunConnection, pacer: ReplicaPacer) -> StopReason | None:
+        """Wait, reading the standbys every POLL_S, until the pacer says go. The time goes
+        to the result (replica_wait_s) and counts against --max-runtime."""
         pacer.observe(run.read_at, run.standbys)
         self._warn_if_standbys_invisible(pacer)
         began = logged = time.monotonic()
-        stop = None
-        while stop is None:
-            slept = time.monotonic() - began
-            wait = pacer.pause_s()
-            if wait <= 0:  # the standbys are within the target: only --sleep-ms is left
-                if sleep_s > slept and self._out_of_time(after_s=sleep_s - slept):
-                    stop = StopReason.MAX_RUNTIME
-                time.sleep(max(0.0, sleep_s - slept) if stop is None else 0)
-                break
-            step = min(max(wait, sleep_s - slept), POLL_S)
-            if self._out_of_time(after_s=step):
-                stop = StopReason.MAX_RUNTIME
-                break
-            time.sleep(step)
-            run.read_standbys()
-            pacer.observe(run.read_at, run.standbys)
-            if pacer.stalled(run.read_at):
-                self.log.warning("replica_stalled", lag_s=round(pacer.lag_s(), 3), standbys=list(pacer.tracks))
-                stop = StopReason.REPLICA_LAG
-            elif time.monotonic() - logged >= WAIT_LOG_INTERVAL_S:
-                logged = time.monotonic()
-                self.log.info("waiting_for_standbys", lag_s=round(pacer.lag_s(), 3), target_s=pacer.target_s)
-        self.tally.replica_wait_s += max(0.0, time.monotonic() - began - sleep_s)
-        return stop
+        waited = False
+        try:
+            while (wait := pacer.pause_s()) > 0:
+                step = min(wait, POLL_S)
+                if self._out_of_time(after_s=step):
+                    return StopReason.MAX_RUNTIME
+                waited = True
+                time.sleep(step)
+                run.read_standbys()
+                pacer.observe(run.read_at, run.standbys)
+                if pacer.stalled(run.read_at):
+                    self.log.warning("replica_stalled", lag_s=round(pacer.lag_s(), 3), standbys=list(pacer.tracks))
+                    return StopReason.REPLICA_LAG
+                if time.monotonic() - logged >= WAIT_LOG_INTERVAL_S:
+                    logged = time.monotonic()
+                    self.log.info("waiting_for_standbys", lag_s=round(pacer.lag_s(), 3), target_s=pacer.target_s)
+            return None
+        finally:
+            if waited:
+                self.tally.replica_wait_s += time.monotonic() - began
 
     def _warn_if_standbys_invisible(self, pacer: ReplicaPacer) -> None:
-        if pacer.invisible and "standbys_invisible" not in self.warnings:
-            self.warnings.append("standbys_invisible")
+        if pacer.invisible and STANDBYS_INVISIBLE not in self.warnings:
+            self.warnings.append(STANDBYS_INVISIBLE)
             self.log.warning(
                 "replica_lag_unknown",
-                hint="streaming standbys exist, but this role cannot read their replay positions, so the run "
-                "cannot keep their lag under SKYBOT_CLEANUP_MAX_REPLICA_LAG_S; `skybot-cleanup check` prints the "
-                "GRANT (pg_read_all_stats)",
+                hint=f"{STANDBYS_INVISIBLE}; `skybot-cleanup check` prints the GRANT (pg_read_all_stats)",
             )
 
     def _out_of_time(self, after_s: float = 0.0) -> bool:

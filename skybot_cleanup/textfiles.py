@@ -14,7 +14,6 @@ reads them as another user), and renamed into place.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +103,10 @@ def run_registry(job: Job, result: RunResult, last_success: float | None) -> Col
         Gauge(LAST_SUCCESS, "Unix time of the job's last successful run.", labels, registry=registry).labels(
             job.name
         ).set(last_success)
+    if result.replica_wait_s is not None:
+        gauge(
+            "last_replica_wait_seconds", "Seconds the job's last run waited between batches for streaming standbys."
+        ).labels(job.name).set(result.replica_wait_s)
     if result.clock_skew_s is not None:
         gauge(
             "clock_skew_seconds", "How far this host's clock was ahead of the database server's (negative: behind)."
@@ -117,16 +120,12 @@ def run_registry(job: Job, result: RunResult, last_success: float | None) -> Col
     return registry
 
 
-def write_run_textfiles(
-    setting: str,
-    results: Iterable[RunResult],
-    jobs: Mapping[str, Job],
-    history_success: Mapping[str, datetime | None] | None = None,
-) -> list[tuple[Path, str]]:
+def write_run_textfiles(setting: str, results: Iterable[RunResult], jobs: Mapping[str, Job]) -> list[tuple[Path, str]]:
     """One file per job, after real runs (dry runs leave them alone). The last success is
-    this run's, else the newer of the previous file's and the history's, so the series
-    never vanishes. Each file stands alone: the ones that cannot be written are returned
-    with why."""
+    this run's, else the newer of the previous file's and the history's (read as the run
+    was recorded), so the series never vanishes, and a first run that was skipped or
+    failed still has it. Each file stands alone: the ones that cannot be written are
+    returned with why."""
     failed = []
     for result in results:
         if result.dry_run:
@@ -137,8 +136,7 @@ def write_run_textfiles(
             last_success: float | None = epoch(parse_iso(result.finished_at) if result.finished_at else utc_now())
         else:
             known = [previous_value(path, LAST_SUCCESS, job.name)]
-            recorded = (history_success or {}).get(job.name)
-            known.append(epoch(recorded) if recorded else None)
+            known.append(epoch(parse_iso(result.last_success_at)) if result.last_success_at else None)
             last_success = max((value for value in known if value is not None), default=None)
         try:
             write_textfile(path, run_registry(job, result, last_success))
@@ -160,7 +158,9 @@ def snapshot_registry(snapshot: Snapshot) -> CollectorRegistry:
             gauge(name, name.replace("_", " ").capitalize() + ".").set(value)
     if snapshot.database_size_bytes is not None:
         gauge("database_size_bytes", "Size of the database on disk.").set(snapshot.database_size_bytes)
-    gauge("query_latency_seconds", "Round trip of SELECT 1.").set(snapshot.latency_seconds)
+    gauge("query_latency_seconds", "Round trip of the snapshot's first message to the database.").set(
+        snapshot.latency_seconds
+    )
     gauge("snapshot_errors", "Tasks and tables the snapshot could not measure (missing table or column).").set(
         len(snapshot.errors)
     )
@@ -172,7 +172,7 @@ def snapshot_registry(snapshot: Snapshot) -> CollectorRegistry:
         "backlog_measured", "1 when the task's backlog was measured; 0 when it could not be (see errors).", ("task",)
     )
     for task in snapshot.tasks:
-        measured.labels(task.name).set(0 if task.error else 1)
+        measured.labels(task.name).set(0 if task.due_rows is None else 1)
         if task.due_rows is not None:
             due.labels(task.name).set(task.due_rows)
         if task.oldest_due_age_seconds is not None:

@@ -6,10 +6,10 @@ import json
 
 import sqlalchemy as sa
 from cases import PARTITIONED_REFRESH_TOKEN
-from helpers import DAY, HOUR, NOW, check_findings, events, invoke, run_cli, seed_operator_data
+from helpers import DAY, HOUR, MINUTE, NOW, check_findings, events, invoke, run_cli, seed_operator_data
 
 from skybot_cleanup.clock import utc_now
-from skybot_cleanup.demo import magic_link_row
+from skybot_cleanup.demo import magic_link_row, refresh_token_row
 
 
 def test_check_says_when_the_role_may_not_use_the_apps_schema(postgres, limited_role):
@@ -189,3 +189,30 @@ def test_a_policy_the_role_may_not_run_is_named_and_the_other_checks_still_run(p
     assert run.returncode == 2 and "Traceback" not in run.stderr
     (failed,) = events(run.stderr, "run_failed")
     assert failed["error"].startswith("permission denied for function tenant_ok")
+
+
+def test_check_measures_what_the_hourly_count_passes_over_and_advises_the_index(postgres):
+    """Revoked tokens are kept 90 days for audit: every refresh-tokens run reads them
+    through the "expiresAt" index to find the due ones. check says how many, and the
+    Prisma index that makes it an index-only scan of due rows; once it exists, says so."""
+    now = utc_now()
+    postgres.insert(
+        "RefreshToken",
+        [refresh_token_row(f"audit_{i}", now - HOUR - i * MINUTE, revoked=now - DAY) for i in range(300)]
+        + [refresh_token_row("due", now - HOUR), refresh_token_row("live", now + HOUR)],
+    )
+    env = {"DATABASE_URL": postgres.url, "SKYBOT_CLEANUP_INDEX_ADVICE_ROWS": "100"}
+    completed = run_cli("check", "--json", env=env)
+    (advice,) = [f for f in map(json.loads, completed.stdout.splitlines()) if "rows it does not delete" in f["message"]]
+    # Past the threshold (100 here), counted no further: the planner's estimate.
+    assert advice["level"] == "warning" and advice["message"].startswith("refresh-tokens: each run reads ~")
+    assert 'rows it does not delete through "RefreshToken_expiresAt_idx"' in advice["message"]
+    assert advice["detail"] == [
+        "  @@index([expiresAt, revokedAt])",
+        'Prisma writes: CREATE INDEX "RefreshToken_expiresAt_revokedAt_idx" '
+        'ON "RefreshToken"("expiresAt", "revokedAt");',
+    ]
+    postgres.execute('CREATE INDEX "RefreshToken_expiresAt_revokedAt_idx" ON "RefreshToken"("expiresAt", "revokedAt")')
+    findings = check_findings(run_cli("check", "--json", env=env))
+    assert ("ok", "refresh-tokens: an index on (expiresAt, revokedAt) lets each run read only due rows") in findings
+    assert not any("rows it does not delete" in message for _level, message in findings)

@@ -12,19 +12,23 @@ from pathlib import Path
 import pytest
 from components import need_root, world_dir
 from helpers import (
+    HOUR,
     JOB_NAMES,
     TASK_NAMES,
+    advisory_lock_sql,
     events,
     history_rows,
     invoke,
     last_success,
     prom_values,
+    put_history,
     run_cli,
     samples,
     seed_operator_data,
 )
 
 from skybot_cleanup import textfiles
+from skybot_cleanup.clock import epoch
 
 
 def test_an_invalid_setting_in_the_settings_file_still_writes_the_textfile_pings_and_is_recorded(
@@ -336,3 +340,18 @@ def test_a_push_redirected_away_from_http_is_not_followed(sqlite, monitor, targe
         "metrics were collected but not delivered: RedirectRefused: "
         f"redirected to {scheme}://, which is not followed (only http:// and https:// are)"
     )
+
+
+def test_a_skipped_first_run_writes_the_last_success_the_history_holds(postgres, tmp_path):
+    """A host with no textfile yet (a new node, a wiped directory) whose first run is
+    skipped: the last success comes from the history, read as the run was recorded."""
+    put_history(postgres, ("refresh-tokens", "ok", 2 * HOUR))
+    recorded = next(row["finished_at"] for row in history_rows(postgres) if row["task"] == "refresh-tokens")
+    env = {"DATABASE_URL": postgres.url, "SKYBOT_CLEANUP_PROM_FILE": str(tmp_path)}
+    with postgres.engine.connect() as conn, conn.begin():
+        conn.exec_driver_sql(advisory_lock_sql("refresh-tokens"))
+        skipped = run_cli("refresh-tokens", env=env)
+    assert skipped.returncode == 75, skipped.stderr
+    path = tmp_path / "skybot_cleanup_refresh-tokens.prom"
+    assert last_success(path) == pytest.approx(epoch(recorded), abs=0.001)
+    assert prom_values(path)["skybot_cleanup_last_exit_code"] == 75

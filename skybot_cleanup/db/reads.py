@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from skybot_cleanup.db.connection import RunConnection, savepoint
 
-Readable = sa.Select[Any] | sa.CompoundSelect[Any]
+Readable = sa.Select[Any] | sa.CompoundSelect[Any] | sa.TextClause
 
 
 @dataclass
