@@ -158,9 +158,10 @@ def main_callback(
     ] = False,
 ) -> None:
     """Each cleanup command is one idempotent run."""
-    from skybot_cleanup import logs
+    from skybot_cleanup import logs, signals
 
     logs.reset()
+    signals.reset()
 
 
 def _fail(message: str, exit_code: int = ExitCode.CONFIG, *, logged: bool = False) -> NoReturn:
@@ -243,29 +244,28 @@ def run_tasks(tasks: Sequence[Task], *, dry_run: bool, as_json: bool, quiet: boo
         ):
             results.append(result)
             _report(result, as_json, quiet)
-            if result.signal is not None:
-                codes.append(exit_code_for_signal(result.signal))
-    except Interrupted as exc:  # a signal between two runs
+    except Interrupted as exc:  # a signal before the first run began
         report_failure(f"interrupted by signal {exc.signum}")
         codes.append(exc.exit_code)
+    from skybot_cleanup import signals
+
+    stopped, unrun = signals.pending(), [task.name for task in tasks[len(results) :]]
+    if stopped is not None and unrun and results:
+        # A run's own exit code is the one its record holds; the tasks a signal kept from
+        # running make the command's.
+        report_failure(f"interrupted by signal {stopped}: {', '.join(unrun)} not run")
+        codes.append(exit_code_for_signal(stopped))
     # Whatever stopped the command, the runs that ended have their textfiles.
     commands.write_run_textfiles(settings.prom_file, results)
     return worst_exit_code([commands.exit_code_of(results), *codes])
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM (Render, systemd, Kubernetes) and SIGINT end the run cleanly.
+    """SIGTERM (Render, systemd, Kubernetes) and SIGINT end a run's work cleanly, and
+    never its record (skybot_cleanup.signals)."""
+    from skybot_cleanup import signals
 
-    Raising Interrupted mid-statement makes psycopg cancel the query, so the open
-    transaction rolls back; batches already committed stay committed.
-    """
-    import signal
-
-    def interrupt(signum: int, _frame: object) -> None:
-        raise Interrupted(signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, interrupt)
+    signals.install()
 
 
 @contextmanager
@@ -430,8 +430,8 @@ def metrics_command(
     commands.write_run_textfiles(settings.prom_file, [run.result])
     if run.result.status != "ok":
         report_failure(views.failure_line(run.result), logged=True)
-    signalled = [] if run.result.signal is None else [exit_code_for_signal(run.result.signal)]
-    raise typer.Exit(worst_exit_code([run.result.exit_code, *signalled]))
+    # The job's exit code is the one its record holds, whatever signal came after its work.
+    raise typer.Exit(run.result.exit_code)
 
 
 @app.command(

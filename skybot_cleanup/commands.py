@@ -21,6 +21,7 @@ from skybot_cleanup.results import RunResult, build_result
 from skybot_cleanup.retry import with_retries
 from skybot_cleanup.run import ProgressCallback, run_task
 from skybot_cleanup.settings import CleanupSettings, Settings
+from skybot_cleanup.vocabulary import RunStatus
 
 PING_TIMEOUT_DEFAULT_S = float(Settings.model_fields["ping_timeout_s"].default)
 
@@ -40,11 +41,15 @@ def cleanup(
 ) -> Iterator[RunResult]:
     """Run tasks in turn, each in its own transaction (or batches), yielding each result
     as it ends; stop after a run that a signal interrupted or followed."""
+    from skybot_cleanup import signals
+
     for task in tasks:
+        if signals.pending() is not None:  # a stop signal since the last run's work ended
+            return
         with progress(task) if progress else nullcontext() as on_progress:
             result = run_task(settings, task, dry_run=dry_run, on_progress=on_progress)
         yield result
-        if result.status == "interrupted" or result.signal is not None:
+        if result.status == RunStatus.INTERRUPTED or result.signal is not None:
             return
 
 

@@ -54,10 +54,12 @@ class Judgement:
         return next(judged for judged in self.jobs if judged.job.name == name)
 
 
-def privilege_problem(task: Task, table: db.BoundTable) -> str | None:
-    """What keeps a run of `task` from working on `table` whether or not anything is due."""
+def privilege_problem(task: Task, table: db.BoundTable, *, deleting: bool = True) -> str | None:
+    """What keeps a run of `task` (a dry run: `deleting` False) from working on `table`,
+    whether or not anything is due."""
     info = table.info
-    missing = [name for name, granted in (("SELECT", info.can_select), ("DELETE", info.can_delete)) if not granted]
+    needed = (("SELECT", info.can_select), ("DELETE", info.can_delete or not deleting))
+    missing = [name for name, granted in needed if not granted]
     if not missing:
         return None
     return (

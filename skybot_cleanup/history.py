@@ -48,6 +48,7 @@ ADDED_COLUMNS = (
     "unconfirmed_rows",
     "warnings",
     "replica_wait_s",
+    "version",
 )
 RESULT_COLUMNS = (
     "run_id",
@@ -104,6 +105,7 @@ def history_tables(dialect_name: str, schema: str) -> HistoryTables:
         sa.Column("unconfirmed_rows", sa.BigInteger),
         sa.Column("warnings", sa.Text),  # "; "-separated
         sa.Column("replica_wait_s", sa.Float),
+        sa.Column("version", sa.Text),  # the release that recorded the run
         # status, history and last-success queries read the newest rows of one task.
         sa.Index(f"{prefix}runs_task_finished_idx", "task", "finished_at"),
         sa.Index(f"{prefix}runs_finished_idx", "finished_at"),
@@ -149,8 +151,10 @@ def _encode(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _decode(entry: dict[str, Any]) -> dict[str, Any] | None:
-    """A spool entry back into a row, or None when it is not one the tool wrote."""
-    if not set(ROW_COLUMNS) - set(ADDED_COLUMNS) <= set(entry) <= set(ROW_COLUMNS):
+    """A spool entry back into a row, or None when it is not one the tool wrote. Fields a
+    later release added are left out (that release writes where this one never reads, but
+    an entry that reaches it anyway loses only them)."""
+    if not set(ROW_COLUMNS) - set(ADDED_COLUMNS) <= set(entry):
         return None
     try:
         return {name: parse_iso(entry[name]) if name in TIMESTAMP_COLUMNS else entry.get(name) for name in ROW_COLUMNS}

@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 
-from skybot_cleanup import db, heartbeat, history
+from skybot_cleanup import db, heartbeat, history, signals
 from skybot_cleanup.clock import utc_now
 from skybot_cleanup.errors import Failure, Interrupted, classify, is_connection_failure, print_traceback_when_debugging
 from skybot_cleanup.logs import get_logger
@@ -71,13 +71,16 @@ class RecordedRun:
             failure: Failure | None = None
             unreachable = False
             try:
+                signals.arm()
                 # The engine first (it does not connect): a signal during the start ping is
                 # then recorded in the history like any interruption.
                 self.target = self.settings.database_target()
                 self.engine = db.create_engine(self.target, self.settings.session(), self.job)
                 self.pinger.ping("start")  # inside: a signal while it waits is this run's interruption
                 work()
+                signals.defer()
             except (Exception, Interrupted) as exc:
+                signals.defer()
                 print_traceback_when_debugging(exc)
                 failure = classify(exc, secrets=self.secrets())
                 unreachable = is_connection_failure(exc)
@@ -119,23 +122,27 @@ class RecordedRun:
             self.conn = None
 
     def _finish(self, result: RunResult, bind: sa.Connection | sa.Engine | None) -> None:
-        """The history row, the connections released, then the end ping. A signal from
-        here on comes after the work: the run keeps its outcome, the caller stops after it
-        (result.signal), and no step of the record is skipped but the slow one, the end ping."""
+        """The history row, the connections released, then the end ping. A stop signal
+        from here on is only noted (signals.defer): the record is written whole and keeps
+        the run's outcome, the caller stops after it (result.signal), and only the slow
+        step, the end ping, is skipped."""
         try:
             if self.target is not None:
                 history.record_run(bind, self.settings, result, self.target.identity, self.snapshot)
-        except Interrupted as exc:
-            result.signal = exc.signum
         finally:
             self.close_connection()
             if self.engine is not None:
                 self.engine.dispose()
-        if result.signal is None:
-            try:
-                self.pinger.ping(str(result.exit_code), body=ping_body(result))
-            except Interrupted as exc:
-                result.signal = exc.signum
+        result.signal = signals.pending()
+        if result.signal is not None:
+            return
+        try:
+            signals.arm()  # the end ping is the one step a stop signal may cut short
+            self.pinger.ping(str(result.exit_code), body=ping_body(result))
+        except Interrupted as exc:
+            result.signal = exc.signum
+        finally:
+            signals.defer()
 
 
 def ping_body(result: RunResult) -> str:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from skybot_cleanup import __version__
 from skybot_cleanup.clock import iso_utc, utc_now
 from skybot_cleanup.errors import EXIT_OK, EXIT_SKIPPED, Failure
 
@@ -47,6 +48,7 @@ class RunResult:
     error_class: str | None = None
     error: str | None = None
     signal: int | None = None  # a stop signal that arrived once the run's work was over
+    version: str = __version__  # the release that ran it
     # The job's newest success in the history, read as this run was recorded (not a column:
     # what a textfile shows as its last success when this run did not succeed).
     last_success_at: str | None = None

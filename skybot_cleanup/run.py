@@ -22,7 +22,8 @@ import sqlalchemy as sa
 from skybot_cleanup import db
 from skybot_cleanup.clock import iso_utc
 from skybot_cleanup.cutoff import RunTime, cutoff, run_time
-from skybot_cleanup.errors import RowsTakenMidStatement, SqlState, is_connection_failure, sqlstate_of
+from skybot_cleanup.errors import ConfigError, RowsTakenMidStatement, SqlState, is_connection_failure, sqlstate_of
+from skybot_cleanup.health import privilege_problem
 from skybot_cleanup.pacing import POLL_S, ReplicaPacer
 from skybot_cleanup.recording import RecordedRun
 from skybot_cleanup.registry import Task
@@ -193,6 +194,10 @@ class Run:
         self._confirm(run)
         cutoff = self._cutoff(run)
         table = db.bind_table(conn, recorded.target.schema, self.task.table, self.settings.table_names(self.task.table))
+        # A privilege the run needs is missing: an error on every run, not only once a row is due.
+        problem = privilege_problem(self.task, table, deleting=not self.dry_run) if run.on_postgres else None
+        if problem:
+            raise ConfigError(problem)
         self._warn_of_row_level_security(table)
         due = self.task.due(table.columns, cutoff)
         if self.dry_run:

@@ -220,7 +220,7 @@ def test_history_needs_no_database_create_privilege_when_its_schema_exists(postg
 
 def test_history_failure_is_a_warning_once_and_cleanup_succeeds(postgres, limited_role, tmp_path):
     seed_operator_data(postgres)
-    _role, url = limited_role
+    role, url = limited_role
     completed = run_cli(
         "all",
         "--json",
@@ -241,7 +241,8 @@ def test_history_failure_is_a_warning_once_and_cleanup_succeeds(postgres, limite
     assert completed.returncode == 2
     failed = next(e for e in events(completed.stderr) if e["event"] == "run_failed")
     assert failed["error"] == (
-        "permission denied for table RefreshToken (`skybot-cleanup check` prints the GRANT this role needs)"
+        f'{role} lacks DELETE on "public"."RefreshToken": every refresh-tokens run fails until it is granted '
+        "(`skybot-cleanup check` prints the GRANT)"
     )
     assert completed.stderr.count('"history_unavailable"') == 1
     # Not lost: each run waits in the state directory for a history it can write.

@@ -205,3 +205,18 @@ def test_status_json_hides_secrets_recorded_in_the_history_as_the_table_does(sql
     )
     for output in (as_json.stdout + as_json.stderr, table.stdout + table.stderr):
         assert SECRET not in output and "\x1b" not in output
+
+
+def test_a_missing_delete_fails_every_run_even_with_nothing_due(postgres, limited_role):
+    """Nothing is due, yet the run cannot work: exit 2 now, not on the day a row is due."""
+    role, url = limited_role
+    env = {"DATABASE_URL": url, "SKYBOT_CLEANUP_HISTORY": "false"}
+    completed = run_cli("refresh-tokens", "--json", env=env)
+    assert completed.returncode == 2, completed.stderr
+    (failed,) = events(completed.stderr, "run_failed")
+    assert failed["error"] == (
+        f'{role} lacks DELETE on "public"."RefreshToken": every refresh-tokens run fails until it is granted '
+        "(`skybot-cleanup check` prints the GRANT)"
+    )
+    assert run_cli("refresh-tokens", "--dry-run", env=env).returncode == 0  # SELECT is all a dry run needs
+    assert run_cli("idempotency-keys", env=env).returncode == 0  # granted on that table

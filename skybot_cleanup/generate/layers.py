@@ -26,6 +26,8 @@ LAYERS: list[dict[str, str]] = [
     },
     {
         "registry": "The registry: which tables the app has, what each job deletes or measures, and when it runs.",
+        "signals": "Stop signals: Interrupted while a run works, only noted once its work is over, so its "
+        "record is written whole and the process exits with the code the record holds.",
         "logs": "structlog on stderr: JSON for machines, key=value for people at a terminal, each line with its "
         "syslog priority for journald and `logger --prio-prefix`.",
     },
