@@ -21,10 +21,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from skybot_cleanup import db, health, history
+from skybot_cleanup import db, health, history, trust
 from skybot_cleanup.clock import iso_utc
 from skybot_cleanup.cutoff import RunTime, cutoff
-from skybot_cleanup.errors import ConfigError, SqlState, sqlstate_of
+from skybot_cleanup.errors import ConfigError, ExitCode, SqlState, sqlstate_of
 from skybot_cleanup.registry import REGISTRY, Registry, Task
 from skybot_cleanup.results import build_result
 from skybot_cleanup.settings import CleanupSettings, column_field, env_name
@@ -292,6 +292,60 @@ def privileges(ctx: Context) -> Iterator[Finding]:
             yield Finding("ok", f"{ctx.role} may SELECT and DELETE on {shown} (all a cleanup needs; no UPDATE)")
 
 
+def role_standing(ctx: Context) -> Iterator[Finding]:
+    """What the role holds beyond a cleanup's needs: every run would fire the tables'
+    triggers, and their owners' code, with all of it."""
+    if not ctx.on_postgres:
+        return
+    found: list[str] = []
+    for spec in ctx.registry.tables:
+        table = ctx.bound.get(spec.key)
+        if isinstance(table, db.BoundTable):
+            found += [item for item in trust.beyond_need(table.info, _shown(table)) if item not in found]
+    if not found:
+        yield Finding("ok", f"{ctx.role} holds nothing beyond what a cleanup needs")
+        return
+    yield Finding(
+        "warning",
+        f"{ctx.role} holds more than a cleanup needs: {'; '.join(found)}. Every run would fire the tables' triggers "
+        "with all of it. As a superuser, make a least-privilege role and put it in DATABASE_URL:",
+        _least_privilege_role(ctx),
+    )
+
+
+def _least_privilege_role(ctx: Context) -> tuple[str, ...]:
+    role, schema = _quote("skybot_cleanup"), _quote(str(ctx.schema))
+    tables = [_shown(table) for table in ctx.bound.values() if isinstance(table, db.BoundTable)]
+    history_schema = _quote(ctx.settings.history_schema)
+    return (
+        f"CREATE ROLE {role} LOGIN PASSWORD '<a new password>';",
+        f"GRANT USAGE ON SCHEMA {schema} TO {role};",
+        f"GRANT SELECT, DELETE ON {', '.join(tables)} TO {role};",
+        f"CREATE SCHEMA IF NOT EXISTS {history_schema}; ALTER SCHEMA {history_schema} OWNER TO {role};",
+        f"GRANT pg_read_all_stats TO {role};  -- only to keep streaming standbys' lag in bounds",
+    )
+
+
+def triggers(ctx: Context) -> Iterator[Finding]:
+    """The code each run fires as it deletes, whose it is, and whether it may run."""
+    if not ctx.on_postgres:
+        return
+    for spec in ctx.registry.tables:
+        table = ctx.bound.get(spec.key)
+        if not isinstance(table, db.BoundTable):
+            continue
+        problem = trust.code_problem(table, ctx.settings.trusted_code)
+        if problem:
+            yield Finding("error", f"{problem}; until then, runs refuse to start (exit {ExitCode.CONFIG})")
+            continue
+        firing = [code for code in table.info.code if code.fires_on(db.DELETE)]
+        if firing:
+            listed = "; ".join(
+                f"{code} ({'trusted' if code.name in ctx.settings.trusted_code else 'safe'})" for code in firing
+            )
+            yield Finding("info", f"{_shown(table)}: each run fires {listed}")
+
+
 def row_level_security(ctx: Context) -> Iterator[Finding]:
     """Row-level security hides rows without an error: runs would delete, and counts see,
     only what its policies allow this role, forever."""
@@ -492,10 +546,15 @@ def backlogs(ctx: Context) -> Iterator[Finding]:
 
 
 def history_writable(ctx: Context) -> Iterator[Finding]:
-    """A real write to the history, rolled back: the only proof that it works."""
+    """A real write to the history, rolled back: the only proof that it works. Not where
+    another role's code could run as this role (trust.history_problem): that is an error."""
     settings = ctx.settings
     if not settings.history:
         yield Finding("info", "run history is off (SKYBOT_CLEANUP_HISTORY=false): status cannot judge the jobs")
+        return
+    refused = ctx.judgement.history_refused if ctx.judgement else None
+    if refused:
+        yield Finding("error", f"run history: {refused}; until then runs refuse to start (exit {ExitCode.CONFIG})")
         return
     if ctx.read_only:
         return
@@ -507,23 +566,48 @@ def history_writable(ctx: Context) -> Iterator[Finding]:
     run.begin()
     try:
         try:
-            exists = db.lookup_table(ctx.conn, tables.runs.schema, tables.runs.name) is not None
-            if not exists:
-                history.ensure_tables(ctx.conn, tables, settings.history_schema)
+            info = db.lookup_table(ctx.conn, tables.runs.schema, tables.runs.name)
+            if info is None:
+                history.ensure_tables(ctx.conn, tables, settings.history_schema, settings.history_owner)
+            missing = [column for column in tables.runs.columns if info is not None and column.name not in info.columns]
             probe = build_result("check", "check", started_at=ctx.now, clock_started=time.monotonic(), failure=None)
-            ctx.conn.execute(tables.runs.insert(), history.history_row(probe, host="check"))
+            row = history.history_row(probe, host="check")
+            ctx.conn.execute(tables.runs.insert(), {k: v for k, v in row.items() if k not in {c.name for c in missing}})
             ctx.conn.execute(sa.delete(tables.runs).where(tables.runs.c.run_id == "check"))
-        except sa.exc.DBAPIError as exc:
+        except (sa.exc.DBAPIError, ConfigError) as exc:
             if run.on_postgres:
                 run.undo_work()
-            yield _history_advice(ctx, shown, str(exc.orig).strip().splitlines()[0])
+            reason = str(exc) if isinstance(exc, ConfigError) else str(exc.orig).strip().splitlines()[0]
+            yield _history_advice(ctx, shown, reason)
             return
-        created = "" if exists else " (created on the first run)"
+        created = "" if info is not None else " (created on the first run)"
         yield Finding("ok", f"run history: {shown} is writable{created}")
+        if missing and info is not None:
+            yield _missing_columns(ctx, info, missing)
     finally:
         run.rollback()
         run.read_only = True
         run.begin()
+
+
+def _missing_columns(ctx: Context, info: db.TableInfo, missing: list[sa.Column[Any]]) -> Finding:
+    """A runs table an earlier release made: every command reads around the columns it
+    lacks; the first run its owner's role makes adds them, or its owner does."""
+    shown, names = db.qualified(info.schema, info.name), ", ".join(column.name for column in missing)
+    if info.owned:
+        return Finding(
+            "info", f"run history: {shown} lacks {names} (an earlier release made it); the next run adds them"
+        )
+    dialect = ctx.conn.dialect
+    return Finding(
+        "warning",
+        f"run history: {shown} lacks {names} (an earlier release made it), and {ctx.role} does not own it: runs "
+        f"record what it has, and drop the rest. As its owner, {info.owner}, run:",
+        tuple(
+            f'ALTER TABLE {shown} ADD COLUMN IF NOT EXISTS "{column.name}" {column.type.compile(dialect=dialect)};'
+            for column in missing
+        ),
+    )
 
 
 def _history_advice(ctx: Context, shown: str, error: str) -> Finding:
@@ -556,6 +640,8 @@ CHECKS: tuple[Check, ...] = (
     schema_usage,
     tables,
     privileges,
+    role_standing,
+    triggers,
     row_level_security,
     indexes,
     narrowing_indexes,

@@ -189,10 +189,13 @@ def metrics_job(
         snapshot = with_retries(settings, attempt, log=recorded.log, reporting=True)
         taken.append(snapshot)
         recorded.snapshot = (clocks[0].record_now, json.dumps(snapshot.as_dict()))
+        recorded.history_refused = snapshot.history_refused
         try:
             deliver_snapshot(snapshot, snapshot_file, pushgateway)
         except Exception as exc:  # a monitoring sink down: the job failed, and says which sink
             raise CleanupError(f"metrics were collected but not delivered: {type(exc).__name__}: {exc}") from None
+        if snapshot.history_refused:
+            raise ConfigError(snapshot.history_refused)
         if snapshot.errors:
             raise CleanupError("; ".join(snapshot.errors))
 
@@ -233,8 +236,8 @@ def job_status(settings: CleanupSettings, registry: Registry = REGISTRY) -> stat
         if not settings.history:
             return read("run history is off (SKYBOT_CLEANUP_HISTORY=false)")
         seen = read(None)
-        if seen.history_available and seen.first_seen is not None:
-            return seen
+        if (seen.history_available and seen.first_seen is not None) or seen.history_refused:
+            return seen  # a refused history is never written to: nothing to record there
         problem = history.ensure_seen(engine, settings)
         return read(
             None if problem is None else f"no run history ({problem}): `skybot-cleanup check` says how to fix it"

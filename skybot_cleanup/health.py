@@ -13,11 +13,11 @@ the planner's estimates when a count passes its cap.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from skybot_cleanup import db, history
+from skybot_cleanup import db, history, trust
 from skybot_cleanup.cutoff import cutoff
 from skybot_cleanup.errors import ConfigError, classify
 from skybot_cleanup.registry import REGISTRY, Job, Registry, Task
@@ -49,23 +49,11 @@ class Judgement:
     jobs: list[JobHealth]
     state: history.HistoryState
     bound: dict[str, db.BoundTable | ConfigError]
+    history_refused: str | None = None  # why the history was not read (another role's schema or code)
+    role_beyond_need: list[str] = field(default_factory=list)  # trust.beyond_need, over the task tables
 
     def job(self, name: str) -> JobHealth:
         return next(judged for judged in self.jobs if judged.job.name == name)
-
-
-def privilege_problem(task: Task, table: db.BoundTable, *, deleting: bool = True) -> str | None:
-    """What keeps a run of `task` (a dry run: `deleting` False) from working on `table`,
-    whether or not anything is due."""
-    info = table.info
-    needed = (("SELECT", info.can_select), ("DELETE", info.can_delete or not deleting))
-    missing = [name for name, granted in needed if not granted]
-    if not missing:
-        return None
-    return (
-        f"{info.role} lacks {' and '.join(missing)} on {table.shown}: every {task.name} run fails until it is "
-        "granted (`skybot-cleanup check` prints the GRANT)"
-    )
 
 
 class Judging:
@@ -97,6 +85,15 @@ class Judging:
             for spec, info in zip(registry.tables, found, strict=False)
         }
         history_found = found[len(app_wanted) :] or [None, None, None]
+        # A history another role could run code in is not read (its row-level policies
+        # would run as this role): the jobs cannot be judged, and the report says why.
+        self.history_problem = (
+            trust.history_problem(history_found, settings.history_owner, settings.trusted_code)
+            if run.on_postgres and settings.history
+            else None
+        )
+        if self.history_problem:
+            history_found, self.unknown = [None, None, None], self.unknown or self.history_problem
         self.history = history.StateReading(
             self.reads, tables, history_found, [job.name for job in registry.jobs], spooled
         )
@@ -126,13 +123,17 @@ class Judging:
             backlog = self._backlog(job) if isinstance(job, Task) else None
             if isinstance(job, Task):
                 table = self.bound[job.table.key]
-                blocked = str(table) if isinstance(table, ConfigError) else privilege_problem(job, table)
+                blocked = str(table) if isinstance(table, ConfigError) else trust.privilege_problem(job, table)
                 if blocked:
                     health, problem = Health.FAILING, blocked
                 elif backlog is not None and backlog.unmeasurable and health is not Health.FAILING:
                     health, problem = Health.UNKNOWN, f"backlog not measurable: {backlog.unmeasurable}"
             jobs.append(JobHealth(job, health, past, backlog, problem))
-        return Judgement(jobs, state, self.bound)
+        beyond: list[str] = []
+        for table in self.bound.values():
+            if isinstance(table, db.BoundTable) and table.info.schema is not None:
+                beyond += [item for item in trust.beyond_need(table.info, table.shown) if item not in beyond]
+        return Judgement(jobs, state, self.bound, self.history_problem, beyond)
 
     def run_reads(self) -> None:
         db.read_counts(self.reads, list(self.counts.values()))

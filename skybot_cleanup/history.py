@@ -26,9 +26,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from skybot_cleanup import db, schedule
+from skybot_cleanup import db, schedule, trust
 from skybot_cleanup.clock import iso_utc, parse_iso, utc_now
-from skybot_cleanup.errors import SqlState, classify, sqlstate_of
+from skybot_cleanup.errors import ConfigError, SqlState, classify, sqlstate_of
 from skybot_cleanup.logs import get_logger
 from skybot_cleanup.results import RunResult
 from skybot_cleanup.settings import CleanupSettings
@@ -190,17 +190,28 @@ def _wait_for_ddl_lock(conn: Connection) -> None:
     )
 
 
-def ensure_tables(conn: Connection, tables: HistoryTables, schema: str) -> None:
+def ensure_tables(conn: Connection, tables: HistoryTables, schema: str, owner: str | None = None) -> None:
     """Create what is missing, serialised across processes; needs no database CREATE
-    privilege when the schema exists (CREATE SCHEMA IF NOT EXISTS would)."""
+    privilege when the schema exists (CREATE SCHEMA IF NOT EXISTS would). A schema that
+    exists must be this role's own (or `owner`'s, the one the operator names): one another
+    role made before the tool's first run could hold its tables' code."""
     if conn.dialect.name == "postgresql":
         _wait_for_ddl_lock(conn)
-        if not db.schema_exists(conn, schema):
+        found = conn.execute(SCHEMA_OWNER, {"name": schema}).one_or_none()
+        if found is None:
             conn.execute(sa.schema.CreateSchema(schema))
+        elif found.owner not in (found.role, owner):
+            raise ConfigError(trust.history_owner_problem(f'schema "{schema}"', found.owner, found.role))
     tables.runs.metadata.create_all(conn, checkfirst=True)
     seen = sa.select(tables.meta.c.key).where(tables.meta.c.key == "first_seen")
     if conn.scalar(seen) is None:
         conn.execute(tables.meta.insert(), {"key": "first_seen", "value": _server_now_iso(conn)})
+
+
+SCHEMA_OWNER = sa.text("""
+    SELECT r.rolname AS owner, CURRENT_USER::text AS role FROM pg_catalog.pg_namespace n
+    JOIN pg_catalog.pg_roles r ON r.oid = n.nspowner WHERE n.nspname = :name
+""")
 
 
 def _server_now_iso(conn: Connection) -> str:
@@ -311,7 +322,7 @@ def _write(
                     raise
                 if run.on_postgres:
                     run.undo_work()
-                ensure_tables(conn, tables, settings.history_schema)
+                ensure_tables(conn, tables, settings.history_schema, settings.history_owner)
                 columns = upgrade_runs_table(conn, tables)
                 answers = _execute(conn, _statements(conn, settings, tables, rows, snapshot, columns))
             run.commit()
@@ -516,7 +527,7 @@ def ensure_seen(bind: Connection | Engine, settings: CleanupSettings) -> str | N
             try:
                 tables = _tables(conn, settings)
                 if not (_readable(conn, tables.runs) and _readable(conn, tables.meta)):
-                    ensure_tables(conn, tables, settings.history_schema)
+                    ensure_tables(conn, tables, settings.history_schema, settings.history_owner)
                 elif conn.scalar(sa.select(tables.meta.c.value).where(tables.meta.c.key == "first_seen")) is None:
                     conn.execute(tables.meta.insert(), {"key": "first_seen", "value": _server_now_iso(conn)})
                 run.commit()

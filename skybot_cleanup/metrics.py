@@ -64,6 +64,8 @@ class Snapshot:
     measures_estimated: dict[str, bool] = field(default_factory=dict)
     tasks: list[TaskSnapshot] = field(default_factory=list)
     tables: list[TableHealth] = field(default_factory=list)
+    # Why the history could not be read or written (another role's schema or code).
+    history_refused: str | None = None
 
     @property
     def errors(self) -> list[str]:
@@ -105,6 +107,7 @@ def collect(
         taken_at=iso_utc(now) or "",
         database_size_bytes=size.scalar(),
         latency_seconds=round(run.round_trip_s or 0.0, 6),
+        history_refused=judging.history_problem,
     )
     for name, reading in measures.items():
         counted = reading.count() if reading is not None and reading.error is None else None

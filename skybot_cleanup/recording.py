@@ -54,6 +54,9 @@ class RecordedRun:
         # run's record is stamped with the server's time, as the history is pruned and
         # judged by it (a host clock that is off must not date a run in the future).
         self.host_ahead = timedelta(0)
+        # Why the history may not be written (another role's schema or code): the record
+        # then waits in the spool, until an operator makes the history the tool's own.
+        self.history_refused: str | None = None
         self.log = get_logger()
 
     def read_clocks(self, run: db.RunConnection) -> None:
@@ -128,6 +131,7 @@ class RecordedRun:
         step, the end ping, is skipped."""
         try:
             if self.target is not None:
+                bind = None if self.history_refused else bind
                 history.record_run(bind, self.settings, result, self.target.identity, self.snapshot)
         finally:
             self.close_connection()

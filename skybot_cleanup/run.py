@@ -19,11 +19,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from skybot_cleanup import db
+from skybot_cleanup import db, history, trust
 from skybot_cleanup.clock import iso_utc
 from skybot_cleanup.cutoff import RunTime, cutoff, run_time
 from skybot_cleanup.errors import ConfigError, RowsTakenMidStatement, SqlState, is_connection_failure, sqlstate_of
-from skybot_cleanup.health import privilege_problem
 from skybot_cleanup.pacing import POLL_S, ReplicaPacer
 from skybot_cleanup.recording import RecordedRun
 from skybot_cleanup.registry import Task
@@ -125,6 +124,7 @@ class Run:
         self.unconfirmed_rows = 0
         self.warnings: list[str] = []
         self.excluded: set[str] = set()  # single-transaction mode: rows a race made it leave out
+        self.warned_beyond_need = False
         self.log = self.recorded.log
 
     def execute(self) -> RunResult:
@@ -193,11 +193,7 @@ class Run:
         run.begin()
         self._confirm(run)
         cutoff = self._cutoff(run)
-        table = db.bind_table(conn, recorded.target.schema, self.task.table, self.settings.table_names(self.task.table))
-        # A privilege the run needs is missing: an error on every run, not only once a row is due.
-        problem = privilege_problem(self.task, table, deleting=not self.dry_run) if run.on_postgres else None
-        if problem:
-            raise ConfigError(problem)
+        table = self._bind(run)
         self._warn_of_row_level_security(table)
         due = self.task.due(table.columns, cutoff)
         if self.dry_run:
@@ -210,6 +206,50 @@ class Run:
         if not (self.batched or self.dry_run) and run.on_postgres:  # held rows are counted as it commits
             self.tally.remaining = run.held_in_last_transaction + len(self.excluded)
             self.tally.remaining_exact = True
+
+    def _bind(self, run: db.RunConnection) -> db.BoundTable:
+        """The task's table, looked up with the history's in one query, and everything
+        that must be true of them before a row is deleted: the privileges the run needs
+        (missing: an error on every run, not only once a row is due), no other role's code
+        that would run with this role's privileges, a history of the tool's own."""
+        settings, schema, spec = (
+            self.settings,
+            self.recorded.target.schema if self.recorded.target else None,
+            self.task.table,
+        )
+        names = settings.table_names(spec)
+        history_tables = history.history_tables(run.conn.dialect.name, settings.history_schema)
+        watched = run.on_postgres and settings.history
+        found = db.lookup_tables(
+            run.conn, [(schema, names.table), *(history.wanted(history_tables) if watched else [])]
+        )
+        table = db.bind(schema, spec, names, found[0])
+        if isinstance(table, ConfigError):
+            raise table
+        if not run.on_postgres:
+            return table
+        refused = trust.history_problem(found[1:], settings.history_owner, settings.trusted_code) if watched else None
+        if refused:
+            self.recorded.history_refused = refused  # the run's record waits in the spool meanwhile
+        problem = (
+            trust.privilege_problem(self.task, table, deleting=not self.dry_run)
+            or (None if self.dry_run else trust.code_problem(table, settings.trusted_code))
+            or refused
+        )
+        if problem:
+            raise ConfigError(problem)
+        if not self.warned_beyond_need:
+            self.warned_beyond_need = True
+            beyond = trust.beyond_need(table.info, table.shown)
+            if beyond:
+                self.log.warning(
+                    "privileges_beyond_need",
+                    role=table.info.role,
+                    beyond=beyond,
+                    hint="a cleanup needs SELECT and DELETE on its tables and its own history schema; "
+                    "`skybot-cleanup check` prints the statements that make such a role",
+                )
+        return table
 
     def _confirm(self, run: db.RunConnection) -> None:
         """On a new connection: are the rows the lost ones committed still there?"""

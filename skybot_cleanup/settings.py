@@ -153,6 +153,19 @@ class CleanupSettings(BaseSettings):
         "kept apart from the app's Prisma schema.",
     )
     history_retention_days: int = Field(default=30, ge=1, le=3650, description="Days of run history to keep.")
+    history_owner: str | None = Field(
+        default=None,
+        pattern=IDENTIFIER_PATTERN,
+        description="A role besides the tool's own that may own the history's schema and tables (one an "
+        "administrator made them as). By default the tool writes and reads its history only where it is the owner.",
+    )
+    trusted_triggers: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9_$, ]*$",
+        description="Comma-separated names of triggers and rules, owned by other roles, that a run may fire "
+        "although it holds privileges their owners lack (a superuser in DATABASE_URL, most often). Name one only "
+        "once you have read its code; a least-privilege role needs none.",
+    )
     state_dir: str | None = Field(
         default=None,
         description="Local directory for runs the database history could not take (recorded at the next "
@@ -286,6 +299,10 @@ class CleanupSettings(BaseSettings):
         if self.max_runtime_s is not None:
             idle = min(idle, max(int(self.max_runtime_s * 1000), self.sleep_ms + 1000))
         return idle
+
+    @property
+    def trusted_code(self) -> frozenset[str]:
+        return frozenset(name.strip() for name in self.trusted_triggers.split(",") if name.strip())
 
     def secrets(self) -> tuple[str, ...]:
         found = [secret.get_secret_value() for secret in (self.database_url, self.ping_url) if secret]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -38,6 +38,8 @@ class Status:
     grace_minutes: int
     history_available: bool
     first_seen: datetime | None = None
+    history_refused: str | None = None
+    role_beyond_need: list[str] = field(default_factory=list)  # what the role holds beyond a cleanup's needs
 
     @property
     def healthy(self) -> bool:
@@ -67,5 +69,10 @@ def render(judgement: health.Judgement, settings: CleanupSettings, now: datetime
         )
     state = judgement.state
     return Status(
-        jobs=jobs, grace_minutes=settings.grace_minutes, history_available=state.available, first_seen=state.first_seen
+        jobs=jobs,
+        grace_minutes=settings.grace_minutes,
+        history_available=state.available,
+        first_seen=state.first_seen,
+        history_refused=judgement.history_refused,
+        role_beyond_need=judgement.role_beyond_need,
     )

@@ -101,17 +101,15 @@ def _size(size: float | None) -> str:
 # -- status -------------------------------------------------------------------------------------
 
 
+def escaped(row: dict[str, Any]) -> dict[str, Any]:
+    """Every text of a row read from the history, as the logs show text: secrets redacted
+    and control characters escaped. Whoever can write the history could have put a
+    password or a terminal's escape sequence in any field."""
+    return {name: redact(value) if isinstance(value, str) else value for name, value in row.items()}
+
+
 def status_json(status: status_module.Status) -> list[str]:
-    # Whoever can write the history could have put a secret there (as history_lines).
-    return [
-        as_json(
-            {
-                **job.as_dict(),
-                **{name: redact(text) for name in ("error", "last_failure_error") if (text := getattr(job, name))},
-            }
-        )
-        for job in status.jobs
-    ]
+    return [as_json(escaped(job.as_dict())) for job in status.jobs]
 
 
 def status_table(status: status_module.Status) -> str:
@@ -120,7 +118,7 @@ def status_table(status: status_module.Status) -> str:
         f"{'next run':<22}{'due now':>9}  last failure"
     )
     lines = [header]
-    for job in status.jobs:
+    for job in (status_module.JobStatus(**escaped(each.as_dict())) for each in status.jobs):
         if job.error:
             failure = job.error
         elif job.last_failure_at:
@@ -131,12 +129,17 @@ def status_table(status: status_module.Status) -> str:
         due = "-" if job.due_rows is None else f"{'~' if job.due_rows_estimated else ''}{job.due_rows:,}"
         lines.append(
             f"{job.task:<18}{job.schedule:<13}{job.health:<9}{job.last_success_at or 'never':<26}"
-            f"{rows:>8}  {job.next_run_at:<22}{due:>9}  {redact(failure)}"
+            f"{rows:>8}  {job.next_run_at:<22}{due:>9}  {failure}"
         )
     lines.append(
         f"(PENDING: never run yet, and not due before its first scheduled time plus a grace of "
         f"{status.grace_minutes} min, SKYBOT_CLEANUP_GRACE_MINUTES; UNKNOWN: no run history to judge by)"
     )
+    if status.role_beyond_need:
+        lines.append(
+            f"(the role holds more than a cleanup needs: {'; '.join(status.role_beyond_need)}; "
+            "`skybot-cleanup check` prints a least-privilege role)"
+        )
     return "\n".join(lines)
 
 
@@ -159,15 +162,7 @@ def findings_lines(findings: Sequence[Finding], json_output: bool) -> list[str]:
 def history_lines(view: HistoryView, json_output: bool) -> list[str]:
     if json_output:
         lines = [
-            as_json(
-                {
-                    **run,
-                    "cutoff": iso_utc(run["cutoff"]),
-                    "finished_at": iso_utc(run["finished_at"]),
-                    # Whoever can write the history could have put a secret there.
-                    **{name: redact(run[name]) for name in ("error", "warnings") if run.get(name)},
-                }
-            )
+            as_json(escaped({**run, "cutoff": iso_utc(run["cutoff"]), "finished_at": iso_utc(run["finished_at"])}))
             for run in view.runs
         ]
         lines += [
@@ -186,12 +181,12 @@ def history_lines(view: HistoryView, json_output: bool) -> list[str]:
             lines.append(as_json({"pending_local": view.pending_local}))
         return lines
     lines = [f"{'finished (UTC)':<25}{'task':<18}{'status':<12}{'rows':>10}{'ms':>9}  {'host':<16}{'run id':<38}error"]
-    for run in view.runs:
+    for run in map(escaped, view.runs):
         status_text = run["status"] + (" (dry)" if run["dry_run"] else "")
-        error = redact(f"{run['error_class']}: {run['error']}") if run["error"] else ""
+        error = f"{run['error_class']}: {run['error']}" if run["error"] else ""
         lines.append(
             f"{iso_utc(run['finished_at']) or '':<25}{run['task']:<18}{status_text:<12}{run['rows']:>10,}"
-            f"{run['duration_ms']:>9,}  {redact(run['host'][:15]):<16}{run['run_id']:<38}{error}"
+            f"{run['duration_ms']:>9,}  {run['host'][:15]:<16}{run['run_id']:<38}{error}"
         )
     lines.append("")
     lines += [

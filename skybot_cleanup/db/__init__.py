@@ -25,8 +25,11 @@ from skybot_cleanup.db.batches import (
     tid_text,
 )
 from skybot_cleanup.db.catalog import (
+    DELETE,
+    INSERT,
     SQL_TYPES,
     BoundTable,
+    Code,
     TableInfo,
     TableNames,
     TableShape,
@@ -65,11 +68,14 @@ from skybot_cleanup.db.urls import DatabaseTarget, parse_database_url
 
 __all__ = [
     "COUNT_CAP",
+    "DELETE",
     "HEAP_WALK_PLANNER",
     "INDEX_WALK_PLANNER",
+    "INSERT",
     "SQL_TYPES",
     "BatchOutcome",
     "BoundTable",
+    "Code",
     "Count",
     "CountReading",
     "DatabaseTarget",

@@ -6,11 +6,11 @@ column is a configuration error naming the setting that renames it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -63,6 +63,34 @@ class TableNames:
     column_variables: dict[str, str]  # role -> variable
 
 
+@dataclass(frozen=True)
+class Code:
+    """A trigger or rule that runs when the tool writes to a table, as the tool's role."""
+
+    kind: str  # trigger | rule
+    name: str
+    table: str  # the table (or leaf) it is on
+    what: str  # the trigger's function; the rule's event
+    owner: str  # whose code it is: the function's owner; the rule's table's owner
+    safe: bool  # its owner has every privilege this role has (or it runs as its owner)
+    events: int = 0  # a trigger's tgtype bits (4 INSERT, 8 DELETE, 16 UPDATE, 32 TRUNCATE)
+
+    # A rule's ev_type, as the events it answers.
+    RULE_EVENTS: ClassVar[dict[str, int]] = {"2": 16, "3": 4, "4": 8}
+
+    def fires_on(self, events: int) -> bool:
+        mask = self.events if self.kind == "trigger" else self.RULE_EVENTS.get(self.what, 0)
+        return bool(mask & events)
+
+    def __str__(self) -> str:
+        if self.kind == "trigger":
+            return f'trigger "{self.name}" on "{self.table}" (function {self.what}, owned by {self.owner})'
+        return f'rule "{self.name}" on "{self.table}" (owned by {self.owner})'
+
+
+INSERT, DELETE = 4, 8  # trigger event bits (pg_trigger.tgtype)
+
+
 class TableShape(StrEnum):
     """How a table stores its rows: what a walk by ctid must cover."""
 
@@ -97,6 +125,21 @@ class TableInfo:
     can_select: bool = True
     can_delete: bool = True
     role: str = ""  # the connecting role, as the privileges above are its own
+    owner: str = ""
+    owned: bool = False  # the role has its owner's privileges (is, or is a member of, the owner)
+    schema_owner: str = ""
+    schema_owned: bool = False
+    extra_privileges: tuple[str, ...] = ()  # on the table, beyond SELECT and DELETE
+    code: tuple[Code, ...] = ()  # triggers and rules that run as the role when it writes to the table
+    # The role itself: what it holds beyond any cleanup's needs.
+    superuser: bool = False
+    createrole: bool = False
+    server_roles: tuple[str, ...] = ()  # pg_execute_server_program, pg_write_server_files...
+
+    def unsafe_code(self, events: int, trusted: Collection[str] = ()) -> list[Code]:
+        """Triggers and rules that would run someone else's code with this role's extra
+        privileges when it writes (`events`), but those named in `trusted`."""
+        return [code for code in self.code if code.fires_on(events) and not code.safe and code.name not in trusted]
 
     @property
     def multi_leaf(self) -> bool:
@@ -148,7 +191,18 @@ PG_TABLES = sa.text("""
            c.relforcerowsecurity,
            pg_catalog.has_table_privilege(c.oid, 'SELECT') AS can_select,
            pg_catalog.has_table_privilege(c.oid, 'DELETE') AS can_delete,
-           CURRENT_USER::text AS role
+           CURRENT_USER::text AS role,
+           owner.rolname AS owner, pg_catalog.pg_has_role(c.relowner, 'USAGE') AS owned,
+           schema_owner.rolname AS schema_owner, pg_catalog.pg_has_role(n.nspowner, 'USAGE') AS schema_owned,
+           ARRAY(SELECT privilege FROM pg_catalog.unnest(ARRAY['INSERT', 'UPDATE', 'TRUNCATE', 'REFERENCES',
+                                                               'TRIGGER']) AS privilege
+                 WHERE pg_catalog.has_table_privilege(c.oid, privilege)) AS extra_privileges,
+           code.code,
+           -- What the role holds beyond a cleanup's needs, whatever the table.
+           r.rolsuper, r.rolcreaterole,
+           ARRAY(SELECT name FROM pg_catalog.unnest(ARRAY['pg_execute_server_program', 'pg_write_server_files',
+                                                          'pg_read_server_files']) AS name
+                 WHERE pg_catalog.pg_has_role(name, 'USAGE')) AS server_roles
     FROM ROWS FROM (pg_catalog.unnest(CAST(:schemas AS text[])), pg_catalog.unnest(CAST(:names AS text[])))
          WITH ORDINALITY AS wanted(schema_name, table_name, ord)
     -- By name in the catalog, not to_regclass(): a schema the role may not use is one whose
@@ -157,6 +211,42 @@ PG_TABLES = sa.text("""
       ON n.nspname = wanted.schema_name AND pg_catalog.has_schema_privilege(n.oid, 'USAGE')
     JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = wanted.table_name
     JOIN pg_catalog.pg_roles r ON r.rolname = CURRENT_USER
+    JOIN pg_catalog.pg_roles owner ON owner.oid = c.relowner
+    JOIN pg_catalog.pg_roles schema_owner ON schema_owner.oid = n.nspowner
+    -- Code that runs when the tool writes to the table, as the tool's role: each enabled
+    -- trigger on it or its leaves (with its function's owner), each rule (its table's
+    -- owner's), and whether running it as this role is safe: the code is this role's, or
+    -- runs as its owner (SECURITY DEFINER), or its owner already has this role's
+    -- privileges (both superusers; or, for a role that is not, a member of it).
+    CROSS JOIN LATERAL (
+        WITH RECURSIVE tree(relid) AS (
+            SELECT c.oid
+            UNION ALL
+            SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.relid
+        )
+        SELECT pg_catalog.json_agg(entry) AS code FROM (
+            SELECT pg_catalog.json_build_array(
+                       'trigger', t.tgname, tr.relname, p.oid::pg_catalog.regprocedure::text, fo.rolname,
+                       p.prosecdef OR p.proowner = r.oid OR (r.rolsuper AND fo.rolsuper)
+                           OR (NOT r.rolsuper AND pg_catalog.pg_has_role(p.proowner, r.oid, 'USAGE')),
+                       t.tgtype::integer) AS entry
+            FROM tree
+            JOIN pg_catalog.pg_trigger t ON t.tgrelid = tree.relid AND NOT t.tgisinternal AND t.tgenabled IN ('O', 'A')
+            JOIN pg_catalog.pg_class tr ON tr.oid = t.tgrelid
+            JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+            JOIN pg_catalog.pg_roles fo ON fo.oid = p.proowner
+            UNION ALL
+            SELECT pg_catalog.json_build_array(
+                       'rule', w.rulename, wr.relname, w.ev_type::text, wo.rolname,
+                       wr.relowner = r.oid OR (r.rolsuper AND wo.rolsuper)
+                           OR (NOT r.rolsuper AND pg_catalog.pg_has_role(wr.relowner, r.oid, 'USAGE')),
+                       0)
+            FROM tree
+            JOIN pg_catalog.pg_rewrite w ON w.ev_class = tree.relid AND w.rulename <> '_RETURN' AND w.ev_enabled <> 'D'
+            JOIN pg_catalog.pg_class wr ON wr.oid = w.ev_class
+            JOIN pg_catalog.pg_roles wo ON wo.oid = wr.relowner
+        ) entries
+    ) code
     CROSS JOIN LATERAL (
         WITH RECURSIVE tree(relid) AS (
             SELECT c.oid
@@ -243,6 +333,15 @@ def _table_info(row: Any) -> TableInfo | ConfigError:
         can_select=bool(row.can_select),
         can_delete=bool(row.can_delete),
         role=row.role,
+        owner=row.owner,
+        owned=bool(row.owned),
+        schema_owner=row.schema_owner,
+        schema_owned=bool(row.schema_owned),
+        extra_privileges=tuple(row.extra_privileges or ()),
+        code=tuple(Code(*entry) for entry in row.code or ()),
+        superuser=bool(row.rolsuper),
+        createrole=bool(row.rolcreaterole),
+        server_roles=tuple(row.server_roles or ()),
     )
 
 

@@ -65,6 +65,8 @@ LAYERS: list[dict[str, str]] = [
         "app_schema": "The app's tables as its Prisma migrations create them: the test, demo and benchmark schema.",
         "walks": "The walks a batched run takes through the due rows (index, heap, rowid), one class each, owning "
         "its cursor.",
+        "trust": "What the tool trusts before it writes (no other role's code run with its privileges, a "
+        "history of its own) and what its role holds beyond a cleanup's needs.",
         "pacing": "Replica-aware pacing: waiting between batches so that every streaming standby stays within the "
         "lag target.",
     },
