@@ -6,6 +6,7 @@ database or decides an exit code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 from collections.abc import Iterable, Sequence
@@ -118,7 +119,7 @@ def status_table(status: status_module.Status) -> str:
         f"{'next run':<22}{'due now':>9}  last failure"
     )
     lines = [header]
-    for job in (status_module.JobStatus(**escaped(each.as_dict())) for each in status.jobs):
+    for job in (dataclasses.replace(each, **escaped(each.as_dict())) for each in status.jobs):
         if job.error:
             failure = job.error
         elif job.last_failure_at:

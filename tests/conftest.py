@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
 import tempfile
 import threading
 import uuid
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from helpers import Backend, as_role, database_url, sqlalchemy_url, unavailable
+from helpers import PREVIOUS_RELEASE, REPOSITORY, Backend, as_role, database_url, sqlalchemy_url, unavailable
 
 from skybot_cleanup.app_schema import app_metadata
 
@@ -242,3 +243,28 @@ def monitor() -> Iterator[Any]:
     server.released.set()
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="session")
+def previous_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The previous release's console script, installed from its commit into a virtualenv
+    of its own, as an operator has it: once per session (pip takes a while)."""
+    python = Path("/usr/bin/python3")
+    if not python.exists():
+        unavailable("the previous release is installed with /usr/bin/python3, which is missing")
+    root = tmp_path_factory.mktemp(f"release-{PREVIOUS_RELEASE}")
+    archive = subprocess.run(["git", "-C", str(REPOSITORY), "archive", PREVIOUS_RELEASE], capture_output=True)
+    if archive.returncode != 0:
+        unavailable(f"git cannot archive {PREVIOUS_RELEASE} (a shallow clone?): {archive.stderr.decode().strip()}")
+    (root / "src").mkdir()
+    subprocess.run(["tar", "-x", "-C", str(root / "src")], input=archive.stdout, check=True)
+    subprocess.run([str(python), "-m", "venv", str(root / "venv")], check=True)
+    pip = subprocess.run(
+        [str(root / "venv" / "bin" / "pip"), "install", "-q", str(root / "src")],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    if pip.returncode != 0:
+        unavailable(f"pip cannot install {PREVIOUS_RELEASE}: {pip.stderr.strip().splitlines()[-1:]}")
+    return root / "venv" / "bin" / "skybot-cleanup"

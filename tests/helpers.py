@@ -497,3 +497,32 @@ def backend_waiting(backend: Any, application: str = APP_NAME) -> bool:
             app=application,
         )
     )
+
+
+# -- other releases ------------------------------------------------------------------------------
+
+# The release before this one (0.1.0). Its spool entries are 0644 files in a 0755
+# directory, with exactly the twelve fields it knew; it sets aside any other entry.
+PREVIOUS_RELEASE = "34a245a"
+
+
+def run_release(script: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Another release's console script, as cron runs it (umask 022, a bare environment)."""
+    return subprocess.run(
+        [str(script), *args],
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": os.environ.get("HOME", "/root"), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: os.umask(0o022),
+    )
+
+
+def outage(url: str, state: Path) -> dict[str, str]:
+    """The settings of a run for `url`'s user and database while its server is down: its
+    record waits in the spool under `state`."""
+    return {
+        "DATABASE_URL": unreachable_twin(url),
+        "SKYBOT_CLEANUP_STATE_DIR": str(state),
+        "SKYBOT_CLEANUP_MAX_RETRIES": "0",
+    }

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from datetime import datetime, timedelta
 
 import pytest
 from helpers import (
+    DAY,
     HOUR,
     MINUTE,
     check_findings,
@@ -18,6 +20,7 @@ from helpers import (
     events,
     history_rows,
     prom_values,
+    put_history,
     run_cli,
     unavailable,
 )
@@ -132,3 +135,37 @@ def test_the_skew_threshold_is_a_setting(postgres):
     completed = run_cli("refresh-tokens", env=env_for(postgres, clock_skew_warning_s=7200), via=faked("+1h"))
     assert completed.returncode == 0
     assert "clock_skew" not in [event["event"] for event in events(completed.stderr)]
+
+
+def test_the_history_is_stamped_and_pruned_by_the_servers_clock_whatever_the_hosts(postgres, tmp_path):
+    """A host 40 days ahead used to prune the whole history (31 of 31 rows), and its row,
+    dated 40 days ahead, kept magic-links OK through later failures. Every record is now
+    on the server's clock: nothing is pruned before its time, nothing dated in the future."""
+    put_history(postgres, *[("magic-links", "ok", days * DAY) for days in range(1, 25)])
+    env = env_for(postgres, prom_file=tmp_path)
+    ahead = run_cli("magic-links", "--json", env=env, via=faked("+40d"))
+    assert ahead.returncode == 0, ahead.stderr
+    rows = history_rows(postgres)
+    assert len([row for row in rows if row["task"] == "magic-links"]) == 25  # nothing pruned
+    newest = max(row["finished_at"] for row in rows)
+    assert abs(newest - utc_now()) < timedelta(minutes=1)  # the server's now, not 40 days on
+    assert abs(datetime.fromisoformat(json.loads(ahead.stdout)["finished_at"].rstrip("Z")) - utc_now()) < MINUTE
+    textfile = prom_values(tmp_path / "skybot_cleanup_magic-links.prom")
+    assert abs(textfile["skybot_cleanup_last_success_timestamp_seconds"] - time.time()) < 60
+    failed = run_cli("magic-links", env={**env, "SKYBOT_CLEANUP_MAGIC_LINK_USED_COLUMN": "nope"})
+    assert failed.returncode == 2
+    status = {job["task"]: job for job in map(json.loads, run_cli("status", "--json", env=env).stdout.splitlines())}
+    assert status["magic-links"]["health"] == "FAILING"
+
+
+def test_a_host_clock_three_hours_behind_records_and_judges_by_the_servers(postgres, tmp_path):
+    """The hourly jobs' last success is the server's time: no alert thinks them overdue."""
+    env = env_for(postgres, prom_file=tmp_path)
+    behind = run_cli("refresh-tokens", "--json", env=env, via=faked("-3h"))
+    assert behind.returncode == 0, behind.stderr
+    textfile = prom_values(tmp_path / "skybot_cleanup_refresh-tokens.prom")
+    assert abs(textfile["skybot_cleanup_last_success_timestamp_seconds"] - time.time()) < 60
+    status = run_cli("status", "--json", env=env, via=faked("-3h"))
+    job = next(job for job in map(json.loads, status.stdout.splitlines()) if job["task"] == "refresh-tokens")
+    assert job["health"] == "OK"
+    assert abs(datetime.fromisoformat(job["last_success_at"].rstrip("Z")) - utc_now()) < MINUTE

@@ -14,15 +14,14 @@ import sqlalchemy as sa
 from components import need_root, world_dir
 from helpers import (
     HOUR,
-    REPOSITORY,
     Backend,
     events,
     history_rows,
     os_user_group,
+    outage,
     run_cli,
+    run_release,
     seed_operator_data,
-    unavailable,
-    unreachable_twin,
 )
 
 from skybot_cleanup.app_schema import app_metadata
@@ -111,16 +110,6 @@ def test_a_stale_claim_of_a_dead_run_is_recorded_once(postgres, tmp_path):
         ("magic-links", "ok", 0),
     ]
     assert list((state / PENDING_RUNS).iterdir()) == []
-
-
-def outage(url: str, state: Path) -> dict[str, str]:
-    """The settings of a run for `url`'s user and database while its server is down: its
-    record waits in the spool under `state`."""
-    return {
-        "DATABASE_URL": unreachable_twin(url),
-        "SKYBOT_CLEANUP_STATE_DIR": str(state),
-        "SKYBOT_CLEANUP_MAX_RETRIES": "0",
-    }
 
 
 def unreachable_run(env: dict[str, str], **kwargs) -> subprocess.CompletedProcess[str]:
@@ -287,47 +276,6 @@ def test_an_earlier_spool_directory_others_could_write_is_left_alone(postgres, t
 
 
 # -- across releases -----------------------------------------------------------------------------
-
-# The release before this one (0.1.0). Its spool entries are 0644 files in a 0755
-# directory, with exactly the twelve fields it knew; it sets aside any other entry.
-PREVIOUS_RELEASE = "34a245a"
-
-
-@pytest.fixture(scope="session")
-def previous_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The previous release's console script, installed from its commit into a virtualenv
-    of its own, as an operator has it: once per session (pip takes a while)."""
-    python = Path("/usr/bin/python3")
-    if not python.exists():
-        unavailable("the previous release is installed with /usr/bin/python3, which is missing")
-    root = tmp_path_factory.mktemp(f"release-{PREVIOUS_RELEASE}")
-    archive = subprocess.run(["git", "-C", str(REPOSITORY), "archive", PREVIOUS_RELEASE], capture_output=True)
-    if archive.returncode != 0:
-        unavailable(f"git cannot archive {PREVIOUS_RELEASE} (a shallow clone?): {archive.stderr.decode().strip()}")
-    (root / "src").mkdir()
-    subprocess.run(["tar", "-x", "-C", str(root / "src")], input=archive.stdout, check=True)
-    subprocess.run([str(python), "-m", "venv", str(root / "venv")], check=True)
-    pip = subprocess.run(
-        [str(root / "venv" / "bin" / "pip"), "install", "-q", str(root / "src")],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    if pip.returncode != 0:
-        unavailable(f"pip cannot install {PREVIOUS_RELEASE}: {pip.stderr.strip().splitlines()[-1:]}")
-    return root / "venv" / "bin" / "skybot-cleanup"
-
-
-def run_release(script: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Another release's console script, as cron runs it (umask 022, a bare environment)."""
-    return subprocess.run(
-        [str(script), *args],
-        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": os.environ.get("HOME", "/root"), **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        preexec_fn=lambda: os.umask(0o022),
-    )
 
 
 def not_set_aside(state: Path) -> list[str]:
