@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from skybot_cleanup.db.catalog import SQL_TYPES
 from skybot_cleanup.registry import PARENT_TABLES, REGISTRY, Column, Registry, TableSpec
-from skybot_cleanup.settings import CleanupSettings
+from skybot_cleanup.settings import Settings
 
 _DEFAULTS: dict[str, sa.TextClause] = {
     "CURRENT_TIMESTAMP": sa.text("CURRENT_TIMESTAMP"),
@@ -20,7 +20,7 @@ _DEFAULTS: dict[str, sa.TextClause] = {
 
 
 def app_metadata(
-    settings: CleanupSettings | None = None, schema: str | None = None, registry: Registry = REGISTRY
+    settings: Settings | None = None, schema: str | None = None, registry: Registry = REGISTRY
 ) -> sa.MetaData:
     """Every table of the registry, named as the settings say (defaults: Prisma's names),
     with the parent tables their foreign keys need."""
@@ -40,7 +40,7 @@ def app_metadata(
     return metadata
 
 
-def _table(metadata: sa.MetaData, spec: TableSpec, settings: CleanupSettings | None, prefix: str) -> sa.Table:
+def _table(metadata: sa.MetaData, spec: TableSpec, settings: Settings | None, prefix: str) -> sa.Table:
     name = settings.table_name(spec) if settings else spec.name
 
     def column_name(column: Column) -> str:

@@ -27,12 +27,13 @@ from skybot_cleanup.cutoff import RunTime, cutoff
 from skybot_cleanup.errors import ConfigError, ExitCode, SqlState, sqlstate_of
 from skybot_cleanup.registry import REGISTRY, Registry, Task
 from skybot_cleanup.results import build_result
-from skybot_cleanup.settings import CleanupSettings, column_field, env_name
+from skybot_cleanup.settings import Settings, column_field, env_name
+from skybot_cleanup.vocabulary import Level
 
 
 @dataclass(frozen=True)
 class Finding:
-    level: str  # ok | info | warning | error
+    level: Level
     message: str
     detail: tuple[str, ...] = ()  # lines to paste or read, shown indented
 
@@ -45,7 +46,7 @@ class Context:
     """What every check may read: the open read-only transaction and what earlier checks found."""
 
     run: db.RunConnection
-    settings: CleanupSettings
+    settings: Settings
     schema: str | None
     clocks: RunTime
     registry: Registry
@@ -98,7 +99,7 @@ def _quote(identifier: str) -> str:
 
 def server(ctx: Context) -> Iterator[Finding]:
     if not ctx.on_postgres:
-        yield Finding("info", f"connected: SQLite {ctx.conn.scalar(sa.text('SELECT sqlite_version()'))}")
+        yield Finding(Level.INFO, f"connected: SQLite {ctx.conn.scalar(sa.text('SELECT sqlite_version()'))}")
         return
     row = ctx.conn.execute(
         sa.text(
@@ -121,14 +122,14 @@ def server(ctx: Context) -> Iterator[Finding]:
     version, zone, ctx.role, standby, read_only_default, tls, idle_ms, schema_usable, standbys, visible = row
     ctx.schema_usable = schema_usable
     yield Finding(
-        "info",
+        Level.INFO,
         f"connected as {ctx.role}: PostgreSQL {version}, session time zone {zone} "
         f"(cutoffs are computed in UTC whatever it is), {'TLS' if tls else 'no TLS'}",
     )
     yield _clock_finding(ctx)
     if 0 < (idle_ms or 0) < ctx.settings.sleep_ms + 1000:
         yield Finding(
-            "warning",
+            Level.WARNING,
             f"the server ends a transaction idle for {idle_ms} ms, less than SKYBOT_CLEANUP_SLEEP_MS "
             f"({ctx.settings.sleep_ms} ms) plus a second: batched runs would be cut short after "
             "one batch; lower SKYBOT_CLEANUP_SLEEP_MS",
@@ -139,7 +140,7 @@ def server(ctx: Context) -> Iterator[Finding]:
         ctx.read_only = True
         what = "a hot standby" if standby else "read-only (default_transaction_read_only is on)"
         yield Finding(
-            "error",
+            Level.ERROR,
             f"the database is {what}: every cleanup would fail; point DATABASE_URL at the "
             "primary (with several hosts, add target_session_attrs=read-write)",
         )
@@ -151,12 +152,12 @@ def _standbys_finding(ctx: Context, standbys: int, visible: int) -> Finding:
     target, setting = ctx.settings.max_replica_lag_s, env_name("max_replica_lag_s")
     counted = f"{standbys} streaming standby" + ("s" if standbys > 1 else "")
     if not target:
-        return Finding("info", f"{counted}: replica pacing is off ({setting}=0), so batches do not wait for them")
+        return Finding(Level.INFO, f"{counted}: replica pacing is off ({setting}=0), so batches do not wait for them")
     if visible == standbys:
         its = "their replay lag" if standbys > 1 else "its replay lag"
-        return Finding("ok", f"{counted}, {its} visible: batched runs keep it under {target:g} s ({setting})")
+        return Finding(Level.OK, f"{counted}, {its} visible: batched runs keep it under {target:g} s ({setting})")
     return Finding(
-        "warning",
+        Level.WARNING,
         f"{counted}, but {ctx.role} cannot read their replay positions, so batched runs cannot keep their lag "
         f"under {target:g} s ({setting}). As a superuser, run (pg_read_all_stats is the narrowest role that "
         "shows them; pg_monitor includes it):",
@@ -169,9 +170,9 @@ def _clock_finding(ctx: Context) -> Finding:
     skew = clocks.skew_s or 0.0
     relation = f"{abs(skew):.3f} s {'ahead of' if skew > 0 else 'behind'} the server's"
     if abs(skew) <= threshold:
-        return Finding("ok", f"clocks agree: this host's is {relation} (warning above {threshold:g} s)")
+        return Finding(Level.OK, f"clocks agree: this host's is {relation} (warning above {threshold:g} s)")
     return Finding(
-        "warning",
+        Level.WARNING,
         f"this host's clock is {relation} (host {iso_utc(clocks.host)}, server {iso_utc(clocks.server)}): runs "
         "take the earlier of the two, so no valid row is deleted, but due rows wait for the later one; fix the "
         f"clock (NTP) (warning above {threshold:g} s, {env_name('clock_skew_warning_s')})",
@@ -185,7 +186,7 @@ def heartbeat_url(ctx: Context) -> Iterator[Finding]:
     if ctx.settings.ping_url is not None:
         problem = check_url(ctx.settings.ping_url.get_secret_value())
         if problem:
-            yield Finding("error", f"{env_name('ping_url')} is unusable: {problem}; no heartbeat is sent")
+            yield Finding(Level.ERROR, f"{env_name('ping_url')} is unusable: {problem}; no heartbeat is sent")
 
 
 def schema_usage(ctx: Context) -> Iterator[Finding]:
@@ -195,13 +196,13 @@ def schema_usage(ctx: Context) -> Iterator[Finding]:
     ctx.schema_unusable = True
     if ctx.schema_usable is None:
         yield Finding(
-            "error",
+            Level.ERROR,
             f'schema "{ctx.schema}" does not exist: set the URL\'s ?schema= or SKYBOT_CLEANUP_SCHEMA '
             "to the app's schema",
         )
         return
     yield Finding(
-        "error",
+        Level.ERROR,
         f'{ctx.role} may not use schema "{ctx.schema}" (no USAGE), so none of its tables can be '
         "seen: as its owner or a superuser, run",
         (f"GRANT USAGE ON SCHEMA {_quote(str(ctx.schema))} TO {_quote(ctx.role)};",),
@@ -242,7 +243,7 @@ def tables(ctx: Context) -> Iterator[Finding]:
     for spec in ctx.registry.tables:
         table = ctx.bound.get(spec.key)
         if table is None or isinstance(table, ConfigError):
-            yield Finding("error", str(table))
+            yield Finding(Level.ERROR, str(table))
             continue
         problems = []
         for role, column in spec.roles.items():
@@ -258,14 +259,15 @@ def tables(ctx: Context) -> Iterator[Finding]:
                 )
                 problems.append(
                     Finding(
-                        "error",
+                        Level.ERROR,
                         f'{_shown(table)}."{name}" is {found}, expected {expected[0]}{why} '
                         f"(setting {env_name(column_field(spec, role))})",
                     )
                 )
         yield from problems or [
             Finding(
-                "ok", f"{_shown(table)}: the {len(spec.roles)} columns the tool reads are present with compatible types"
+                Level.OK,
+                f"{_shown(table)}: the {len(spec.roles)} columns the tool reads are present with compatible types",
             )
         ]
 
@@ -283,13 +285,13 @@ def privileges(ctx: Context) -> Iterator[Finding]:
         ]
         if missing:
             yield Finding(
-                "error",
+                Level.ERROR,
                 f"{ctx.role} lacks {' and '.join(missing)} on {shown}: every run of its tasks fails until, as its "
                 "owner or a superuser, you run",
                 (f"GRANT {', '.join(missing)} ON {shown} TO {_quote(ctx.role)};",),
             )
         else:
-            yield Finding("ok", f"{ctx.role} may SELECT and DELETE on {shown} (all a cleanup needs; no UPDATE)")
+            yield Finding(Level.OK, f"{ctx.role} may SELECT and DELETE on {shown} (all a cleanup needs; no UPDATE)")
 
 
 def role_standing(ctx: Context) -> Iterator[Finding]:
@@ -303,10 +305,10 @@ def role_standing(ctx: Context) -> Iterator[Finding]:
         if isinstance(table, db.BoundTable):
             found += [item for item in trust.beyond_need(table.info, _shown(table)) if item not in found]
     if not found:
-        yield Finding("ok", f"{ctx.role} holds nothing beyond what a cleanup needs")
+        yield Finding(Level.OK, f"{ctx.role} holds nothing beyond what a cleanup needs")
         return
     yield Finding(
-        "warning",
+        Level.WARNING,
         f"{ctx.role} holds more than a cleanup needs: {'; '.join(found)}. Every run would fire the tables' triggers "
         "with all of it. As a superuser, make a least-privilege role and put it in DATABASE_URL:",
         _least_privilege_role(ctx),
@@ -336,14 +338,14 @@ def triggers(ctx: Context) -> Iterator[Finding]:
             continue
         problem = trust.code_problem(table, ctx.settings.trusted_code)
         if problem:
-            yield Finding("error", f"{problem}; until then, runs refuse to start (exit {ExitCode.CONFIG})")
+            yield Finding(Level.ERROR, f"{problem}; until then, runs refuse to start (exit {ExitCode.CONFIG})")
             continue
         firing = [code for code in table.info.code if code.fires_on(db.DELETE)]
         if firing:
             listed = "; ".join(
                 f"{code} ({'trusted' if code.name in ctx.settings.trusted_code else 'safe'})" for code in firing
             )
-            yield Finding("info", f"{_shown(table)}: each run fires {listed}")
+            yield Finding(Level.INFO, f"{_shown(table)}: each run fires {listed}")
 
 
 def row_level_security(ctx: Context) -> Iterator[Finding]:
@@ -356,7 +358,7 @@ def row_level_security(ctx: Context) -> Iterator[Finding]:
         shown, role = _shown(table), _quote(ctx.role)
         forced = " (and forced, so even its owner is subject to it)" if table.info.rls_forced else ""
         yield Finding(
-            "error",
+            Level.ERROR,
             f"row-level security is on for {shown}{forced}, and {ctx.role} is neither its owner, nor BYPASSRLS, "
             "nor a superuser: runs delete, and counts see, only the rows its policies allow this role, so due "
             "rows stay and backlogs read low. Either, as a superuser, exempt the role, or, as the table's owner, "
@@ -378,7 +380,7 @@ def indexes(ctx: Context) -> Iterator[Finding]:
         due = task.due(table.columns, cutoff(task, ctx.now, ctx.settings))
         plan = ctx.plans.get(task.name)
         if plan is not None and plan.error is None and not _scans_the_table(plan.scalar()):
-            yield Finding("ok", f"{task.name}: the planner can use an index for its predicate")
+            yield Finding(Level.OK, f"{task.name}: the planner can use an index for its predicate")
             continue
         yield _index_advice(ctx, task, table, due)
 
@@ -410,14 +412,14 @@ def narrowing_indexes(ctx: Context) -> Iterator[Finding]:
         indexes = [list(row[0]) for row in listed.rows] if listed.error is None else []
         walk_index = f'"{table.info.name}_{wanted[0]}_idx"'
         if any(columns[: len(wanted)] == wanted for columns in indexes):
-            yield Finding("ok", f"{task.name}: an index on ({', '.join(wanted)}) lets each run read only due rows")
+            yield Finding(Level.OK, f"{task.name}: an index on ({', '.join(wanted)}) lets each run read only due rows")
             continue
         count = passed.count()
         if count.value == 0:
             continue
         over = f"~{count.value:,}" if count.estimated else f"{count.value:,}"
         model = table.info.name
-        level = "warning" if count.value > ctx.settings.index_advice_rows else "info"
+        level = Level.WARNING if count.value > ctx.settings.index_advice_rows else Level.INFO
         yield Finding(
             level,
             f"{task.name}: each run reads {over} rows it does not delete through {walk_index} to find the due ones "
@@ -459,7 +461,7 @@ def _index_advice(ctx: Context, task: Task, table: db.BoundTable, due: sa.Column
     model = table.info.name
     if rows < ctx.settings.index_advice_rows:
         return Finding(
-            "info",
+            Level.INFO,
             f"{task.name}: its predicate cannot use an index, so each run scans {_shown(table)} "
             f"(~{rows:,} rows: fine below {ctx.settings.index_advice_rows:,}, "
             f"{env_name('index_advice_rows')})",
@@ -467,7 +469,7 @@ def _index_advice(ctx: Context, task: Task, table: db.BoundTable, due: sa.Column
     prisma = tuple(f"  @@index([{name}])" for name in wanted)
     sql = tuple(f'  CREATE INDEX "{model}_{name}_idx" ON "{model}"("{name}");' for name in wanted)
     return Finding(
-        "warning",
+        Level.WARNING,
         f"{task.name}: its predicate cannot use an index, and {_shown(table)} has ~{rows:,} "
         "rows: each run scans the whole table. Add to `model " + model + "` in the app's "
         "prisma/schema.prisma (field names; adjust if they are @map'ed):",
@@ -496,21 +498,21 @@ def partitioning(ctx: Context) -> Iterator[Finding]:
             continue
         if table.info.shape is db.TableShape.PARTITIONED:
             yield Finding(
-                "info",
+                Level.INFO,
                 f"{_shown(table)} is partitioned ({table.info.leaves} partitions): batches walk every partition, "
                 "sized from the partitions' own statistics, and delete row by row; detaching and dropping whole "
                 "expired partitions is the app's migrations' job (docs/scaling.md)",
             )
         elif table.info.shape is db.TableShape.INHERITED:
             yield Finding(
-                "info",
+                Level.INFO,
                 f"{_shown(table)} has {table.info.leaves - 1} inheritance child table(s) (INHERITS): batches walk "
                 "the heap of the table and of every child (their indexes are their own), and every count covers "
                 "them all",
             )
         elif (table.info.estimated_rows or 0) >= PARTITIONING_HINT_ROWS:
             yield Finding(
-                "info",
+                Level.INFO,
                 f"{_shown(table)} holds ~{table.info.estimated_rows:,} rows: at this size vacuum "
                 "and WAL, not the DELETE, bound a row-by-row cleanup; docs/scaling.md weighs time "
                 "partitioning",
@@ -526,23 +528,24 @@ def backlogs(ctx: Context) -> Iterator[Finding]:
     for task in ctx.registry.tasks:
         judged = ctx.judgement.job(task.name)
         backlog = judged.backlog
+        table = ctx.bound.get(task.table.key)
+        if isinstance(table, ConfigError):
+            yield Finding(Level.ERROR, f"{task.name}: cannot run: {table}")
+            continue
         if backlog is None or backlog.due is None:
-            why = backlog.unmeasurable if backlog is not None else None
-            level = (
-                "info"
-                if task.table.key in ctx.bound and not isinstance(ctx.bound[task.table.key], ConfigError)
-                else "error"
-            )
-            yield Finding(level, f"{task.name}: due rows not counted: {why}")
+            # Refused by the server (a run would meet the same refusal): an error; not
+            # counted on purpose (row-level security, no SELECT), named above: information.
+            level = Level.ERROR if backlog is not None and backlog.failed else Level.INFO
+            yield Finding(level, f"{task.name}: due rows not counted: {backlog.unmeasurable if backlog else None}")
             continue
         if backlog.due.value > threshold:
             yield Finding(
-                "warning",
+                Level.WARNING,
                 f"{task.name}: more than {threshold:,} rows are due; drain them once in batches before scheduling:",
                 (f"skybot-cleanup {task.name} --batch-size 10000 --max-runtime 1800",),
             )
         else:
-            yield Finding("ok", f"{task.name}: {backlog.due.value:,} rows due")
+            yield Finding(Level.OK, f"{task.name}: {backlog.due.value:,} rows due")
 
 
 def history_writable(ctx: Context) -> Iterator[Finding]:
@@ -550,11 +553,11 @@ def history_writable(ctx: Context) -> Iterator[Finding]:
     another role's code could run as this role (trust.history_problem): that is an error."""
     settings = ctx.settings
     if not settings.history:
-        yield Finding("info", "run history is off (SKYBOT_CLEANUP_HISTORY=false): status cannot judge the jobs")
+        yield Finding(Level.INFO, "run history is off (SKYBOT_CLEANUP_HISTORY=false): status cannot judge the jobs")
         return
     refused = ctx.judgement.history_refused if ctx.judgement else None
     if refused:
-        yield Finding("error", f"run history: {refused}; until then runs refuse to start (exit {ExitCode.CONFIG})")
+        yield Finding(Level.ERROR, f"run history: {refused}; until then runs refuse to start (exit {ExitCode.CONFIG})")
         return
     if ctx.read_only:
         return
@@ -581,7 +584,7 @@ def history_writable(ctx: Context) -> Iterator[Finding]:
             yield _history_advice(ctx, shown, reason)
             return
         created = "" if info is not None else " (created on the first run)"
-        yield Finding("ok", f"run history: {shown} is writable{created}")
+        yield Finding(Level.OK, f"run history: {shown} is writable{created}")
         if missing and info is not None:
             yield _missing_columns(ctx, info, missing)
     finally:
@@ -596,11 +599,11 @@ def _missing_columns(ctx: Context, info: db.TableInfo, missing: list[sa.Column[A
     shown, names = db.qualified(info.schema, info.name), ", ".join(column.name for column in missing)
     if info.owned:
         return Finding(
-            "info", f"run history: {shown} lacks {names} (an earlier release made it); the next run adds them"
+            Level.INFO, f"run history: {shown} lacks {names} (an earlier release made it); the next run adds them"
         )
     dialect = ctx.conn.dialect
     return Finding(
-        "warning",
+        Level.WARNING,
         f"run history: {shown} lacks {names} (an earlier release made it), and {ctx.role} does not own it: runs "
         f"record what it has, and drop the rest. As its owner, {info.owner}, run:",
         tuple(
@@ -626,7 +629,7 @@ def _history_advice(ctx: Context, shown: str, error: str) -> Finding:
             else (f"CREATE SCHEMA {_quote(schema)} AUTHORIZATION {role};",)
         )
     return Finding(
-        "warning",
+        Level.WARNING,
         f"run history: cannot write {shown}: {error}. Runs are kept in the state "
         f"directory meanwhile, and status cannot judge the jobs. As an administrator, run "
         f"(or set SKYBOT_CLEANUP_HISTORY=false):",
@@ -656,7 +659,7 @@ OWN_TRANSACTION: tuple[Check, ...] = (history_writable,)
 
 
 def run_checks(
-    run: db.RunConnection, settings: CleanupSettings, schema: str | None, clocks: RunTime, registry: Registry = REGISTRY
+    run: db.RunConnection, settings: Settings, schema: str | None, clocks: RunTime, registry: Registry = REGISTRY
 ) -> list[Finding]:
     """Every check's findings. A check the role lacks a privilege for is an error finding
     of its own, and the others still run: the point of `check` is the whole list. (Its
@@ -671,5 +674,5 @@ def run_checks(
                 raise
             run.undo_work()
             reason = str(exc.orig).strip().splitlines()[0]
-            findings.append(Finding("error", f"{check.__name__.replace('_', ' ')}: not checked: {reason}"))
+            findings.append(Finding(Level.ERROR, f"{check.__name__.replace('_', ' ')}: not checked: {reason}"))
     return findings

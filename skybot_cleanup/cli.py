@@ -17,6 +17,7 @@ import typer
 
 from skybot_cleanup import __version__
 from skybot_cleanup.errors import (
+    CleanupError,
     ConfigError,
     ExitCode,
     Interrupted,
@@ -27,11 +28,12 @@ from skybot_cleanup.errors import (
 from skybot_cleanup.registry import REGISTRY, Job, Task
 from skybot_cleanup.schedule import describe
 from skybot_cleanup.settings import ENV_PREFIX, column_field, env_name, table_field
+from skybot_cleanup.vocabulary import Level, RunStatus
 
 if TYPE_CHECKING:
     from skybot_cleanup.results import RunResult
     from skybot_cleanup.run import ProgressCallback
-    from skybot_cleanup.settings import CleanupSettings
+    from skybot_cleanup.settings import Settings
 
 EXIT_CODES = exit_codes_help()
 
@@ -158,10 +160,20 @@ def main_callback(
     ] = False,
 ) -> None:
     """Each cleanup command is one idempotent run."""
-    from skybot_cleanup import logs, signals
+    reset_process_state()
 
-    logs.reset()
-    signals.reset()
+
+# The modules that keep state for one command (a warning given once, the secrets to
+# redact, the log format, a noted signal): a new command in the same process starts
+# afresh. Only those loaded have any.
+STATEFUL_MODULES = ("errors", "logs", "signals", "heartbeat", "history", "spool")
+
+
+def reset_process_state() -> None:
+    for name in STATEFUL_MODULES:
+        module = sys.modules.get(f"skybot_cleanup.{name}")
+        if module is not None:
+            module.reset()
 
 
 def _fail(message: str, exit_code: int = ExitCode.CONFIG, *, logged: bool = False) -> NoReturn:
@@ -171,7 +183,7 @@ def _fail(message: str, exit_code: int = ExitCode.CONFIG, *, logged: bool = Fals
     raise typer.Exit(exit_code)
 
 
-def _load(jobs: Sequence[Job] = (), dry_run: bool = False, **overrides: Any) -> CleanupSettings:
+def _load(jobs: Sequence[Job] = (), dry_run: bool = False, **overrides: Any) -> Settings:
     """Settings, with logging configured and every load-time warning given; a bad
     setting is one line, exit 2, and (for jobs) a trace in their textfiles, heartbeat
     and history."""
@@ -214,9 +226,9 @@ def _report(result: RunResult, as_json: bool, quiet: bool) -> None:
 
     if as_json:
         typer.echo(views.as_json(result.as_dict()))
-    elif result.status == "ok" and not quiet:
+    elif result.status == RunStatus.OK and not quiet:
         typer.echo(views.result_line(result))
-    if result.status != "ok":
+    if result.status != RunStatus.OK:
         from skybot_cleanup.logs import report_failure
 
         report_failure(views.failure_line(result), logged=True)
@@ -355,7 +367,7 @@ app.command("all", help="Run every cleanup task in turn, each in its own transac
 )
 
 
-def _guarded(label: str, settings: CleanupSettings, work: Any) -> Any:
+def _guarded(label: str, settings: Settings, work: Any) -> Any:
     """A reporting command's database work: any failure is one line and its exit code."""
     from skybot_cleanup.commands import failure_of
 
@@ -406,8 +418,8 @@ def metrics_command(
     no_history: NoHistory = False,
     quiet: Quiet = False,
 ) -> None:
-    from skybot_cleanup import commands, textfiles, views
-    from skybot_cleanup.logs import get_logger, report_failure
+    from skybot_cleanup import commands, views
+    from skybot_cleanup.logs import report_failure
 
     settings = _load(
         (REGISTRY.metrics,),
@@ -416,19 +428,13 @@ def metrics_command(
         history=False if no_history else None,
     )
     install_signal_handlers()
-    snapshot_file = prom_file or (
-        str(textfiles.textfile_path(settings.prom_file, "snapshot")) if settings.prom_file else None
-    )
-    run = commands.metrics_job(settings, snapshot_file, pushgateway)
+    run = commands.metrics_job(settings, prom_file, pushgateway)
     if run.snapshot is not None:
-        taken = run.snapshot.as_dict()
-        get_logger().info("metrics", **{key: value for key, value in taken.items() if key != "taken_at"})
         if as_json:
-            typer.echo(views.as_json(taken))
+            typer.echo(views.as_json(run.snapshot.as_dict()))
         elif sys.stdout.isatty() and not quiet:  # every 5 minutes under cron, the log event is enough
             typer.echo(views.snapshot_table(run.snapshot))
-    commands.write_run_textfiles(settings.prom_file, [run.result])
-    if run.result.status != "ok":
+    if run.result.status != RunStatus.OK:
         report_failure(views.failure_line(run.result), logged=True)
     # The job's exit code is the one its record holds, whatever signal came after its work.
     raise typer.Exit(run.result.exit_code)
@@ -484,9 +490,9 @@ def check_command(
     from skybot_cleanup import commands, views
 
     settings = _load(database_url=database_url, database_url_file=database_url_file)
-    findings = _guarded("check", settings, lambda: commands.check(settings))
+    findings = _guarded("check", settings, lambda: commands.run_check(settings))
     _echo(views.findings_lines(findings, as_json))
-    raise typer.Exit(ExitCode.FAILURE if any(finding.level == "error" for finding in findings) else ExitCode.OK)
+    raise typer.Exit(ExitCode.FAILURE if any(finding.level == Level.ERROR for finding in findings) else ExitCode.OK)
 
 
 @app.command("history")
@@ -538,7 +544,7 @@ def history_command(
     known = [job.name for job in REGISTRY.jobs]
     if task is not None and task not in known:
         _fail(f"error: --task must be one of {', '.join(known)}, not {task!r}")
-    if status is not None and status not in ("ok", "failed", "skipped", "interrupted"):
+    if status is not None and status not in set(RunStatus):
         _fail(f"error: --status must be ok, failed, skipped or interrupted, not {status!r}")
     moments = {}
     for option, text in (("--since", since), ("--until", until)):
@@ -561,20 +567,13 @@ def config_command(
     database_url_file: DatabaseUrlFile = None,
 ) -> None:
     """The version, and every setting in effect and where it came from; secrets redacted."""
-    from skybot_cleanup import settings as settings_module
-    from skybot_cleanup import views
-    from skybot_cleanup.settings import describe_settings
+    from skybot_cleanup import commands, views
 
     try:
-        loaded = settings_module.load({"database_url": database_url, "database_url_file": database_url_file})
+        view = commands.describe_config({"database_url": database_url, "database_url_file": database_url_file})
     except ConfigError as exc:
         _fail(f"error: {exc}")
-    from skybot_cleanup.heartbeat import check_url
-
-    ping = loaded.settings.ping_url
-    problem = check_url(ping.get_secret_value()) if ping else None
-    view = describe_settings(loaded, {"ping_url": f"unusable: {problem}"} if problem else None)
-    _echo(views.config_lines({"version": __version__, **view}, as_json))
+    _echo(views.config_lines(view, as_json))
 
 
 @app.command("schedule")
@@ -604,27 +603,17 @@ def schedule_command(
     ] = None,
 ) -> None:
     """Render deployment and monitoring files from the registry: every schedule, UTC."""
-    from skybot_cleanup import views
-    from skybot_cleanup.generate.deploy import FORMATS, render_files, write_files
-
-    if fmt not in FORMATS:
-        _fail(f"error: --format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    try:
-        files = render_files(fmt, exec_path=exec_path, image=image)
-    except ValueError as exc:
-        _fail(f"error: {exc}")
-    if output is None:
-        for text in views.generated_files(files):
-            typer.echo(text, nl=False)
-        return
-    from skybot_cleanup.localfiles import UnsafePath
+    from skybot_cleanup import commands, views
 
     try:
-        written = write_files(files, output)
-    except UnsafePath as exc:
-        _fail(f"error: refusing to write under {output}: {exc.strerror}")
-    except OSError as exc:
-        _fail(f"error: cannot write under {output}: {exc.strerror}", ExitCode.FAILURE)
+        files = commands.schedule_files(fmt, exec_path=exec_path, image=image)
+        if output is None:
+            for text in views.generated_files(files):
+                typer.echo(text, nl=False)
+            return
+        written = commands.write_schedule_files(files, output)
+    except CleanupError as exc:
+        _fail(f"error: {exc}", exc.exit_code)
     for path in written:
         typer.echo(f"wrote {path}")
 
@@ -645,32 +634,22 @@ def demo_command(
     as_json: JsonOutput = False,
 ) -> None:
     """Seed the app's tables and run every task on them: a SQLite file by default, no server needed."""
-    from skybot_cleanup import demo as demo_module
-    from skybot_cleanup import views
-    from skybot_cleanup.clock import utc_now
-    from skybot_cleanup.db import parse_database_url
+    from skybot_cleanup import commands, views
 
-    now = utc_now()
     url = database_url or f"sqlite:///{path.resolve()}"
     settings = _load(database_url=url, log_level="warning")
     try:
-        database = demo_module.create(url, now, settings)
-    except ConfigError as exc:
-        _fail(f"error: {exc}")
-    except Exception as exc:  # an unwritable path, an unreachable server
-        from skybot_cleanup.commands import failure_of
-
-        _fail(f"error: cannot create the demo database: {failure_of(exc, settings).message}", ExitCode.FAILURE)
-    shown = (database_url and parse_database_url(url).display) or str(path)
+        demo = commands.demo(settings, url, shown=None if database_url else str(path))
+    except CleanupError as exc:
+        _fail(f"error: {exc}", exc.exit_code)
     if not as_json:
-        typer.echo(views.demo_seeded(shown, demo_module.ids_by_table(database, settings)))
+        typer.echo(views.demo_seeded(demo.shown, demo.seeded))
     exit_codes = []
-    for step in demo_module.run(database, settings, now):
+    for step in demo.steps:
         exit_codes.append(step.result.exit_code)
         _echo(views.demo_step_lines(step, as_json))
     if not as_json:
-        left = demo_module.ids_by_table(database, settings)
-        _echo(views.demo_left(left, None if database_url else url, demo_module.invocation()))
+        _echo(views.demo_left(demo.left(), None if database_url else url, demo.invocation))
     raise typer.Exit(worst_exit_code(exit_codes))
 
 

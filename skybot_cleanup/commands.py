@@ -20,10 +20,10 @@ from skybot_cleanup.registry import REGISTRY, Job, Registry, Task
 from skybot_cleanup.results import RunResult, build_result
 from skybot_cleanup.retry import with_retries
 from skybot_cleanup.run import ProgressCallback, run_task
-from skybot_cleanup.settings import CleanupSettings, Settings
+from skybot_cleanup.settings import DefaultSettings, Settings
 from skybot_cleanup.vocabulary import RunStatus
 
-PING_TIMEOUT_DEFAULT_S = float(Settings.model_fields["ping_timeout_s"].default)
+PING_TIMEOUT_DEFAULT_S = float(DefaultSettings.model_fields["ping_timeout_s"].default)
 
 if TYPE_CHECKING:  # the reporting modules load only for the commands that use them
     from skybot_cleanup import history, metrics, status
@@ -37,7 +37,7 @@ ProgressFactory = Callable[[Task], AbstractContextManager[ProgressCallback | Non
 
 
 def cleanup(
-    settings: CleanupSettings, tasks: Sequence[Task], *, dry_run: bool = False, progress: ProgressFactory | None = None
+    settings: Settings, tasks: Sequence[Task], *, dry_run: bool = False, progress: ProgressFactory | None = None
 ) -> Iterator[RunResult]:
     """Run tasks in turn, each in its own transaction (or batches), yielding each result
     as it ends; stop after a run that a signal interrupted or followed."""
@@ -111,7 +111,7 @@ def record_failed_start(
 
 
 @contextmanager
-def _reading(settings: CleanupSettings, label: str) -> Iterator[tuple[Any, db.DatabaseTarget]]:
+def _reading(settings: Settings, label: str) -> Iterator[tuple[Any, db.DatabaseTarget]]:
     target = settings.database_target()
     engine = db.create_engine(target, settings.session(), label)
     try:
@@ -127,7 +127,7 @@ def clock_of(run: db.RunConnection) -> RunTime:
 
 
 def _read(
-    settings: CleanupSettings,
+    settings: Settings,
     label: str,
     work: Callable[[db.RunConnection, str | None, RunTime], T],
     *,
@@ -153,7 +153,28 @@ class MetricsRun:
 
 
 def metrics_job(
-    settings: CleanupSettings,
+    settings: Settings,
+    snapshot_file: str | None = None,
+    pushgateway: str | None = None,
+    registry: Registry = REGISTRY,
+) -> MetricsRun:
+    """The metrics job, as `skybot-cleanup metrics` runs it: the snapshot (to
+    `snapshot_file`, else beside the runs' textfiles as skybot_cleanup_snapshot.prom),
+    its `metrics` log event, and the job's own run series."""
+    if snapshot_file is None and settings.prom_file:
+        from skybot_cleanup import textfiles
+
+        snapshot_file = str(textfiles.textfile_path(settings.prom_file, "snapshot"))
+    job = take_metrics(settings, snapshot_file, pushgateway, registry)
+    if job.snapshot is not None:
+        taken = job.snapshot.as_dict()
+        get_logger().info("metrics", **{key: value for key, value in taken.items() if key != "taken_at"})
+    write_run_textfiles(settings.prom_file, [job.result])
+    return job
+
+
+def take_metrics(
+    settings: Settings,
     snapshot_file: str | None = None,
     pushgateway: str | None = None,
     registry: Registry = REGISTRY,
@@ -178,7 +199,7 @@ def metrics_job(
         try:
             clocks[:] = [clock_of(run)]
             recorded.read_clocks(run)
-            snapshot = metrics.collect(run, settings, recorded.target.schema, clocks[0].record_now, registry)
+            snapshot = metrics.take_snapshot(run, settings, recorded.target.schema, clocks[0].record_now, registry)
             # Before the record is written: on SQLite an open reader would block that write.
             run.commit()
             return snapshot
@@ -213,7 +234,7 @@ def deliver_snapshot(taken: metrics.Snapshot, prom_file: str | None, pushgateway
         textfiles.push(pushgateway, registry)
 
 
-def job_status(settings: CleanupSettings, registry: Registry = REGISTRY) -> status.Status:
+def job_status(settings: Settings, registry: Registry = REGISTRY) -> status.Status:
     """Every job's health. If the history does not yet know when the tool first saw this
     database, it is recorded now (a fresh install is PENDING for a while, not forever);
     if the history cannot be read or written at all, the jobs are UNKNOWN."""
@@ -244,7 +265,7 @@ def job_status(settings: CleanupSettings, registry: Registry = REGISTRY) -> stat
         )
 
 
-def check(settings: CleanupSettings, registry: Registry = REGISTRY) -> list[Finding]:
+def run_check(settings: Settings, registry: Registry = REGISTRY) -> list[Finding]:
     from skybot_cleanup.check import run_checks
 
     return _read(settings, "check", lambda run, schema, clocks: run_checks(run, settings, schema, clocks, registry))
@@ -257,7 +278,7 @@ class HistoryView:
     pending_local: int  # runs waiting in the state directory for the database
 
 
-def run_history(settings: CleanupSettings, query: history.HistoryQuery) -> HistoryView:
+def run_history(settings: Settings, query: history.HistoryQuery) -> HistoryView:
     from skybot_cleanup import history
 
     def work(run: db.RunConnection, _schema: str | None, _clocks: RunTime) -> HistoryView:
@@ -271,7 +292,90 @@ def run_history(settings: CleanupSettings, query: history.HistoryQuery) -> Histo
     return _read(settings, "history", work)
 
 
-def failure_of(exc: BaseException, settings: CleanupSettings | None = None) -> Failure:
+def describe_config(overrides: dict[str, Any]) -> dict[str, Any]:
+    """`skybot-cleanup config`: the version, every setting, its value (secrets masked), its
+    source, and what is wrong with one that validated but cannot work. Raises ConfigError."""
+    from skybot_cleanup import __version__
+    from skybot_cleanup import settings as settings_module
+    from skybot_cleanup.heartbeat import check_url
+
+    loaded = settings_module.load(overrides)
+    ping = loaded.settings.ping_url
+    problem = check_url(ping.get_secret_value()) if ping else None
+    described = settings_module.describe_settings(loaded, {"ping_url": f"unusable: {problem}"} if problem else None)
+    return {"version": __version__, **described}
+
+
+def schedule_files(fmt: str, *, exec_path: str | None = None, image: str | None = None) -> dict[str, str]:
+    """`skybot-cleanup schedule`: the deployment or monitoring files of a format, by
+    path. Raises ConfigError for an unknown format or a bad --exec or --image."""
+    from skybot_cleanup.generate.deploy import FORMATS, render_files
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    try:
+        return render_files(fmt, exec_path=exec_path, image=image)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def write_schedule_files(files: dict[str, str], output: Path) -> list[Path]:
+    """Write them under `output`: ConfigError where a link could redirect a write,
+    CleanupError where the directory cannot take them."""
+    from skybot_cleanup.generate.deploy import write_files
+    from skybot_cleanup.localfiles import UnsafePath
+
+    try:
+        return write_files(files, output)
+    except UnsafePath as exc:
+        raise ConfigError(f"refusing to write under {output}: {exc.strerror}") from None
+    except OSError as exc:
+        raise CleanupError(f"cannot write under {output}: {exc.strerror}") from None
+
+
+@dataclass
+class Demo:
+    shown: str  # the database, as the output names it
+    seeded: dict[str, set[str]]
+    steps: list[Any]  # demo.DemoStep, each task's run on it
+    invocation: str  # how the newcomer ran this command (for the command to try next)
+    database: Any
+    settings: Settings
+
+    def left(self) -> dict[str, set[str]]:
+        from skybot_cleanup import demo
+
+        return demo.ids_by_table(self.database, self.settings)
+
+
+def demo(settings: Settings, url: str, *, shown: str | None = None) -> Demo:
+    """`skybot-cleanup demo`: the app's tables created and seeded in `url` (a SQLite file,
+    or an empty PostgreSQL database), then every task run on them. Raises ConfigError
+    (a database with tables already), CleanupError (one that cannot be made)."""
+    from skybot_cleanup import demo as demo_module
+    from skybot_cleanup.clock import utc_now
+
+    now = utc_now()
+    try:
+        database = demo_module.create(url, now, settings)
+    except ConfigError:
+        raise
+    except Exception as exc:  # an unwritable path, an unreachable server
+        message = failure_of(exc, settings).message
+        raise CleanupError(f"cannot create the demo database: {message}") from None
+    seeded = demo_module.ids_by_table(database, settings)
+    steps = list(demo_module.run(database, settings, now))
+    return Demo(
+        shown=shown or db.parse_database_url(url).display,
+        seeded=seeded,
+        steps=steps,
+        invocation=demo_module.invocation(),
+        database=database,
+        settings=settings,
+    )
+
+
+def failure_of(exc: BaseException, settings: Settings | None = None) -> Failure:
     secrets: tuple[str, ...] = settings.secrets() if settings else ()
     try:
         if settings is not None:

@@ -15,7 +15,7 @@ from skybot_cleanup.clock import naive_utc, utc_now
 from skybot_cleanup.registry import Task
 
 if TYPE_CHECKING:
-    from skybot_cleanup.settings import CleanupSettings
+    from skybot_cleanup.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def run_time(server: datetime | None = None, host: datetime | None = None) -> Ru
     return RunTime(host=naive_utc(host) if host else utc_now(), server=naive_utc(server) if server else None)
 
 
-def cutoff(task: Task, now: datetime, settings: CleanupSettings) -> datetime:
+def cutoff(task: Task, now: datetime, settings: Settings) -> datetime:
     """Rows whose age column is below this are due (with the task's other conditions)."""
     moment = now - timedelta(days=settings.retention_days(task)) if task.retention else now
     if moment > now:  # never reachable through settings; a guard against edits

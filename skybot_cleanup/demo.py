@@ -22,7 +22,7 @@ from skybot_cleanup.errors import ConfigError
 from skybot_cleanup.registry import REGISTRY
 from skybot_cleanup.results import RunResult
 from skybot_cleanup.run import run_task
-from skybot_cleanup.settings import CleanupSettings
+from skybot_cleanup.settings import Settings
 
 DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)
@@ -129,7 +129,7 @@ class DemoDatabase:
     metadata: sa.MetaData
 
 
-def create(url: str, now: datetime, settings: CleanupSettings) -> DemoDatabase:
+def create(url: str, now: datetime, settings: Settings) -> DemoDatabase:
     """Create and seed the app's tables: a SQLite file is (re)created; a PostgreSQL
     database or schema must hold no tables at all, to protect real data."""
     target = db.parse_database_url(url, settings.schema_name)
@@ -195,7 +195,7 @@ def _user_tables(conn: sa.Connection, schema: str | None) -> list[str]:
     return list(conn.scalars(sa.text(query), {"schema": schema}))
 
 
-def ids_by_table(demo: DemoDatabase, settings: CleanupSettings) -> dict[str, set[str]]:
+def ids_by_table(demo: DemoDatabase, settings: Settings) -> dict[str, set[str]]:
     target = db.parse_database_url(demo.url, demo.schema)
     engine = db.create_engine(target, settings.session(), "demo")
     try:
@@ -214,7 +214,7 @@ class DemoStep:
     removed: list[str]
 
 
-def run(demo: DemoDatabase, settings: CleanupSettings, now: datetime) -> Iterable[DemoStep]:
+def run(demo: DemoDatabase, settings: Settings, now: datetime) -> Iterable[DemoStep]:
     """Every task in turn, with the ids each one removed."""
     for task in REGISTRY.tasks:
         before = ids_by_table(demo, settings)

@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum, unique
 
+from skybot_cleanup.vocabulary import RunStatus
+
 
 @unique
 class ExitCode(IntEnum):
@@ -114,7 +116,7 @@ class CleanupError(Exception):
     """An expected failure: reported as one line, never with a traceback."""
 
     exit_code = EXIT_FAILURE
-    status = "failed"
+    status = RunStatus.FAILED
     transient = False  # worth retrying
 
 
@@ -130,7 +132,7 @@ class ConfigError(CleanupError):
 
 class LockHeld(CleanupError):
     exit_code = EXIT_SKIPPED
-    status = "skipped"
+    status = RunStatus.SKIPPED
 
 
 class Interrupted(KeyboardInterrupt):
@@ -151,7 +153,7 @@ class Interrupted(KeyboardInterrupt):
 
 @dataclass(frozen=True)
 class Failure:
-    status: str  # failed | skipped | interrupted
+    status: RunStatus
     exit_code: int
     error_class: str
     message: str
@@ -214,7 +216,7 @@ def classify(exc: BaseException, secrets: Iterable[str] = ()) -> Failure:
     and whether a retry could help."""
     secrets = tuple(secrets)
     if isinstance(exc, Interrupted):
-        return Failure("interrupted", exc.exit_code, "Interrupted", f"interrupted by signal {exc.signum}")
+        return Failure(RunStatus.INTERRUPTED, exc.exit_code, "Interrupted", f"interrupted by signal {exc.signum}")
     if isinstance(exc, CleanupError):
         return Failure(exc.status, exc.exit_code, type(exc).__name__, redact(str(exc), secrets), exc.transient)
 
@@ -226,21 +228,21 @@ def classify(exc: BaseException, secrets: Iterable[str] = ()) -> Failure:
     driver = type(original).__module__.split(".")[0]
 
     if sqlstate in _CONFIG_SQLSTATES:
-        return Failure("failed", EXIT_CONFIG, error_class, message + _SQLSTATE_HINTS.get(sqlstate, ""))
+        return Failure(RunStatus.FAILED, EXIT_CONFIG, error_class, message + _SQLSTATE_HINTS.get(sqlstate, ""))
     if driver == "sqlite3" and message.lower().startswith(_SQLITE_CONFIG_MESSAGES):
-        return Failure("failed", EXIT_CONFIG, error_class, message)
+        return Failure(RunStatus.FAILED, EXIT_CONFIG, error_class, message)
     if sqlstate:
         transient = sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08")
-        return Failure("failed", EXIT_FAILURE, error_class, message, transient=transient)
+        return Failure(RunStatus.FAILED, EXIT_FAILURE, error_class, message, transient=transient)
     if driver == "psycopg" and _is_connection_error(original):
         for pattern, hint in _CONNECTION_CONFIG:
             if pattern.search(full_text):
-                return Failure("failed", EXIT_CONFIG, error_class, f"{_fatal(full_text, secrets)} ({hint})")
+                return Failure(RunStatus.FAILED, EXIT_CONFIG, error_class, f"{_fatal(full_text, secrets)} ({hint})")
         # Refused, reset, timed out, closed by the server, starting up: may pass.
-        return Failure("failed", EXIT_FAILURE, error_class, message, transient=True)
+        return Failure(RunStatus.FAILED, EXIT_FAILURE, error_class, message, transient=True)
     if getattr(exc, "connection_invalidated", False):
-        return Failure("failed", EXIT_FAILURE, error_class, message, transient=True)
-    return Failure("failed", EXIT_FAILURE, error_class, message)
+        return Failure(RunStatus.FAILED, EXIT_FAILURE, error_class, message, transient=True)
+    return Failure(RunStatus.FAILED, EXIT_FAILURE, error_class, message)
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -306,6 +308,11 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # every message whatever path it takes: an error line, a retry, a history warning, a
 # spool entry, a log event.
 _known_secrets: set[str] = set()
+
+
+def reset() -> None:
+    """Forget the secrets (a new command in the same process: the tests' runner)."""
+    _known_secrets.clear()
 
 
 def remember_secrets(secrets: Iterable[str]) -> None:

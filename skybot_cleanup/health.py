@@ -21,7 +21,7 @@ from skybot_cleanup import db, history, trust
 from skybot_cleanup.cutoff import cutoff
 from skybot_cleanup.errors import ConfigError, classify
 from skybot_cleanup.registry import REGISTRY, Job, Registry, Task
-from skybot_cleanup.settings import CleanupSettings
+from skybot_cleanup.settings import Settings
 from skybot_cleanup.vocabulary import Health
 
 
@@ -64,7 +64,7 @@ class Judging:
     def __init__(
         self,
         run: db.RunConnection,
-        settings: CleanupSettings,
+        settings: Settings,
         schema: str | None,
         now: datetime,
         registry: Registry = REGISTRY,
@@ -163,7 +163,7 @@ def _measurable(table: db.BoundTable) -> str | None:
 
 def judge(
     run: db.RunConnection,
-    settings: CleanupSettings,
+    settings: Settings,
     schema: str | None,
     now: datetime,
     registry: Registry = REGISTRY,

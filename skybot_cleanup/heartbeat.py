@@ -21,12 +21,20 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from skybot_cleanup.errors import redact, url_key_parts
 from skybot_cleanup.logs import get_logger
-from skybot_cleanup.settings import CleanupSettings
+from skybot_cleanup.settings import Settings
 
 ATTEMPTS = 2
 # The monitor's reply is a word ("OK"): reading more only costs memory.
 MAX_REPLY_BYTES = 4096
 _warned_invalid = False
+
+
+def reset() -> None:
+    """Warn again (a new command in the same process)."""
+    global _warned_invalid
+    _warned_invalid = False
+
+
 T = TypeVar("T")
 
 if TYPE_CHECKING:
@@ -52,7 +60,7 @@ def check_url(template: str) -> str | None:
     return None
 
 
-def warn_if_invalid(settings: CleanupSettings) -> None:
+def warn_if_invalid(settings: Settings) -> None:
     """At load: one warning (the URL itself never shown) when pings cannot work."""
     global _warned_invalid
     if settings.ping_url is None or _warned_invalid:
@@ -132,7 +140,7 @@ class Pinger:
     timeout_s: float = 5.0  # one deadline for each ping, its retry included
 
     @classmethod
-    def from_settings(cls, settings: CleanupSettings, task: str, run_id: str, *, enabled: bool = True) -> Pinger:
+    def from_settings(cls, settings: Settings, task: str, run_id: str, *, enabled: bool = True) -> Pinger:
         if settings.ping_url is None or not enabled:
             return cls(None)
         template = settings.ping_url.get_secret_value()

@@ -31,11 +31,18 @@ from skybot_cleanup.clock import iso_utc, parse_iso, utc_now
 from skybot_cleanup.errors import ConfigError, SqlState, classify, sqlstate_of
 from skybot_cleanup.logs import get_logger
 from skybot_cleanup.results import RunResult
-from skybot_cleanup.settings import CleanupSettings
+from skybot_cleanup.settings import Settings
 from skybot_cleanup.spool import Spool
 from skybot_cleanup.vocabulary import REAL_STATUSES, Health, RunStatus
 
 _warned: set[str] = set()
+
+
+def reset() -> None:
+    """Warn again (a new command in the same process)."""
+    _warned.clear()
+
+
 # A run's history row: its result's fields of these names, plus the host it ran on.
 # Rows (and spool entries) of earlier versions lack the ADDED_COLUMNS.
 ADDED_COLUMNS = (
@@ -128,7 +135,7 @@ def history_tables(dialect_name: str, schema: str) -> HistoryTables:
     return HistoryTables(runs, snapshots, meta)
 
 
-def _tables(conn: Connection, settings: CleanupSettings) -> HistoryTables:
+def _tables(conn: Connection, settings: Settings) -> HistoryTables:
     return history_tables(conn.dialect.name, settings.history_schema)
 
 
@@ -263,7 +270,7 @@ SERVER_NOW = sa.func.pg_catalog.timezone("UTC", sa.func.pg_catalog.clock_timesta
 
 def _statements(
     conn: Connection,
-    settings: CleanupSettings,
+    settings: Settings,
     tables: HistoryTables,
     rows: Sequence[dict[str, Any]],
     snapshot: tuple[datetime, str] | None,
@@ -296,7 +303,7 @@ def _statements(
 
 def _write(
     bind: Connection | Engine,
-    settings: CleanupSettings,
+    settings: Settings,
     rows: Sequence[dict[str, Any]] = (),
     snapshot: tuple[datetime, str] | None = None,
 ) -> datetime | None:
@@ -344,7 +351,7 @@ def _newest_success(answers: list[Any], rows: Sequence[dict[str, Any]]) -> datet
 
 def record_run(
     bind: Connection | Engine | None,
-    settings: CleanupSettings,
+    settings: Settings,
     result: RunResult,
     database: str,
     snapshot: tuple[datetime, str] | None = None,
@@ -410,7 +417,7 @@ class TaskHistory:
 
     def add(self, run: dict[str, Any]) -> None:
         """Take a run into account if it is newer than what is known."""
-        if run["status"] == "ok":
+        if run["status"] == RunStatus.OK:
             if self.last_success_at is None or run["finished_at"] > self.last_success_at:
                 self.last_success_at, self.last_success_rows = run["finished_at"], run["rows"]
         elif self.last_failure_at is None or run["finished_at"] > self.last_failure_at:
@@ -422,7 +429,7 @@ class TaskHistory:
         """Status of the newest real run: the later of the last success and the last failure."""
         if self.last_failure_at and (not self.last_success_at or self.last_failure_at > self.last_success_at):
             return self.last_failure_status
-        return "ok" if self.last_success_at else None
+        return RunStatus.OK if self.last_success_at else None
 
 
 @dataclass(frozen=True)
@@ -516,7 +523,7 @@ class StateReading:
         return HistoryState(available, first_seen, found, last_snapshot)
 
 
-def ensure_seen(bind: Connection | Engine, settings: CleanupSettings) -> str | None:
+def ensure_seen(bind: Connection | Engine, settings: Settings) -> str | None:
     """Record when the tool first saw this database (creating the history tables if need
     be), so that `status` can tell a fresh install from one whose jobs never ran.
     Returns why it could not, or None."""
@@ -547,7 +554,7 @@ class HistoryQuery:
     limit: int = 50
 
 
-def list_runs(conn: Connection, settings: CleanupSettings, query: HistoryQuery) -> Iterator[dict[str, Any]]:
+def list_runs(conn: Connection, settings: Settings, query: HistoryQuery) -> Iterator[dict[str, Any]]:
     """Recorded runs, newest first; the columns a table of an earlier release lacks are
     read as empty."""
     runs = _tables(conn, settings).runs
@@ -560,13 +567,13 @@ def list_runs(conn: Connection, settings: CleanupSettings, query: HistoryQuery) 
     return iter([absent | dict(row) for row in conn.execute(statement.limit(query.limit)).mappings()])
 
 
-def summarize(conn: Connection, settings: CleanupSettings, query: HistoryQuery) -> list[dict[str, Any]]:
+def summarize(conn: Connection, settings: Settings, query: HistoryQuery) -> list[dict[str, Any]]:
     """Per task over the window: runs, failures and rows deleted (dry runs aside)."""
     runs = _tables(conn, settings).runs
     if not _readable(conn, runs):
         return []
     real = runs.c.dry_run.is_(False)
-    failed = sa.case((sa.and_(real, runs.c.status.in_(["failed", "interrupted"])), 1), else_=0)
+    failed = sa.case((sa.and_(real, runs.c.status.in_([RunStatus.FAILED, RunStatus.INTERRUPTED])), 1), else_=0)
     # A failed or interrupted batched run may have committed batches: its rows count.
     deleted = sa.case((real, runs.c.rows), else_=0)
     statement = (

@@ -19,7 +19,7 @@ from skybot_cleanup import db, health
 from skybot_cleanup.clock import iso_utc
 from skybot_cleanup.errors import ConfigError
 from skybot_cleanup.registry import REGISTRY, Registry, TableSpec, Task
-from skybot_cleanup.settings import CleanupSettings
+from skybot_cleanup.settings import Settings
 from skybot_cleanup.vocabulary import Health
 
 PG_DATABASE_SIZE = sa.func.pg_catalog.pg_database_size(sa.func.pg_catalog.current_database())
@@ -76,8 +76,8 @@ class Snapshot:
         return asdict(self) | {"errors": self.errors}
 
 
-def collect(
-    run: db.RunConnection, settings: CleanupSettings, schema: str | None, now: datetime, registry: Registry = REGISTRY
+def take_snapshot(
+    run: db.RunConnection, settings: Settings, schema: str | None, now: datetime, registry: Registry = REGISTRY
 ) -> Snapshot:
     """The snapshot, in the reads of the one judgement (health.Judging) plus its own: the
     database's size, the measures, the row counts of tables never analyzed. Latency is the

@@ -19,16 +19,17 @@ from skybot_cleanup.clock import utc_now
 from skybot_cleanup.errors import Failure, Interrupted, classify, is_connection_failure, print_traceback_when_debugging
 from skybot_cleanup.logs import get_logger
 from skybot_cleanup.results import RunResult, build_result
-from skybot_cleanup.settings import CleanupSettings
+from skybot_cleanup.settings import Settings
+from skybot_cleanup.vocabulary import RunStatus
 
 # The events a run that did not succeed ends its work with, by status.
-FAILURE_EVENTS = {"skipped": "run_skipped", "interrupted": "interrupted"}
+FAILURE_EVENTS = {RunStatus.SKIPPED: "run_skipped", RunStatus.INTERRUPTED: "interrupted"}
 
 
 class RecordedRun:
     def __init__(
         self,
-        settings: CleanupSettings,
+        settings: Settings,
         job: str,
         *,
         dry_run: bool = False,
@@ -89,7 +90,7 @@ class RecordedRun:
                 unreachable = is_connection_failure(exc)
             fields = details()
             if failure is not None:
-                (self.log.warning if failure.status == "skipped" else self.log.error)(
+                (self.log.warning if failure.status == RunStatus.SKIPPED else self.log.error)(
                     FAILURE_EVENTS.get(failure.status, "run_failed"),
                     error_class=failure.error_class,
                     error=failure.message,

@@ -15,12 +15,13 @@ from typing import Any
 from skybot_cleanup import __version__
 from skybot_cleanup.clock import iso_utc, utc_now
 from skybot_cleanup.errors import EXIT_OK, EXIT_SKIPPED, Failure
+from skybot_cleanup.vocabulary import RunStatus
 
 
 @dataclass
 class RunResult:
     task: str  # the job's name: a cleanup task, or "metrics"
-    status: str  # ok | skipped | failed | interrupted
+    status: RunStatus
     dry_run: bool
     rows: int
     cutoff: str
@@ -79,7 +80,7 @@ def build_result(
         exit_code = skipped_exit_code
     return RunResult(
         task=job,
-        status=failure.status if failure else "ok",
+        status=failure.status if failure else RunStatus.OK,
         dry_run=dry_run,
         rows=rows,
         cutoff=iso_utc(cutoff or started_at) or "",

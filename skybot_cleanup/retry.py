@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
 
 from skybot_cleanup.errors import classify, is_transient
-from skybot_cleanup.settings import CleanupSettings
+from skybot_cleanup.settings import Settings
 
 T = TypeVar("T")
 
@@ -18,7 +18,7 @@ REPORTING_MAX_RETRIES = 2
 REPORTING_MAX_DELAY_MS = 1000
 
 
-def with_retries(settings: CleanupSettings, attempt: Callable[[], T], *, log: Any, reporting: bool = False) -> T:
+def with_retries(settings: Settings, attempt: Callable[[], T], *, log: Any, reporting: bool = False) -> T:
     """Run `attempt`, retrying transient errors with exponential backoff and jitter.
 
     The jitter matters: two tasks that start in the same cron minute and fail on the

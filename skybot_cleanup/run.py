@@ -28,7 +28,7 @@ from skybot_cleanup.recording import RecordedRun
 from skybot_cleanup.registry import Task
 from skybot_cleanup.results import RunResult
 from skybot_cleanup.retry import with_retries
-from skybot_cleanup.settings import CleanupSettings
+from skybot_cleanup.settings import Settings
 from skybot_cleanup.vocabulary import StopReason
 from skybot_cleanup.walks import RACE_RETRIES, HeapWalk, IndexWalk, RowidWalk, Walk, WalkKind, note_race
 
@@ -68,7 +68,7 @@ class Tally:
 
 
 def run_task(
-    settings: CleanupSettings,
+    settings: Settings,
     task: Task,
     *,
     dry_run: bool = False,
@@ -86,7 +86,7 @@ class Run:
 
     def __init__(
         self,
-        settings: CleanupSettings,
+        settings: Settings,
         task: Task,
         *,
         dry_run: bool = False,

@@ -43,7 +43,7 @@ def is_usable_path(value: str) -> bool:
     return bool(value.strip()) and all(character.isprintable() for character in value)
 
 
-class CleanupSettings(BaseSettings):
+class Settings(BaseSettings):
     """Settings every registry has; table, column and retention settings are added
     per registry by `settings_model`."""
 
@@ -270,7 +270,7 @@ class CleanupSettings(BaseSettings):
         return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _consistent(self) -> CleanupSettings:
+    def _consistent(self) -> Settings:
         if self.single_transaction and (self.max_rows is not None or self.max_runtime_s is not None):
             # A cap can only stop a run between batches.
             raise ValueError(
@@ -354,7 +354,7 @@ def column_field(table: TableSpec, role: str) -> str:
 
 
 @cache
-def settings_model(registry: Registry = REGISTRY) -> type[CleanupSettings]:
+def settings_model(registry: Registry = REGISTRY) -> type[Settings]:
     """The settings class of a registry: its tables, columns and retentions are settings."""
     fields: dict[str, Any] = {}
     for table in registry.tables:
@@ -379,13 +379,13 @@ def settings_model(registry: Registry = REGISTRY) -> type[CleanupSettings]:
                 int,
                 Field(default=task.retention.default_days, ge=1, le=36_500, description=task.retention.description),
             )
-    return create_model("Settings", __base__=CleanupSettings, **fields)
+    return create_model("Settings", __base__=Settings, **fields)
 
 
-Settings = settings_model()
+DefaultSettings = settings_model()
 
 
-def variable_names(model: type[CleanupSettings], name: str) -> list[str]:
+def variable_names(model: type[Settings], name: str) -> list[str]:
     """The variables that set a field, ours first (SKYBOT_CLEANUP_MAX_RETRIES, JOB_MAX_RETRIES)."""
     alias = model.model_fields[name].validation_alias
     if isinstance(alias, AliasChoices):
@@ -393,7 +393,7 @@ def variable_names(model: type[CleanupSettings], name: str) -> list[str]:
     return [f"{ENV_PREFIX}{name.upper()}"]
 
 
-def env_name(name: str, model: type[CleanupSettings] = Settings) -> str:
+def env_name(name: str, model: type[Settings] = DefaultSettings) -> str:
     """The variable named in messages and docs/configuration.md for a field."""
     return variable_names(model, name)[0]
 
@@ -466,7 +466,7 @@ class LoadWarning:
 
 @dataclass
 class Loaded:
-    settings: CleanupSettings
+    settings: Settings
     env_file: Path | None
     sources: dict[str, Source] = field(default_factory=dict)
     unknown: list[tuple[str, str | None]] = field(default_factory=list)  # variable, closest real name
@@ -543,7 +543,7 @@ def salvage(overrides: Mapping[str, Any], environ: Mapping[str, str] | None = No
     for name in ("prom_file", "ping_url", "ping_timeout_s", "database_url", "schema_name", "state_dir", "history"):
         try:
             _source, value = _resolve(
-                Settings, name, {k: v for k, v in overrides.items() if v is not None}, upper_environ, file_values
+                DefaultSettings, name, {k: v for k, v in overrides.items() if v is not None}, upper_environ, file_values
             )
         except (KeyError, ConfigError):
             value = None
@@ -615,7 +615,7 @@ def read_secret_file(path: str, named: str, warnings: list[LoadWarning] | None =
 
 
 def _resolve(
-    model: type[CleanupSettings],
+    model: type[Settings],
     name: str,
     given: Mapping[str, Any],
     environ: Mapping[str, str],
@@ -641,7 +641,7 @@ def _resolve(
     return Source("default"), None
 
 
-def _named(model: type[CleanupSettings], name: str, source: Source) -> str:
+def _named(model: type[Settings], name: str, source: Source) -> str:
     if source.kind == "option":
         return source.variable or f"--{name.replace('_', '-')}"
     return source.variable or env_name(name, model)

@@ -67,6 +67,11 @@ MAX_ENTRY_BYTES = 1024 * 1024
 _warned: set[str] = set()
 
 
+def reset() -> None:
+    """Warn again (a new command in the same process)."""
+    _warned.clear()
+
+
 def _warn_once(event: str, **fields: Any) -> None:
     if event not in _warned:
         _warned.add(event)

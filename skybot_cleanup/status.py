@@ -10,7 +10,7 @@ from skybot_cleanup import health
 from skybot_cleanup.clock import iso_utc
 from skybot_cleanup.registry import Task
 from skybot_cleanup.schedule import next_runs
-from skybot_cleanup.settings import CleanupSettings
+from skybot_cleanup.settings import Settings
 from skybot_cleanup.vocabulary import Health
 
 
@@ -46,7 +46,7 @@ class Status:
         return all(job.health.healthy for job in self.jobs)
 
 
-def render(judgement: health.Judgement, settings: CleanupSettings, now: datetime) -> Status:
+def render(judgement: health.Judgement, settings: Settings, now: datetime) -> Status:
     """Every job's line of `status`, from the one judgement."""
     jobs = []
     for judged in judgement.jobs:

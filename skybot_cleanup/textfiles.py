@@ -30,8 +30,9 @@ from skybot_cleanup.localfiles import (
     read_regular_file,
     write_file,
 )
-from skybot_cleanup.registry import Job
+from skybot_cleanup.registry import REGISTRY, Job
 from skybot_cleanup.results import RunResult
+from skybot_cleanup.vocabulary import RunStatus
 
 if TYPE_CHECKING:
     from skybot_cleanup.metrics import Snapshot
@@ -132,7 +133,7 @@ def write_run_textfiles(setting: str, results: Iterable[RunResult], jobs: Mappin
             continue
         job = jobs[result.task]
         path = textfile_path(setting, job.name)
-        if result.status == "ok":
+        if result.status == RunStatus.OK:
             last_success: float | None = epoch(parse_iso(result.finished_at) if result.finished_at else utc_now())
         else:
             known = [previous_value(path, LAST_SUCCESS, job.name)]
@@ -153,9 +154,10 @@ def snapshot_registry(snapshot: Snapshot) -> CollectorRegistry:
         return Gauge(f"{PREFIX}_{name}", doc, labels, registry=registry)
 
     gauge("snapshot_timestamp_seconds", "Unix time of this snapshot.").set(epoch(parse_iso(snapshot.taken_at)))
+    helps = {measure.name: measure.help for measure in REGISTRY.measures}
     for name, value in snapshot.measures.items():
         if value is not None:
-            gauge(name, name.replace("_", " ").capitalize() + ".").set(value)
+            gauge(name, helps.get(name) or name.replace("_", " ").capitalize() + ".").set(value)
     if snapshot.database_size_bytes is not None:
         gauge("database_size_bytes", "Size of the database on disk.").set(snapshot.database_size_bytes)
     gauge("query_latency_seconds", "Round trip of the snapshot's first message to the database.").set(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from skybot_cleanup.clock import human_age, iso_utc
 from skybot_cleanup.errors import redact
 from skybot_cleanup.results import RunResult
+from skybot_cleanup.vocabulary import RunStatus
 
 if TYPE_CHECKING:
     from skybot_cleanup import metrics
@@ -230,7 +231,7 @@ def demo_step_lines(step: DemoStep, json_output: bool) -> list[str]:
         return [as_json({**step.result.as_dict(), "removed": step.removed})]
     lines = [f"{step.result.task}: deleted {step.result.rows} ({step.rule})"]
     lines += [f"    - {row_id}" for row_id in step.removed]
-    if step.result.status != "ok":
+    if step.result.status != RunStatus.OK:
         lines.append(f"    {step.result.status}: {step.result.error}")
     return lines
 

@@ -13,7 +13,7 @@ from helpers import NOW
 from skybot_cleanup.demo import idempotency_key_row, magic_link_row, refresh_token_row
 from skybot_cleanup.registry import REGISTRY, Registry, Task
 from skybot_cleanup.run import run_task
-from skybot_cleanup.settings import CleanupSettings, load
+from skybot_cleanup.settings import Settings, load
 
 MS = timedelta(milliseconds=1)
 DAY = timedelta(days=1)
@@ -80,7 +80,7 @@ class Suite:
     seed: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: SEED)
     deleted: dict[str, set[str]] = field(default_factory=lambda: DELETED)
 
-    def settings(self, url: str, **overrides: Any) -> CleanupSettings:
+    def settings(self, url: str, **overrides: Any) -> Settings:
         return load({"database_url": url, **overrides}, registry=self.registry).settings
 
 

@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from helpers import PREVIOUS_RELEASE, REPOSITORY, Backend, as_role, database_url, sqlalchemy_url, unavailable
 
 from skybot_cleanup.app_schema import app_metadata
+from skybot_cleanup.cli import reset_process_state
 
 TEST_URL_ENV = "SKYBOT_TEST_DATABASE_URL"
 
@@ -171,6 +172,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
             monkeypatch.delenv(name)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.chdir(tmp_path)
+    reset_process_state()  # what an earlier test's command left in this process
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

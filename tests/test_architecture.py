@@ -70,9 +70,9 @@ def test_no_import_cycle():
 
 
 def test_the_generators_are_never_part_of_a_run():
-    """Only `skybot-cleanup schedule` (in cli) loads them: a cleanup run never does."""
+    """Only `skybot-cleanup schedule` (commands.schedule_files) loads them: a cleanup run never does."""
     users = {module for module, targets in GRAPH.items() for target in targets if target.startswith("generate")}
-    assert {user for user in users if not user.startswith("generate")} == {"cli"}
+    assert {user for user in users if not user.startswith("generate")} == {"commands"}
 
 
 def test_db_reads_no_settings_and_knows_no_command():

@@ -108,3 +108,18 @@ def test_all_exits_non_zero_when_one_task_fails(backend):
     outputs = {json.loads(line)["task"]: json.loads(line)["status"] for line in result.stdout.splitlines()}
     assert outputs == {name: "ok" for name in TASK_NAMES} | {"magic-links": "failed"}
     assert backend.ids("RefreshToken") == {"live", "revoked_expired"}
+
+
+def test_no_command_leaves_state_to_the_next_in_the_same_process(sqlite):
+    """Secrets to redact, warnings given once, the log format, a noted signal: each
+    command of a process (the tests' runner, a library user) starts afresh."""
+    from skybot_cleanup import errors
+
+    key = "abcdefgh12345678"
+    env = {"DATABASE_URL": sqlite.url, "SKYBOT_CLEANUP_PING_URL": f"ftp://hc-ping.example/{key}"}
+    first = invoke("config", env=env)
+    assert first.exit_code == 0 and key not in first.stdout
+    assert key in errors._known_secrets
+    second = invoke("refresh-tokens", "--dry-run", env={"DATABASE_URL": sqlite.url})
+    assert second.exit_code == 0
+    assert key not in errors._known_secrets  # would have redacted it from this command's text

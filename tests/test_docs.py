@@ -19,7 +19,7 @@ from skybot_cleanup.errors import EXIT_SIGNAL_BASE, ExitCode
 from skybot_cleanup.generate.deploy import FORMATS
 from skybot_cleanup.generate.docs import PAGES, SECTIONS, marked, render_sections
 from skybot_cleanup.registry import REGISTRY
-from skybot_cleanup.settings import Settings, env_name
+from skybot_cleanup.settings import DefaultSettings, env_name
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -56,7 +56,7 @@ def test_docs_name_every_job_setting_and_timer():
     for job in REGISTRY.jobs:
         assert f"| `{job.name}` |" in readme
         assert f"skybot-cleanup-{job.name}.timer" in deployment
-    for name in Settings.model_fields:
+    for name in DefaultSettings.model_fields:
         assert f"| `{env_name(name)}` |" in configuration
 
 

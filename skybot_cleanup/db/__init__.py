@@ -42,6 +42,7 @@ from skybot_cleanup.db.catalog import (
     schema_exists,
 )
 from skybot_cleanup.db.connection import (
+    HELD_COUNTER,
     RunConnection,
     SessionSettings,
     Standby,
@@ -70,6 +71,7 @@ __all__ = [
     "COUNT_CAP",
     "DELETE",
     "HEAP_WALK_PLANNER",
+    "HELD_COUNTER",
     "INDEX_WALK_PLANNER",
     "INSERT",
     "SQL_TYPES",

@@ -14,12 +14,12 @@ from skybot_cleanup import schedule
 from skybot_cleanup.errors import ExitCode
 from skybot_cleanup.generate import HEADER
 from skybot_cleanup.registry import Registry
-from skybot_cleanup.settings import Settings
+from skybot_cleanup.settings import DefaultSettings
 from skybot_cleanup.textfiles import PREFIX as P
 
 # The alert's threshold is the setting's default: a deployment that changes the setting
 # edits the rule too.
-CLOCK_SKEW_WARNING_S = Settings.model_fields["clock_skew_warning_s"].default
+CLOCK_SKEW_WARNING_S = DefaultSettings.model_fields["clock_skew_warning_s"].default
 
 
 def _duration(seconds: float) -> str:

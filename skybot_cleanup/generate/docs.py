@@ -1,6 +1,6 @@
 """The generated sections of the README and the docs/ pages, so the docs cannot drift
 from the code they describe: the commands (the registry), the exit codes
-(errors.ExitCode), the settings (settings.Settings), the install steps and timers
+(errors.ExitCode), the settings (settings.DefaultSettings), the install steps and timers
 (generate.deploy, the registry), the alerts (generate.alerts, the same rules as
 deploy/monitoring/) and the layers (generate.layers).
 
@@ -23,7 +23,7 @@ from skybot_cleanup.generate.deploy import INSTALL, LINK
 from skybot_cleanup.generate.layers import LAYERS
 from skybot_cleanup.registry import REGISTRY
 from skybot_cleanup.schedule import describe
-from skybot_cleanup.settings import ENV_FILE_VARIABLE, Settings, env_name
+from skybot_cleanup.settings import ENV_FILE_VARIABLE, DefaultSettings, env_name
 
 PACKAGE = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def settings_table() -> str:
         f"| `{ENV_FILE_VARIABLE}` | `.env` | Settings file to read: KEY=value lines taken literally (no "
         "quoting or interpolation needed); the same file serves systemd's EnvironmentFile. |",
     ]
-    for name, field in Settings.model_fields.items():
+    for name, field in DefaultSettings.model_fields.items():
         default = "(none)" if field.default is None else f"`{field.default}`"
         rows.append(f"| `{env_name(name)}` | {default} | {field.description} |")
     return "\n".join(rows)
