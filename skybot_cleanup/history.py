@@ -315,7 +315,7 @@ def _write(
         tables = _tables(conn, settings)
         if run.on_postgres:
             try:
-                answers = run.transaction_in_one_round_trip(_statements(conn, settings, tables, rows, snapshot))
+                answers = db.transaction_in_one_round_trip(run, _statements(conn, settings, tables, rows, snapshot))
                 return _newest_success(answers, rows)
             except Exception as exc:
                 if not (_missing_table(exc) or _missing_column(exc)):

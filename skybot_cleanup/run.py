@@ -22,32 +22,23 @@ import sqlalchemy as sa
 from skybot_cleanup import db, history, trust
 from skybot_cleanup.clock import iso_utc
 from skybot_cleanup.cutoff import RunTime, cutoff, run_time
-from skybot_cleanup.errors import ConfigError, RowsTakenMidStatement, SqlState, is_connection_failure, sqlstate_of
-from skybot_cleanup.pacing import POLL_S, ReplicaPacer
+from skybot_cleanup.errors import ConfigError, SqlState, is_connection_failure, sqlstate_of
+from skybot_cleanup.pacing import Pace
 from skybot_cleanup.recording import RecordedRun
 from skybot_cleanup.registry import Task
 from skybot_cleanup.results import RunResult
 from skybot_cleanup.retry import with_retries
 from skybot_cleanup.settings import Settings
 from skybot_cleanup.vocabulary import StopReason
-from skybot_cleanup.walks import RACE_RETRIES, HeapWalk, IndexWalk, RowidWalk, Walk, WalkKind, note_race
+from skybot_cleanup.walks import Walk, choose_walk, delete_in_one_statement
 
 PROGRESS_LOG_INTERVAL_S = 5.0
-# While waiting for the standbys, a line in the log this often.
-WAIT_LOG_INTERVAL_S = 30.0
-# The index walk while fewer rows are due than this share of the table's pages; the heap
-# walk past it (docs/benchmarks.md: where each is faster, by layout).
-INDEX_WALK_SHARE_OF_PAGES = 1 / 8
 # `remaining` is counted up to this many rows (a lower bound past it), and never in
 # more than this share of the run's time cap.
 REMAINING_COUNT_CAP = 1_000_000
 REMAINING_AFTER_MAX_RUNTIME_CAP = 10_000
 
 ProgressCallback = Callable[[int, int | None], None]  # (rows done, estimated total)
-STANDBYS_INVISIBLE = (
-    "this role cannot read the streaming standbys' replay positions, so the run cannot keep their lag under "
-    "SKYBOT_CLEANUP_MAX_REPLICA_LAG_S"
-)
 
 
 @dataclass
@@ -63,8 +54,56 @@ class Tally:
     remaining_exact: bool | None = None
     stopped_by: StopReason | None = None
     estimated_total: int | None = None
-    replica_wait_s: float = 0.0
     last_log: float = field(default_factory=time.monotonic)
+
+    def add_batch(self, deleted: int, started: float) -> None:
+        """A batch committed (its time taken from time.monotonic() `started`)."""
+        self.rows += deleted
+        self.rows_on_connection += deleted
+        self.batches += 1
+        self.longest_batch_ms = max(self.longest_batch_ms, (time.monotonic() - started) * 1000)
+
+    def report(self, on_progress: ProgressCallback | None, clock_started: float, log: Any) -> None:
+        """The progress bar, and a `progress` log event at most every PROGRESS_LOG_INTERVAL_S."""
+        if on_progress is not None:
+            on_progress(self.rows, self.estimated_total)
+        now = time.monotonic()
+        if now - self.last_log >= PROGRESS_LOG_INTERVAL_S:
+            self.last_log = now
+            elapsed = now - clock_started
+            rate = round(self.rows / elapsed) if elapsed else None
+            log.info("progress", rows=self.rows, batches=self.batches, rows_per_s=rate)
+
+
+@dataclass
+class Connections:
+    """The connections a run opened. Rows committed on one it lost are confirmed once a new
+    one finds the same server still running (a backend an admin killed), unconfirmed
+    otherwise: a failover may have lost them, and the walk after it deletes them again if
+    so, so the result counts them apart from `rows`."""
+
+    opened: int = 0
+    lost_rows: int = 0  # committed on lost connections, not yet confirmed or not
+    unconfirmed_rows: int = 0
+    server_started: datetime | None = None  # the server's pg_postmaster_start_time()
+
+    @property
+    def reconnects(self) -> int:
+        return max(0, self.opened - 1)
+
+    @property
+    def unconfirmed(self) -> int:
+        """Not confirmed: on a lost server, or still waiting for a new connection."""
+        return self.unconfirmed_rows + self.lost_rows
+
+    def confirm(self, run: db.RunConnection, log: Any) -> None:
+        """A connection's first transaction: are the rows the lost ones committed still there?"""
+        if self.reconnects:
+            if self.lost_rows and run.server_started != self.server_started:
+                self.unconfirmed_rows += self.lost_rows
+            self.lost_rows = 0
+            log.warning("reconnected", reconnects=self.reconnects, unconfirmed_rows=self.unconfirmed_rows)
+        self.server_started = run.server_started
 
 
 def run_task(
@@ -113,15 +152,8 @@ class Run:
             self.work_deadline = self.deadline - min(1.0, settings.max_runtime_s / 10)
         self.on_progress = on_progress
         self.tally = Tally()
-        self.pacer = ReplicaPacer(settings.max_replica_lag_s) if self.batched and settings.max_replica_lag_s else None
-        self.connected = False  # a connection of this run has been open (so a new one replaces it)
-        self.reconnects = 0
-        # Rows committed on connections the run lost: confirmed once a new connection finds
-        # the same server still running (a killed backend), unconfirmed otherwise (a
-        # failover may have lost them; the walk after it deletes them again if so).
-        self.lost_rows = 0
-        self.server_started: datetime | None = None
-        self.unconfirmed_rows = 0
+        self.pace = Pace(settings.sleep_ms, settings.max_replica_lag_s, self._out_of_time, self.recorded.log)
+        self.connections = Connections()
         self.warnings: list[str] = []
         self.excluded: set[str] = set()  # single-transaction mode: rows a race made it leave out
         self.warned_beyond_need = False
@@ -135,18 +167,18 @@ class Run:
         return {
             # After a failover, rows committed on the lost connection may be lost with it:
             # the walk after the reconnect deletes them again and counts them then.
-            "rows": tally.rows - self.unconfirmed_rows - self.lost_rows,
+            "rows": tally.rows - self.connections.unconfirmed,
             "cutoff": self.cutoff,
             "batches": tally.batches if self.batched else None,
             "remaining": tally.remaining if deleting else None,
             "remaining_exact": tally.remaining_exact if deleting else None,
             "stopped_by": tally.stopped_by,
             "longest_batch_ms": round(tally.longest_batch_ms) if self.batched else None,
-            "replica_wait_s": round(tally.replica_wait_s, 3) if self.pacer is not None else None,
+            "replica_wait_s": round(self.pace.waited_s, 3) if self.batched and self.pace.pacer else None,
             "clock_skew_s": self.time.skew_s if self.time else None,
-            "reconnects": self.reconnects or None,
-            "unconfirmed_rows": (self.unconfirmed_rows + self.lost_rows) or None,
-            "warnings": self.warnings or None,
+            "reconnects": self.connections.reconnects or None,
+            "unconfirmed_rows": self.connections.unconfirmed or None,
+            "warnings": [*self.warnings, *self.pace.warnings] or None,
         }
 
     # -- one attempt --------------------------------------------------------------------------
@@ -159,9 +191,7 @@ class Run:
         recorded = self.recorded
         assert recorded.engine is not None and recorded.target is not None
         conn = recorded.conn = recorded.engine.connect()
-        if self.connected:
-            self.reconnects += 1
-        self.connected = True
+        self.connections.opened += 1
         run = db.RunConnection(
             conn,
             self.settings.session(),
@@ -171,7 +201,7 @@ class Run:
             deadline=self.deadline,
             # The first transaction counts what is due through the walk column's index.
             planner=db.INDEX_WALK_PLANNER if self.batched else None,
-            watch_standbys=self.pacer is not None,
+            watch_standbys=self.batched and self.pace.pacer is not None,
         )
         try:
             self._work(run)
@@ -179,7 +209,7 @@ class Run:
             # A retry starts on a new connection; this one may be broken. What it committed
             # is unconfirmed when it was lost: the server may have lost it too (a failover).
             if is_connection_failure(exc):
-                self.lost_rows += self.tally.rows_on_connection
+                self.connections.lost_rows += self.tally.rows_on_connection
             self.tally.rows_on_connection = 0
             run.rollback()
             recorded.close_connection()
@@ -191,7 +221,7 @@ class Run:
         recorded, conn = self.recorded, run.conn
         assert recorded.target is not None
         run.begin()
-        self._confirm(run)
+        self.connections.confirm(run, self.log)
         cutoff = self._cutoff(run)
         table = self._bind(run)
         self._warn_of_row_level_security(table)
@@ -208,57 +238,24 @@ class Run:
             self.tally.remaining_exact = True
 
     def _bind(self, run: db.RunConnection) -> db.BoundTable:
-        """The task's table, looked up with the history's in one query, and everything
-        that must be true of them before a row is deleted: the privileges the run needs
-        (missing: an error on every run, not only once a row is due), no other role's code
-        that would run with this role's privileges, a history of the tool's own."""
-        settings, schema, spec = (
-            self.settings,
-            self.recorded.target.schema if self.recorded.target else None,
-            self.task.table,
-        )
-        names = settings.table_names(spec)
-        history_tables = history.history_tables(run.conn.dialect.name, settings.history_schema)
-        watched = run.on_postgres and settings.history
-        found = db.lookup_tables(
-            run.conn, [(schema, names.table), *(history.wanted(history_tables) if watched else [])]
-        )
-        table = db.bind(schema, spec, names, found[0])
-        if isinstance(table, ConfigError):
-            raise table
-        if not run.on_postgres:
-            return table
-        refused = trust.history_problem(found[1:], settings.history_owner, settings.trusted_code) if watched else None
+        """The task's table, checked (bind_checked); what the role holds beyond a
+        cleanup's needs, logged once per run."""
+        schema = self.recorded.target.schema if self.recorded.target else None
+        table, refused = bind_checked(run, self.settings, self.task, schema, deleting=not self.dry_run)
         if refused:
             self.recorded.history_refused = refused  # the run's record waits in the spool meanwhile
-        problem = (
-            trust.privilege_problem(self.task, table, deleting=not self.dry_run)
-            or (None if self.dry_run else trust.code_problem(table, settings.trusted_code))
-            or refused
-        )
-        if problem:
-            raise ConfigError(problem)
-        if not self.warned_beyond_need:
+            raise ConfigError(refused)
+        beyond = trust.beyond_need(table.info, table.shown) if run.on_postgres else []
+        if beyond and not self.warned_beyond_need:
             self.warned_beyond_need = True
-            beyond = trust.beyond_need(table.info, table.shown)
-            if beyond:
-                self.log.warning(
-                    "privileges_beyond_need",
-                    role=table.info.role,
-                    beyond=beyond,
-                    hint="a cleanup needs SELECT and DELETE on its tables and its own history schema; "
-                    "`skybot-cleanup check` prints the statements that make such a role",
-                )
+            self.log.warning(
+                "privileges_beyond_need",
+                role=table.info.role,
+                beyond=beyond,
+                hint="a cleanup needs SELECT and DELETE on its tables and its own history schema; "
+                "`skybot-cleanup check` prints the statements that make such a role",
+            )
         return table
-
-    def _confirm(self, run: db.RunConnection) -> None:
-        """On a new connection: are the rows the lost ones committed still there?"""
-        if self.reconnects:
-            if self.lost_rows and run.server_started != self.server_started:
-                self.unconfirmed_rows += self.lost_rows
-            self.lost_rows = 0
-            self.log.warning("reconnected", reconnects=self.reconnects, unconfirmed_rows=self.unconfirmed_rows)
-        self.server_started = run.server_started
 
     def _cutoff(self, run: db.RunConnection) -> datetime:
         """The first transaction reads the server's clock: the run's now is the earlier
@@ -289,22 +286,10 @@ class Run:
     # -- single-transaction mode --------------------------------------------------------------
 
     def _single_transaction(self, run: db.RunConnection, table: db.BoundTable, due: sa.ColumnElement[bool]) -> None:
-        """Every due row nobody holds, in one statement; the held ones are counted and
-        left for the next run. A row the app takes after the statement's snapshot makes
-        it wait, at most its lock timeout, and it is redone without that row."""
-        tally = self.tally
+        tally, self.excluded = self.tally, set()  # this attempt's: a ctid means nothing on another connection
+        tally.rows = delete_in_one_statement(run, table, due, self.excluded)
         if not run.on_postgres:
-            tally.rows = int(run.conn.execute(sa.delete(table.table).where(due)).rowcount)
             tally.remaining, tally.remaining_exact = 0, True
-            return
-        self.excluded = set()
-        for _ in range(RACE_RETRIES + 1):
-            try:
-                tally.rows = db.delete_all(run.conn, table, due, run.snapshot_xmax, self.excluded)
-                return
-            except sa.exc.OperationalError as exc:
-                note_race(run, exc, self.excluded)
-        raise RowsTakenMidStatement(f"the app took due rows mid-statement {RACE_RETRIES + 1} times running")
 
     # -- batches ------------------------------------------------------------------------------
 
@@ -314,7 +299,7 @@ class Run:
         tally = self.tally
         if self.on_progress is not None and tally.estimated_total is None:
             tally.estimated_total = tally.rows + _estimate(run.conn, table, due)
-        walk = self._choose_walk(run, table, due)
+        walk = choose_walk(run, table, due, self.task.walk_column, self.settings.batch_size, self.log)
         if walk is None:  # nothing due (held rows included): no walk, and nothing to count again
             tally.remaining, tally.remaining_exact = 0, True
             return
@@ -332,30 +317,6 @@ class Run:
                     raise
                 run.undo_work()  # out of time: what the walk knows for certain, as a lower bound
                 tally.remaining, tally.remaining_exact = walk.known_left(), False
-
-    def _choose_walk(self, run: db.RunConnection, table: db.BoundTable, due: sa.ColumnElement[bool]) -> Walk | None:
-        """The index walk when few rows are due (counted through the index, up to a cap:
-        cheap whatever the backlog); the heap walk otherwise; None when nothing is due."""
-        info, column = table.info, self.task.walk_column
-        if not run.on_postgres:
-            return RowidWalk(run, table, due)
-        if column is None or info.shape is db.TableShape.INHERITED:
-            # No index serves the predicate, or not every child has one: the heap, once a
-            # first due row shows there is anything to walk.
-            self.log.debug("walk", walk=WalkKind.HEAP, pages=info.pages, shape=info.shape)
-            if db.count_capped(run.conn, table, due, 1) == 0:
-                return None
-            return HeapWalk(run, table, due, self.settings.batch_size)
-        cap = max(1, int(info.pages * INDEX_WALK_SHARE_OF_PAGES))
-        counted = db.count_capped(run.conn, table, due, cap, order_by=table.columns[column])
-        self.log.debug(
-            "walk", walk=WalkKind.INDEX if counted < cap else WalkKind.HEAP, due_counted=counted, pages=info.pages
-        )
-        if counted == 0:
-            return None
-        if counted < cap:
-            return IndexWalk(run, table, due, table.columns[column])
-        return HeapWalk(run, table, due, self.settings.batch_size)
 
     def _walk(self, run: db.RunConnection, walk: Walk) -> None:
         """Batches until the walk ends or a cap stops it."""
@@ -380,96 +341,50 @@ class Run:
                 tally.stopped_by = StopReason.MAX_RUNTIME
                 return
             run.commit_and_continue()
-            self._committed(run, walk, deleted, started)
+            held = run.held_in_last_transaction
+            if held:
+                self.log.info("held_rows_left", rows=held, batch=tally.batches + 1)
+            walk.committed(held)
+            tally.add_batch(deleted, started)
+            tally.report(self.on_progress, self.recorded.clock_started, self.log)
             if walk.ended:
                 return
             if settings.max_rows is not None and tally.rows >= settings.max_rows:
                 tally.stopped_by = StopReason.MAX_ROWS
                 return
-            tally.stopped_by = self._pause(run)
+            tally.stopped_by = self.pace.between_batches(run)
             if tally.stopped_by is not None:
                 return
-
-    def _committed(self, run: db.RunConnection, walk: Walk, deleted: int, started: float) -> None:
-        tally, held = self.tally, run.held_in_last_transaction
-        if held:
-            self.log.info("held_rows_left", rows=held, batch=tally.batches + 1)
-        walk.committed(held)
-        tally.rows += deleted
-        tally.rows_on_connection += deleted
-        tally.batches += 1
-        tally.longest_batch_ms = max(tally.longest_batch_ms, (time.monotonic() - started) * 1000)
-        self._report_progress()
-
-    def _pause(self, run: db.RunConnection) -> StopReason | None:
-        """Between two batches: as long as the standbys need to come back within half the
-        lag target, and --sleep-ms (the time already waited counts toward it). Why the run
-        must stop instead, if it must."""
-        began = time.monotonic()
-        if self.pacer is not None:
-            stop = self._wait_for_standbys(run, self.pacer)
-            if stop is not None:
-                return stop
-        rest = self.settings.sleep_ms / 1000 - (time.monotonic() - began)
-        if rest > 0:
-            if self._out_of_time(after_s=rest):  # do not sleep past the cap
-                return StopReason.MAX_RUNTIME
-            time.sleep(rest)
-        return None
-
-    def _wait_for_standbys(self, run: db.RunConnection, pacer: ReplicaPacer) -> StopReason | None:
-        """Wait, reading the standbys every POLL_S, until the pacer says go. The time goes
-        to the result (replica_wait_s) and counts against --max-runtime."""
-        pacer.observe(run.read_at, run.standbys)
-        self._warn_if_standbys_invisible(pacer)
-        began = logged = time.monotonic()
-        waited = False
-        try:
-            while (wait := pacer.pause_s()) > 0:
-                step = min(wait, POLL_S)
-                if self._out_of_time(after_s=step):
-                    return StopReason.MAX_RUNTIME
-                waited = True
-                time.sleep(step)
-                run.read_standbys()
-                pacer.observe(run.read_at, run.standbys)
-                if pacer.stalled(run.read_at):
-                    self.log.warning("replica_stalled", lag_s=round(pacer.lag_s(), 3), standbys=list(pacer.tracks))
-                    return StopReason.REPLICA_LAG
-                if time.monotonic() - logged >= WAIT_LOG_INTERVAL_S:
-                    logged = time.monotonic()
-                    self.log.info("waiting_for_standbys", lag_s=round(pacer.lag_s(), 3), target_s=pacer.target_s)
-            return None
-        finally:
-            if waited:
-                self.tally.replica_wait_s += time.monotonic() - began
-
-    def _warn_if_standbys_invisible(self, pacer: ReplicaPacer) -> None:
-        if pacer.invisible and STANDBYS_INVISIBLE not in self.warnings:
-            self.warnings.append(STANDBYS_INVISIBLE)
-            self.log.warning(
-                "replica_lag_unknown",
-                hint=f"{STANDBYS_INVISIBLE}; `skybot-cleanup check` prints the GRANT (pg_read_all_stats)",
-            )
 
     def _out_of_time(self, after_s: float = 0.0) -> bool:
         """No batch may start now (or, after a pause of `after_s`)."""
         return self.work_deadline is not None and time.monotonic() + after_s >= self.work_deadline
 
-    def _report_progress(self) -> None:
-        tally = self.tally
-        if self.on_progress is not None:
-            self.on_progress(tally.rows, tally.estimated_total)
-        now = time.monotonic()
-        if now - tally.last_log >= PROGRESS_LOG_INTERVAL_S:
-            tally.last_log = now
-            elapsed = now - self.recorded.clock_started
-            self.log.info(
-                "progress",
-                rows=tally.rows,
-                batches=tally.batches,
-                rows_per_s=round(tally.rows / elapsed) if elapsed else None,
-            )
+
+def bind_checked(
+    run: db.RunConnection, settings: Settings, task: Task, schema: str | None, *, deleting: bool
+) -> tuple[db.BoundTable, str | None]:
+    """The task's table, looked up with the history's in one query, and everything that
+    must be true of them before a row is deleted: the privileges the run needs (missing:
+    an error on every run, not only once a row is due) and no other role's code that
+    would run with this role's privileges (each a ConfigError); and why the history may
+    not be used, if so (trust.history_problem)."""
+    names = settings.table_names(task.table)
+    history_tables = history.history_tables(run.conn.dialect.name, settings.history_schema)
+    watched = run.on_postgres and settings.history
+    found = db.lookup_tables(run.conn, [(schema, names.table), *(history.wanted(history_tables) if watched else [])])
+    table = db.bind(schema, task.table, names, found[0])
+    if isinstance(table, ConfigError):
+        raise table
+    if not run.on_postgres:
+        return table, None
+    problem = trust.privilege_problem(task, table, deleting=deleting) or (
+        trust.code_problem(table, settings.trusted_code) if deleting else None
+    )
+    if problem:
+        raise ConfigError(problem)
+    refused = trust.history_problem(found[1:], settings.history_owner, settings.trusted_code) if watched else None
+    return table, refused
 
 
 def _estimate(conn: sa.Connection, table: db.BoundTable, due: sa.ColumnElement[bool]) -> int:

@@ -43,12 +43,13 @@ def is_usable_path(value: str) -> bool:
     return bool(value.strip()) and all(character.isprintable() for character in value)
 
 
-class Settings(BaseSettings):
-    """Settings every registry has; table, column and retention settings are added
-    per registry by `settings_model`."""
-
+class _Base(BaseSettings):
     # extra="ignore": the app's own .env holds dozens of variables that are not ours.
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True)
+
+
+class _Connection(_Base):
+    """Where the database is, and what every connection and transaction is given."""
 
     database_url: SecretStr | None = Field(
         default=None,
@@ -97,6 +98,11 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9 _.,:@/+-]{1,40}$",
         description="application_name shown in pg_stat_activity (the task name is appended).",
     )
+
+
+class _Runs(_Base):
+    """How a cleanup deletes: batches, caps, pace and retries."""
+
     batch_size: int = Field(
         default=DEFAULT_BATCH_SIZE,
         ge=1,
@@ -142,6 +148,11 @@ class Settings(BaseSettings):
         description="First retry delay, doubled each retry, with random jitter (falls back to the app's "
         "JOB_RETRY_DELAY).",
     )
+
+
+class _Records(_Base):
+    """What every run leaves behind, and what the tool trusts to keep it in."""
+
     history: bool = Field(
         default=True,
         description="Record every run and metrics snapshot in the tool's own tables (best effort).",
@@ -236,6 +247,11 @@ class Settings(BaseSettings):
     debug: bool = Field(
         default=False, description="Print a traceback for an unexpected error (read from the environment only)."
     )
+
+
+class Settings(_Records, _Runs, _Connection):
+    """Settings every registry has; table, column and retention settings are added
+    per registry by `settings_model`."""
 
     @classmethod
     def settings_customise_sources(

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import sqlalchemy as sa
 
 from skybot_cleanup import db
-from skybot_cleanup.errors import SqlState, sqlstate_of
+from skybot_cleanup.errors import RowsTakenMidStatement, SqlState, sqlstate_of
 
 # A batch that meets rows taken by the app after its snapshot is tried again without them
 # this many times, then it is left for the next run: held rows never stall a run.
@@ -30,6 +30,9 @@ RACE_RETRIES = 3
 # Rows a page may hold at the most, for a first batch on a table the planner knows nothing
 # of: the batch is then small, and the next ones are sized by what it found.
 MAX_ROWS_PER_PAGE = 200
+# The index walk while fewer rows are due than this share of the table's pages; the heap
+# walk past it (docs/benchmarks.md: where each is faster, by layout).
+INDEX_WALK_SHARE_OF_PAGES = 1 / 8
 # A span of pages that held no due row grows this much for the next batch, at the most:
 # a stretch of live rows must not make one batch read the rest of the table.
 SPAN_GROWTH = 4
@@ -257,3 +260,49 @@ def initial_span(info: db.TableInfo, batch_size: int) -> int:
     statistics (a guess the next batches correct; the batch's LIMIT bounds it anyway)."""
     per_page = max(info.rows_per_page or MAX_ROWS_PER_PAGE, 1.0)
     return max(1, round(batch_size / per_page))
+
+
+def choose_walk(
+    run: db.RunConnection,
+    table: db.BoundTable,
+    due: sa.ColumnElement[bool],
+    walk_column: str | None,
+    batch_size: int,
+    log: Any,
+) -> Walk | None:
+    """In a run's first transaction (under the index walk's planner settings): the index
+    walk when few rows are due (counted through the index, up to a cap: cheap whatever the
+    backlog); the heap walk otherwise, and for a predicate no index serves or a table
+    whose children's indexes are their own; None when nothing is due."""
+    info = table.info
+    if not run.on_postgres:
+        return RowidWalk(run, table, due)
+    if walk_column is None or info.shape is db.TableShape.INHERITED:
+        # The heap, once a first due row shows there is anything to walk.
+        log.debug("walk", walk=WalkKind.HEAP, pages=info.pages, shape=info.shape)
+        return HeapWalk(run, table, due, batch_size) if db.count_capped(run.conn, table, due, 1) else None
+    cap = max(1, int(info.pages * INDEX_WALK_SHARE_OF_PAGES))
+    counted = db.count_capped(run.conn, table, due, cap, order_by=table.columns[walk_column])
+    log.debug("walk", walk=WalkKind.INDEX if counted < cap else WalkKind.HEAP, due_counted=counted, pages=info.pages)
+    if counted == 0:
+        return None
+    if counted < cap:
+        return IndexWalk(run, table, due, table.columns[walk_column])
+    return HeapWalk(run, table, due, batch_size)
+
+
+def delete_in_one_statement(
+    run: db.RunConnection, table: db.BoundTable, due: sa.ColumnElement[bool], excluded: set[str]
+) -> int:
+    """Single-transaction mode: every due row nobody holds, in one statement; the held
+    ones are counted (read as it commits) and left for the next run. A row the app takes
+    after the statement's snapshot makes it wait, at most its lock timeout, and it is
+    redone without that row (added to `excluded`)."""
+    if not run.on_postgres:
+        return int(run.conn.execute(sa.delete(table.table).where(due)).rowcount)
+    for _ in range(RACE_RETRIES + 1):
+        try:
+            return db.delete_all(run.conn, table, due, run.snapshot_xmax, excluded)
+        except sa.exc.OperationalError as exc:
+            note_race(run, exc, excluded)
+    raise RowsTakenMidStatement(f"the app took due rows mid-statement {RACE_RETRIES + 1} times running")

@@ -81,3 +81,18 @@ def test_db_reads_no_settings_and_knows_no_command():
         if module == "db" or module.startswith("db."):
             outside = {target for target in targets if not (target == "db" or target.startswith("db."))}
             assert outside <= {"errors", "registry", "clock"}, (module, outside)
+
+
+# A class or function longer than this is several: split it (issue 25).
+MOST_LINES = 250
+
+
+def test_no_class_or_function_is_longer_than_a_screenful_or_four():
+    too_long = [
+        f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and (node.end_lineno or node.lineno) - node.lineno + 1 > MOST_LINES
+    ]
+    assert too_long == []

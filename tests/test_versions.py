@@ -44,7 +44,7 @@ from helpers import (
 from skybot_cleanup.app_schema import app_metadata
 from skybot_cleanup.clock import utc_now
 from skybot_cleanup.demo import idempotency_key_row, magic_link_row, refresh_token_row
-from skybot_cleanup.run import INDEX_WALK_SHARE_OF_PAGES
+from skybot_cleanup.walks import INDEX_WALK_SHARE_OF_PAGES
 
 AUDIT = 90 * DAY  # revoked-tokens' default retention
 

@@ -64,7 +64,7 @@ from skybot_cleanup.db.counts import (
     min_of,
     read_counts,
 )
-from skybot_cleanup.db.reads import Pending, Reads
+from skybot_cleanup.db.reads import Pending, Reads, transaction_in_one_round_trip
 from skybot_cleanup.db.urls import DatabaseTarget, parse_database_url
 
 __all__ = [
@@ -120,4 +120,5 @@ __all__ = [
     "tid",
     "tid_of",
     "tid_text",
+    "transaction_in_one_round_trip",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -262,7 +262,7 @@ class RunConnection:
 
     # PostgreSQL: the statement run at the start of every transaction of the chain. It
     # runs after the path is pinned, and qualifies every call all the same.
-    def _prologue(self, take_lock: bool) -> tuple[list[str], str]:
+    def prologue(self, take_lock: bool) -> tuple[list[str], str]:
         session = self.session
         idle = session.idle_timeout_ms
         # Never weaken a DBA's shorter idle timeout: take the smaller of the two.
@@ -305,7 +305,7 @@ class RunConnection:
             columns["locked"] = f"pg_catalog.pg_try_advisory_lock(pg_catalog.hashtextextended({key}, 0::bigint))"
         return list(columns), "SELECT " + ", ".join(columns.values())
 
-    def _driver_execute(self, sql: str) -> Any:
+    def driver_execute(self, sql: str) -> Any:
         """Straight to psycopg, without parameters: its simple protocol, so several
         statements travel in one message and no portal (snapshot) is left open."""
         driver = self.conn.connection.driver_connection
@@ -322,10 +322,10 @@ class RunConnection:
         savepoint in one message. Any error aborts the transaction; inside the savepoint
         it only undoes the batch."""
         sent = time.monotonic()
-        names, prologue = self._prologue(take_lock)
+        names, prologue = self.prologue(take_lock)
         ending = command.startswith("COMMIT")
         read_held = f"SELECT pg_catalog.current_setting('{HELD_COUNTER}', true); " if ending else ""
-        cursor = self._driver_execute(
+        cursor = self.driver_execute(
             f"{read_held}{command}; SET LOCAL search_path = {PINNED_SEARCH_PATH}; {prologue}; SAVEPOINT work"
         )
         if ending:
@@ -333,9 +333,9 @@ class RunConnection:
         while cursor.description is None and cursor.nextset():
             pass
         self.in_transaction = True
-        self._take(dict(zip(names, cursor.fetchone() or (), strict=True)), sent, take_lock)
+        self.take(dict(zip(names, cursor.fetchone() or (), strict=True)), sent, take_lock)
 
-    def _take(self, row: dict[str, Any], sent: float, take_lock: bool) -> None:
+    def take(self, row: dict[str, Any], sent: float, take_lock: bool) -> None:
         """What a prologue read: the settings it derived, the lock, the clocks, the standbys."""
         for name in ("lock_timeout", "idle_in_transaction_session_timeout"):
             self._derived.setdefault(name, sql_literal(str(row[f"set {name}"])))
@@ -380,7 +380,7 @@ class RunConnection:
         the BEGIN short): unlocking nothing is harmless, a lock left behind is not."""
         self.in_transaction = False
         if self.on_postgres and command == "COMMIT":
-            cursor = self._driver_execute(
+            cursor = self.driver_execute(
                 f"SELECT pg_catalog.current_setting('{HELD_COUNTER}', true); {command}"
                 + ("; SELECT pg_catalog.pg_advisory_unlock_all()" if self.lock else "")
             )
@@ -388,7 +388,7 @@ class RunConnection:
             self._read_held(cursor)
         elif self.on_postgres and self.lock:
             self.locked = False
-            self._driver_execute(f"{command}; SELECT pg_catalog.pg_advisory_unlock_all()")
+            self.driver_execute(f"{command}; SELECT pg_catalog.pg_advisory_unlock_all()")
         else:
             self.conn.exec_driver_sql(command)
 
@@ -422,68 +422,8 @@ class RunConnection:
 
     def read_standbys(self) -> None:
         """The standbys' replay positions again (one round trip: while a run waits for them)."""
-        self.standbys = standbys_of(self._driver_execute(f"SELECT {STANDBYS_SQL}").fetchone()[0])
+        self.standbys = standbys_of(self.driver_execute(f"SELECT {STANDBYS_SQL}").fetchone()[0])
         self.read_at = time.monotonic()
-
-    def pipeline(self, statements: Sequence[tuple[str, Mapping[str, Any]] | str]) -> list[list[tuple[Any, ...]]]:
-        """Statements of the open transaction sent at once (psycopg's pipeline mode;
-        PostgreSQL only): each one's rows. The first that fails raises (the transaction is
-        then aborted: undo_work), and the rest are not run."""
-        return [cursor.fetchall() if cursor.description else [] for cursor in self._pipelined(statements)]
-
-    def transaction_in_one_round_trip(self, statements: Sequence[sa.ClauseElement]) -> list[Any]:
-        """A whole transaction, its prologue included, sent at once (PostgreSQL only):
-        each statement's rows, or row count for one that returns none. The first that
-        fails raises, the rest are not run, and the transaction is rolled back. A history
-        write costs one round trip, not five."""
-        sent = time.monotonic()
-        names, prologue = self._prologue(take_lock=False)
-        dialect = self.conn.dialect
-        opening: list[tuple[str, Mapping[str, Any]] | str] = [
-            "BEGIN",
-            f"SET LOCAL search_path = {PINNED_SEARCH_PATH}",
-            prologue,
-        ]
-        compiled = [
-            statement.compile(dialect=dialect, compile_kwargs={"render_postcompile": True}) for statement in statements
-        ]
-        work: list[tuple[str, Mapping[str, Any]] | str] = [(str(each), each.params) for each in compiled]
-        try:
-            cursors = self._pipelined([*opening, *work, "COMMIT"])
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self._driver_execute("ROLLBACK")
-            raise
-        results = [cursor.fetchall() if cursor.description else cursor.rowcount for cursor in cursors]
-        self._take(dict(zip(names, results[2][0], strict=True)), sent, take_lock=False)
-        return results[len(opening) : -1]
-
-    def _pipelined(self, statements: Sequence[tuple[str, Mapping[str, Any]] | str]) -> list[Any]:
-        """Send every statement, then read every answer: one round trip. Raises the first
-        error the server gave (not psycopg's 'pipeline aborted' for those it skipped)."""
-        import psycopg
-
-        driver = self.conn.connection.driver_connection
-        assert driver is not None
-        cursors, first_error = [], None
-        try:
-            with driver.pipeline():
-                for statement in statements:
-                    cursor = driver.cursor()
-                    try:
-                        if isinstance(statement, str):
-                            cursor.execute(statement)
-                        else:
-                            cursor.execute(statement[0], statement[1])
-                    except psycopg.Error as exc:
-                        first_error = exc
-                        break
-                    cursors.append(cursor)
-        except psycopg.Error as exc:
-            first_error = first_error or exc
-        if first_error is not None:
-            raise first_error
-        return cursors
 
     def undo_work(self) -> None:
         """Roll back what this transaction did since it began, keeping the lock
