@@ -9,6 +9,8 @@
                                                   # lifetimes, scattered ties, one never-analyzed mass tie)
     python -m benchmarks coexist --size 1000000 --seconds 20
                                                   # the app's own statements beside each method, at two rates
+    python -m benchmarks remote                   # every command through a proxy adding 0, 10 and 40 ms
+                                                  # per round trip: round trips, connections, wall time
     python -m benchmarks chart                    # docs/img/scaling.png from the saved results
     python -m benchmarks layouts-chart            # docs/img/layouts.png from results/layouts.json
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import benchmarks
-from benchmarks import aftermath, charts, coexist, layouts, scaling, startup, variants
+from benchmarks import aftermath, charts, coexist, layouts, remote, scaling, startup, variants
 from benchmarks.measure import RESULTS
 
 
@@ -30,6 +30,13 @@ MODES: dict[str, Mode] = {
     "aftermath": Mode("what a delete leaves for VACUUM", aftermath.run, aftermath.configure, data=True),
     "layouts": Mode("four heap layouts of the due rows", layouts.run, layouts.configure, data=True),
     "coexist": Mode("the app's own statements beside each method", coexist.run, coexist.configure, data=True),
+    "remote": Mode(
+        "every command through a delaying proxy: round trips and wall time",
+        remote.run,
+        remote.configure,
+        data=True,
+        size=remote.SIZE,
+    ),
     "chart": Mode("docs/img/scaling.png from results/scaling.json", charts.scaling_chart, charts.configure_scaling),
     "layouts-chart": Mode(
         "docs/img/layouts.png from results/layouts.json", charts.layouts_chart, charts.configure_layouts

@@ -175,3 +175,24 @@ def test_coexist(pg_server_url, results_dir):
         assert accounting["deleted"] + accounting["due_revoked_by_app"] + accounting["left_due"] == DUE
     assert sum(windows[0]["requests"].values()) > 0
     assert "revoke-heavy: per statement" in output
+
+
+def test_remote(pg_server_url, results_dir):
+    """Round trips are counted per connection, and the batched run's batches come from its --json."""
+    bench(results_dir, "remote", "--size", str(DUE), "--delays-ms", "5", *TINY, admin_url=pg_server_url)
+    results = {r["command"]: r for r in saved(results_dir, "remote")}
+    assert list(results) == [
+        "refresh-tokens, nothing due",
+        "refresh-tokens, batched",
+        "refresh-tokens --dry-run",
+        "metrics",
+        "status",
+        "check",
+    ]
+    for result in results.values():
+        assert result["delay_ms"] == 5 and result["connections"] >= 1
+        assert sum(result["per_connection"]) == result["round_trips"] > 0
+        assert len(result["per_connection"]) == result["connections"]
+    assert results["refresh-tokens, nothing due"]["rows"] == 0
+    assert results["refresh-tokens, batched"]["rows"] == DUE and results["refresh-tokens, batched"]["batches"] >= 1
+    assert results["refresh-tokens --dry-run"]["rows"] == DUE
