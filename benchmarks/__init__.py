@@ -11,6 +11,8 @@
                                                   # the app's own statements beside each method, at two rates
     python -m benchmarks remote                   # every command through a proxy adding 0, 10 and 40 ms
                                                   # per round trip: round trips, connections, wall time
+    python -m benchmarks replica                  # a streaming standby behind a 100 Mbit/s link (root:
+                                                  # a network namespace and tc): replay lag per method
     python -m benchmarks chart                    # docs/img/scaling.png from the saved results
     python -m benchmarks layouts-chart            # docs/img/layouts.png from results/layouts.json
 

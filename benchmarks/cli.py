@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import benchmarks
-from benchmarks import aftermath, charts, coexist, layouts, remote, scaling, startup, variants
+from benchmarks import aftermath, charts, coexist, layouts, remote, replica, scaling, startup, variants
 from benchmarks.measure import RESULTS
 
 
@@ -36,6 +36,13 @@ MODES: dict[str, Mode] = {
         remote.configure,
         data=True,
         size=remote.SIZE,
+    ),
+    "replica": Mode(
+        "a streaming standby behind a throttled link: replay lag per method",
+        replica.run,
+        replica.configure,
+        data=True,
+        size=replica.SIZE,
     ),
     "chart": Mode("docs/img/scaling.png from results/scaling.json", charts.scaling_chart, charts.configure_scaling),
     "layouts-chart": Mode(

@@ -72,12 +72,14 @@ def tool(
     strict: bool = True,
     options: Sequence[str] = (),
     label: str | None = None,
+    keep_output: bool = False,
 ) -> dict[str, Any]:
     """The console script, as cron runs it (history on). Its cutoff is its own "now",
     which selects the same rows: the seeded due rows end a minute before the seed's now.
     batch_size None: --single-transaction (the tool's default is batched, so it must be
     asked for). strict=False: a failed run is a result (under the app's load), not an exit.
-    options: more of the command's options (--sleep-ms 300, say), named in `label`."""
+    options: more of the command's options (--sleep-ms 300, say), named in `label`.
+    keep_output: the run's whole --json result too (fields newer than this script)."""
     mode = ["--batch-size", str(batch_size)] if batch_size else ["--single-transaction"]
     result = measured([str(TOOL), task, "--json", *mode, *options], tool_env(url))
     if result["rc"] != 0 and strict:
@@ -91,7 +93,8 @@ def tool(
             "status": "no JSON",
             "error": result["stderr"][-500:],
         }
-    return {
+    kept = {"output": output} if keep_output else {}
+    return kept | {
         "method": label or (f"batched {batch_size:,}" if batch_size else "single transaction"),
         "wall_s": result["wall_s"],
         "statement_s": output["duration_ms"] / 1000,

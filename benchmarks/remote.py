@@ -34,6 +34,7 @@ BATCHED = "refresh-tokens, batched"
 
 @dataclass(frozen=True)
 class Command:
+    name: str  # for --commands
     label: str
     argv: tuple[str, ...]
     backlog: bool  # on the table with due rows (else: nothing due)
@@ -42,12 +43,18 @@ class Command:
 
 def commands(batch_size: int) -> list[Command]:
     return [
-        Command(NOOP, ("refresh-tokens", "--json"), backlog=False),
-        Command(BATCHED, ("refresh-tokens", "--json", "--batch-size", str(batch_size)), backlog=True, deletes=True),
-        Command("refresh-tokens --dry-run", ("refresh-tokens", "--dry-run", "--json"), backlog=True),
-        Command("metrics", ("metrics", "--json"), backlog=True),
-        Command("status", ("status", "--json"), backlog=True),
-        Command("check", ("check", "--json"), backlog=True),
+        Command("noop", NOOP, ("refresh-tokens", "--json"), backlog=False),
+        Command(
+            "batched",
+            BATCHED,
+            ("refresh-tokens", "--json", "--batch-size", str(batch_size)),
+            backlog=True,
+            deletes=True,
+        ),
+        Command("dry-run", "refresh-tokens --dry-run", ("refresh-tokens", "--dry-run", "--json"), backlog=True),
+        Command("metrics", "metrics", ("metrics", "--json"), backlog=True),
+        Command("status", "status", ("status", "--json"), backlog=True),
+        Command("check", "check", ("check", "--json"), backlog=True),
     ]
 
 
@@ -55,6 +62,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--delays-ms", type=float, nargs="+", default=[0, 10, 40], help="round-trip delays to add (default 0 10 40)"
     )
+    names = [command.name for command in commands(0)]
+    parser.add_argument("--commands", nargs="+", choices=names, default=names, help="the commands to run (default all)")
 
 
 def parse_output(stdout: str) -> list[dict[str, Any]]:
@@ -114,14 +123,14 @@ def run(args: argparse.Namespace) -> None:
     templates: dict[bool, str] = {}
     results: list[dict[str, Any]] = []
     try:
-        for backlog in (False, True):
+        for backlog in sorted({command.backlog for command in commands(0) if command.name in args.commands}):
             templates[backlog] = build_template(
                 args.admin_url, EXPIRY_ORDER, due if backlog else 0, args.live, args.revoked, now
             )
             first_run(database_url(args.admin_url, templates[backlog]))
         for _rep in range(args.reps):
             for delay_ms in args.delays_ms:
-                for command in commands(args.batch_size):
+                for command in (c for c in commands(args.batch_size) if c.name in args.commands):
                     name = fresh_copy(args.admin_url, templates[command.backlog])
                     try:
                         url = database_url(args.admin_url, name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -18,8 +19,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import REPOSITORY, database_url
+from helpers import REPOSITORY, database_url, unavailable
 
+from benchmarks import standby
 from benchmarks.cli import MODES
 from benchmarks.seeding import EXPIRY_ORDER, LAYOUTS, SHUFFLED, create_app_tables, seed_rows
 from skybot_cleanup.clock import utc_now
@@ -164,7 +166,7 @@ def test_layouts(pg_server_url, results_dir):
 
 
 def test_coexist(pg_server_url, results_dir):
-    args = ["coexist", "--size", str(DUE), "--seconds", "0.5", "--rates", "revoke-heavy", *TINY]
+    args = ["coexist", "--size", str(DUE), "--seconds", "0.5", "--rates", "realistic", *TINY]
     output = bench(results_dir, *args, admin_url=pg_server_url).stdout
     windows = saved(results_dir, "coexist")
     assert [w["method"] for w in windows] == ["baseline", "floor", "single transaction", "batched 10,000"]
@@ -174,25 +176,46 @@ def test_coexist(pg_server_url, results_dir):
         assert window["deletion"]["rows"] == accounting["deleted"]
         assert accounting["deleted"] + accounting["due_revoked_by_app"] + accounting["left_due"] == DUE
     assert sum(windows[0]["requests"].values()) > 0
-    assert "revoke-heavy: per statement" in output
+    assert "realistic: per statement" in output
 
 
 def test_remote(pg_server_url, results_dir):
-    """Round trips are counted per connection, and the batched run's batches come from its --json."""
-    bench(results_dir, "remote", "--size", str(DUE), "--delays-ms", "5", *TINY, admin_url=pg_server_url)
+    """Round trips counted per connection (metrics opens several), the batched run's
+    batches from its --json, and both templates: with nothing due, and with a backlog."""
+    args = ["remote", "--size", str(DUE), "--delays-ms", "5", "--commands", "noop", "batched", "metrics", *TINY]
+    bench(results_dir, *args, admin_url=pg_server_url)
     results = {r["command"]: r for r in saved(results_dir, "remote")}
-    assert list(results) == [
-        "refresh-tokens, nothing due",
-        "refresh-tokens, batched",
-        "refresh-tokens --dry-run",
-        "metrics",
-        "status",
-        "check",
-    ]
+    assert list(results) == ["refresh-tokens, nothing due", "refresh-tokens, batched", "metrics"]
     for result in results.values():
         assert result["delay_ms"] == 5 and result["connections"] >= 1
         assert sum(result["per_connection"]) == result["round_trips"] > 0
         assert len(result["per_connection"]) == result["connections"]
     assert results["refresh-tokens, nothing due"]["rows"] == 0
     assert results["refresh-tokens, batched"]["rows"] == DUE and results["refresh-tokens, batched"]["batches"] >= 1
-    assert results["refresh-tokens --dry-run"]["rows"] == DUE
+
+
+def test_replica(results_dir):
+    """Its own primary and standby (PostgreSQL 15, as another OS user, in a network
+    namespace behind tc's tbf): every method exact on the primary and on the standby, the
+    lag sampled, and nothing left behind."""
+    reason = standby.missing()
+    if reason:
+        unavailable(reason)
+    completed = bench(results_dir, "replica", "--size", str(DUE), "--sleep-ms", "10", *TINY)
+    results = saved(results_dir, "replica")
+    methods = ["plain DELETE", "tool, defaults", "tool, --sleep-ms 10"]
+    if "skipping --max-replica-lag" not in completed.stderr:
+        methods += ["tool, --max-replica-lag 2", "tool, --max-replica-lag 0 (off)"]
+    assert [r["method"] for r in results] == methods
+    exact(results)
+    for result in results:
+        assert (result["standby_left"], result["standby_total"]) == (0, LIVE + REVOKED)
+        assert result["wal_bytes"] > 0 and result["samples"] >= 1
+        assert result["link_s"] == pytest.approx(result["wal_bytes"] * 8 / 100e6)
+    # What it made, as it announced it, is gone: the namespace (its veth pair and qdisc with
+    # it) and the clusters' directory.
+    match = re.search(r"standby: namespace (\S+), clusters in (\S+)", completed.stderr)
+    assert match, completed.stderr
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert match.group(1) not in namespaces
+    assert not Path(match.group(2)).exists()
