@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from benchmarks.databases import database_url, drop
-from benchmarks.measure import check, fmt, log, save
+from benchmarks.measure import check, floor_medians, fmt, grouped, log, save
 from benchmarks.methods import Method, first_run, floor, on_fresh_copy, tool
 from benchmarks.seeding import LAYOUTS, Layout, build_template
 
@@ -57,12 +57,9 @@ def print_layouts(results: list[dict[str, Any]]) -> None:
         "| longest batch ms | writer p50 ms | writer p99 ms |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for layout in dict.fromkeys(r["layout"] for r in results):
-        rows = [r for r in results if r["layout"] == layout]
-        floor_s = statistics.median(r["statement_s"] for r in rows if r["method"] == "floor")
-        floor_wal = statistics.median(r["wal_bytes"] for r in rows if r["method"] == "floor")
-        for method in dict.fromkeys(r["method"] for r in rows):
-            runs = [r for r in rows if r["method"] == method]
+    for layout, rows in grouped(results, "layout").items():
+        floor_s, floor_wal = floor_medians(rows)
+        for method, runs in grouped(rows, "method").items():
             seconds = [r["statement_s"] for r in runs]
             wal = [r["wal_bytes"] / 1e6 for r in runs]
             batches = [r["batches"] for r in runs if r.get("batches") is not None]

@@ -32,6 +32,20 @@ def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
+def grouped(results: list[dict[str, Any]], key: str) -> dict[Any, list[dict[str, Any]]]:
+    """The results by one field's value, in the order the values first appear."""
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for result in results:
+        groups.setdefault(result[key], []).append(result)
+    return groups
+
+
+def floor_medians(results: list[dict[str, Any]]) -> tuple[float, float]:
+    """The floor's median statement time and WAL: what the other methods are measured against."""
+    floors = [r for r in results if r["method"] == "floor"]
+    return statistics.median(r["statement_s"] for r in floors), statistics.median(r["wal_bytes"] for r in floors)
+
+
 WRAPPER = (
     "import json, resource, subprocess, sys, time\n"
     "t = time.perf_counter()\n"

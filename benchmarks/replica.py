@@ -31,7 +31,7 @@ from types import FrameType
 from typing import Any
 
 from benchmarks.databases import DUE, database_url, drop, fresh_copy, left_due, total_rows, wal_position, wal_since
-from benchmarks.measure import fmt, log, save
+from benchmarks.measure import fmt, grouped, log, save
 from benchmarks.methods import TOOL, Method, first_run, floor, tool
 from benchmarks.seeding import EXPIRY_ORDER, build_template
 from benchmarks.standby import Lag, Pair, StandbyUnavailable, connect, streaming_standby
@@ -262,8 +262,7 @@ def print_replica(results: list[dict[str, Any]]) -> None:
         "| peak standby staleness s | caught up s after the run | batches | rows deleted |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for method in dict.fromkeys(r["method"] for r in results):
-        runs = [r for r in results if r["method"] == method]
+    for method, runs in grouped(results, "method").items():
 
         def column(key: str, scale: float = 1, digits: int = 1, runs: list[dict[str, Any]] = runs) -> str:
             return fmt([r[key] * scale for r in runs], digits)

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from benchmarks.databases import database_url, drop
-from benchmarks.measure import check, fmt, log, save
+from benchmarks.measure import check, floor_medians, fmt, grouped, log, save
 from benchmarks.methods import Method, floor, on_fresh_copy, tool
 from benchmarks.seeding import EXPIRY_ORDER, build_template
 
@@ -80,13 +80,10 @@ def print_scaling(results: list[dict[str, Any]]) -> None:
         "| longest batch ms | writer p50 ms | writer p99 ms |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    sizes = sorted({r["due"] for r in results})
-    for due in sizes:
-        rows = [r for r in results if r["due"] == due and r["method"] != "reporting"]
-        floor_s = statistics.median(r["statement_s"] for r in rows if r["method"] == "floor")
-        floor_wal = statistics.median(r["wal_bytes"] for r in rows if r["method"] == "floor")
-        for method in dict.fromkeys(r["method"] for r in rows):
-            runs = [r for r in rows if r["method"] == method]
+    runs_by_size = grouped([r for r in results if r["method"] != "reporting"], "due")
+    for due, rows in sorted(runs_by_size.items()):
+        floor_s, floor_wal = floor_medians(rows)
+        for method, runs in grouped(rows, "method").items():
             seconds = [r["statement_s"] for r in runs]
             wal = [r["wal_bytes"] / 1e6 for r in runs]
             rss = [r["maxrss_mb"] for r in runs if r.get("maxrss_mb")]
