@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,20 +21,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def reporting_sql_time(url: str) -> dict[str, float]:
-    """The SQL time of a metrics snapshot and of status, in-process (no start-up)."""
-    from skybot_cleanup import db, metrics, status
+    """The SQL time of a metrics snapshot and of status (the one judgement, rendered),
+    in-process (no start-up), in transactions set up as those commands set theirs up."""
+    from skybot_cleanup import db, health, metrics, status
     from skybot_cleanup.clock import utc_now
     from skybot_cleanup.settings import load
 
     settings = load({"database_url": url, "history": False}).settings
+
+    def status_of(run: db.RunConnection, schema: str, now: datetime) -> status.Status:
+        return status.render(health.judge(run, settings, schema, now), settings, now)
+
+    def snapshot(run: db.RunConnection, schema: str, now: datetime) -> metrics.Snapshot:
+        return metrics.collect(run, settings, schema, now)
+
     engine = db.create_engine(db.parse_database_url(url), settings.session(), "bench")
     timings: dict[str, float] = {}
     try:
-        for name, collect in (("metrics_ms", metrics.collect), ("status_ms", status.collect)):
-            with db.run_transaction(engine, settings.session(), "bench", read_only=True) as run:
-                collect(run.conn, settings, "public", utc_now())  # warm: connection and catalog caches
+        readers: tuple[tuple[str, Callable[[db.RunConnection, str, datetime], object]], ...] = (
+            ("metrics_ms", snapshot),
+            ("status_ms", status_of),
+        )
+        for name, read in readers:
+            with db.run_transaction(
+                engine, settings.session(), "bench", read_only=True, planner=db.INDEX_WALK_PLANNER
+            ) as run:
+                read(run, "public", utc_now())  # warm: connection and catalog caches
                 started = time.perf_counter()
-                collect(run.conn, settings, "public", utc_now())
+                read(run, "public", utc_now())
                 timings[name] = (time.perf_counter() - started) * 1000
     finally:
         engine.dispose()
