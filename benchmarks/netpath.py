@@ -185,7 +185,7 @@ def server_address(url: str) -> tuple[str, int] | str:
     parts = urlsplit(url)
     query = parse_qs(parts.query)
     host = (query.get("host") or [parts.hostname or "/var/run/postgresql"])[0]
-    port = int((query.get("port") or [parts.port or 5432])[0])
+    port = int(query["port"][0]) if query.get("port") else parts.port or 5432
     if host.startswith("/"):
         return f"{host}/.s.PGSQL.{port}"
     return (host, port)

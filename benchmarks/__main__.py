@@ -1,0 +1,5 @@
+"""`python -m benchmarks`: cli.main()."""
+
+from benchmarks.cli import main
+
+main()
