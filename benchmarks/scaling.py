@@ -33,7 +33,7 @@ def reporting_sql_time(url: str) -> dict[str, float]:
         return status.render(health.judge(run, settings, schema, now), settings, now)
 
     def snapshot(run: db.RunConnection, schema: str, now: datetime) -> metrics.Snapshot:
-        return metrics.collect(run, settings, schema, now)
+        return metrics.take_snapshot(run, settings, schema, now)
 
     engine = db.create_engine(db.parse_database_url(url), settings.session(), "bench")
     timings: dict[str, float] = {}
