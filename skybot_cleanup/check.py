@@ -64,6 +64,13 @@ class Context:
     passed_over: dict[str, db.CountReading] = field(default_factory=dict)
     index_columns: dict[str, db.Pending] = field(default_factory=dict)
 
+    def tables(self) -> Iterator[db.BoundTable]:
+        """Every task table that exists, once, in registry order."""
+        for spec in self.registry.tables:
+            table = self.bound.get(spec.key)
+            if isinstance(table, db.BoundTable):
+                yield table
+
     def readable(self, key: str) -> db.BoundTable | None:
         """The bound table, when it exists and the role may read it (checks that query it
         skip the rest: the privilege check has already said what to GRANT)."""
@@ -275,10 +282,7 @@ def tables(ctx: Context) -> Iterator[Finding]:
 def privileges(ctx: Context) -> Iterator[Finding]:
     if not ctx.on_postgres:
         return
-    for spec in ctx.registry.tables:
-        table = ctx.bound.get(spec.key)
-        if table is None or isinstance(table, ConfigError):
-            continue
+    for table in ctx.tables():
         shown = _shown(table)
         missing = [
             name for name, ok in (("SELECT", table.info.can_select), ("DELETE", table.info.can_delete)) if not ok
@@ -300,10 +304,8 @@ def role_standing(ctx: Context) -> Iterator[Finding]:
     if not ctx.on_postgres:
         return
     found: list[str] = []
-    for spec in ctx.registry.tables:
-        table = ctx.bound.get(spec.key)
-        if isinstance(table, db.BoundTable):
-            found += [item for item in trust.beyond_need(table.info, _shown(table)) if item not in found]
+    for table in ctx.tables():
+        found += [item for item in trust.beyond_need(table.info, _shown(table)) if item not in found]
     if not found:
         yield Finding(Level.OK, f"{ctx.role} holds nothing beyond what a cleanup needs")
         return
@@ -332,10 +334,7 @@ def triggers(ctx: Context) -> Iterator[Finding]:
     """The code each run fires as it deletes, whose it is, and whether it may run."""
     if not ctx.on_postgres:
         return
-    for spec in ctx.registry.tables:
-        table = ctx.bound.get(spec.key)
-        if not isinstance(table, db.BoundTable):
-            continue
+    for table in ctx.tables():
         problem = trust.code_problem(table, ctx.settings.trusted_code)
         if problem:
             yield Finding(Level.ERROR, f"{problem}; until then, runs refuse to start (exit {ExitCode.CONFIG})")
@@ -351,9 +350,8 @@ def triggers(ctx: Context) -> Iterator[Finding]:
 def row_level_security(ctx: Context) -> Iterator[Finding]:
     """Row-level security hides rows without an error: runs would delete, and counts see,
     only what its policies allow this role, forever."""
-    for spec in ctx.registry.tables:
-        table = ctx.bound.get(spec.key)
-        if table is None or isinstance(table, ConfigError) or not table.info.rls_hides_rows:
+    for table in ctx.tables():
+        if not table.info.rls_hides_rows:
             continue
         shown, role = _shown(table), _quote(ctx.role)
         forced = " (and forced, so even its owner is subject to it)" if table.info.rls_forced else ""
@@ -492,10 +490,7 @@ def partitioning(ctx: Context) -> Iterator[Finding]:
     key, never ctid); very large plain ones get a pointer to the partitioning design."""
     if not ctx.on_postgres:
         return
-    for spec in ctx.registry.tables:
-        table = ctx.bound.get(spec.key)
-        if table is None or isinstance(table, ConfigError):
-            continue
+    for table in ctx.tables():
         if table.info.shape is db.TableShape.PARTITIONED:
             yield Finding(
                 Level.INFO,
