@@ -216,3 +216,21 @@ def test_check_measures_what_the_hourly_count_passes_over_and_advises_the_index(
     findings = check_findings(run_cli("check", "--json", env=env))
     assert ("ok", "refresh-tokens: an index on (expiresAt, revokedAt) lets each run read only due rows") in findings
     assert not any("rows it does not delete" in message for _level, message in findings)
+
+
+def test_a_view_in_a_tasks_place_is_an_error_in_check_and_refused_before_a_run_starts(postgres):
+    """A view has no physical addresses to delete by: check says so, and every run and dry
+    run refuses it at once (it used to pass check and --dry-run, then fail every real run
+    with `column "ctid" does not exist`)."""
+    postgres.execute('CREATE VIEW public."MagicLinkView" AS SELECT * FROM public."MagicLink"')
+    env = {"DATABASE_URL": postgres.url, "SKYBOT_CLEANUP_MAGIC_LINK_TABLE": "MagicLinkView"}
+    expected = (
+        '"public"."MagicLinkView" is a view, not a table: the tool deletes rows by their physical address, which '
+        "only tables have; point the setting at the table itself (setting SKYBOT_CLEANUP_MAGIC_LINK_TABLE)"
+    )
+    assert ("error", expected) in check_findings(run_cli("check", "--json", env=env))
+    for args in (("magic-links",), ("magic-links", "--dry-run")):
+        completed = run_cli(*args, env=env)
+        assert completed.returncode == 2, completed.stderr
+        (failed,) = events(completed.stderr, "run_failed")
+        assert failed["error"] == expected
