@@ -304,19 +304,18 @@ class Run:
             tally.remaining, tally.remaining_exact = 0, True
             return
         run.commit_and_continue(planner=walk.planner)
-        self._walk(run, walk)
-        if walk.ended or tally.stopped_by is not None:
-            cap = REMAINING_COUNT_CAP
-            if tally.stopped_by is StopReason.MAX_RUNTIME:
-                cap = max(10 * self.settings.batch_size, REMAINING_AFTER_MAX_RUNTIME_CAP)
-            try:
-                left = walk.remaining(cap)
-                tally.remaining, tally.remaining_exact = left.rows, left.exact
-            except sa.exc.OperationalError as exc:
-                if sqlstate_of(exc) != SqlState.QUERY_CANCELED:
-                    raise
-                run.undo_work()  # out of time: what the walk knows for certain, as a lower bound
-                tally.remaining, tally.remaining_exact = walk.known_left(), False
+        self._walk(run, walk)  # to its end, or to a cap
+        cap = REMAINING_COUNT_CAP
+        if tally.stopped_by is StopReason.MAX_RUNTIME:
+            cap = max(10 * self.settings.batch_size, REMAINING_AFTER_MAX_RUNTIME_CAP)
+        try:
+            left = walk.remaining(cap)
+            tally.remaining, tally.remaining_exact = left.rows, left.exact
+        except sa.exc.OperationalError as exc:
+            if sqlstate_of(exc) != SqlState.QUERY_CANCELED:
+                raise
+            run.undo_work()  # out of time: what the walk knows for certain, as a lower bound
+            tally.remaining, tally.remaining_exact = walk.known_left(), False
 
     def _walk(self, run: db.RunConnection, walk: Walk) -> None:
         """Batches until the walk ends or a cap stops it."""
