@@ -10,6 +10,8 @@ from components import start_pgbouncer
 from helpers import (
     SLOW_DELETES,
     advisory_lock_held,
+    events,
+    history_rows,
     run_cli,
     seed_due_and_live,
     seed_tokens_and_keys,
@@ -133,3 +135,21 @@ def test_a_killed_run_frees_its_lock_within_seconds_through_pgbouncer(postgres, 
     run.communicate(timeout=30)
     wait_until(lambda: not advisory_lock_held(postgres), timeout=30, what="the server to end the orphaned statement")
     assert len(postgres.ids("RefreshToken")) == 65
+
+
+@pgbouncer_group
+def test_pipelined_history_writes_and_report_reads_go_through_pgbouncer(postgres, pgbouncer):
+    """A run's history row is one pipelined transaction, and a report's reads one pipeline
+    in its transaction: through transaction pooling, both land, and nothing is spooled."""
+    seed_tokens_and_keys(postgres, due=8)
+    url = pgbouncer.url(postgres.database)
+    for command in (("refresh-tokens", "--batch-size", "3"), ("metrics",), ("idempotency-keys",)):
+        completed = run_cli(*command, "--json", env={"DATABASE_URL": url})
+        assert completed.returncode == 0, completed.stderr
+        assert "history_unavailable" not in [event["event"] for event in events(completed.stderr)]
+    recorded = [(row["task"], row["status"]) for row in history_rows(postgres)]
+    assert recorded == [("refresh-tokens", "ok"), ("metrics", "ok"), ("idempotency-keys", "ok")]
+    status = run_cli("status", "--json", env={"DATABASE_URL": url})
+    jobs = {job["task"]: job for job in map(json.loads, status.stdout.splitlines())}
+    assert (jobs["refresh-tokens"]["health"], jobs["refresh-tokens"]["due_rows"]) == ("OK", 0)
+    assert run_cli("check", "--json", env={"DATABASE_URL": url}).returncode == 0
