@@ -486,8 +486,9 @@ PARTITIONING_HINT_ROWS = 50_000_000
 
 
 def partitioning(ctx: Context) -> Iterator[Finding]:
-    """Partitioned tables work (deletes reach every partition, rows are picked by primary
-    key, never ctid); very large plain ones get a pointer to the partitioning design."""
+    """The table's shape, and what runs do with it: partitions and inheritance children
+    are each walked (every row matched to its leaf); very large plain tables get a pointer
+    to the partitioning design."""
     if not ctx.on_postgres:
         return
     for table in ctx.tables():
