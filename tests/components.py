@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import sqlalchemy as sa
 from helpers import unavailable
 
 IS_ROOT = os.geteuid() == 0
@@ -174,6 +175,13 @@ class Cluster:
             ),
             capture_output=True,
             check=False,
+        )
+
+    def superuser_engine(self) -> sa.Engine:
+        """The postgres superuser, over the cluster's Unix socket (trust)."""
+        return sa.create_engine(
+            f"postgresql+psycopg://postgres@/postgres?host={self.socket_dir}&port={self.port}",
+            poolclass=sa.pool.NullPool,
         )
 
     def psql(self, sql: str, database: str = "postgres") -> str:

@@ -210,6 +210,15 @@ def start_cli(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
+def least_privilege_grants(role: str) -> list[str]:
+    """What a DBA grants the cleanup role (the least `check` asks for): the app's tables,
+    and a schema of its own for its run history."""
+    return [
+        f'GRANT SELECT, DELETE ON "IdempotencyKey", "RefreshToken", "MagicLink" TO "{role}"',
+        f'CREATE SCHEMA skybot_cleanup AUTHORIZATION "{role}"',
+    ]
+
+
 def with_password(url: str, password: str) -> str:
     """`url` with `password` put in as given (unencoded, if the test wants that): the
     test servers trust local connections, so it is carried but never checked."""

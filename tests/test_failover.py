@@ -13,9 +13,8 @@ import subprocess
 from datetime import timedelta
 
 import pytest
-import sqlalchemy as sa
 from components import IS_ROOT, Cluster, start_cluster
-from helpers import HOUR, events, start_cli, unavailable, wait_until
+from helpers import HOUR, events, least_privilege_grants, start_cli, unavailable, wait_until
 
 from skybot_cleanup.app_schema import app_metadata
 from skybot_cleanup.clock import utc_now
@@ -25,13 +24,6 @@ ROLE = "skybot_failover"
 PASSWORD = "failover-Secret-1"
 DUE = 20_000
 DUE_SQL = """SELECT count(*) FROM "RefreshToken" WHERE "expiresAt" < now() AT TIME ZONE 'UTC' AND "revokedAt" IS NULL"""
-
-
-def engine_of(cluster: Cluster) -> sa.Engine:
-    return sa.create_engine(
-        f"postgresql+psycopg://postgres@/postgres?host={cluster.socket_dir}&port={cluster.port}",
-        poolclass=sa.pool.NullPool,
-    )
 
 
 def due_on(cluster: Cluster) -> int:
@@ -45,7 +37,7 @@ def pair():
         unavailable("the clusters are started as the postgres user: run the tests as root")
     generator = start_cluster(ROLE, PASSWORD)
     primary, standby = next(generator)
-    engine = engine_of(primary)
+    engine = primary.superuser_engine()
     metadata = app_metadata()
     metadata.create_all(engine)
     now = utc_now()
@@ -53,8 +45,8 @@ def pair():
     rows += [refresh_token_row(f"live_{i}", now + HOUR) for i in range(50)]
     with engine.begin() as conn:
         insert_rows(conn, metadata, {"RefreshToken": rows})
-        conn.exec_driver_sql(f'GRANT SELECT, DELETE ON "IdempotencyKey", "RefreshToken", "MagicLink" TO {ROLE}')
-        conn.exec_driver_sql(f"CREATE SCHEMA skybot_cleanup AUTHORIZATION {ROLE}")
+        for statement in least_privilege_grants(ROLE):
+            conn.exec_driver_sql(statement)
     engine.dispose()
     lsn = primary.psql("SELECT pg_current_wal_lsn()")
     wait_until(

@@ -16,6 +16,7 @@ from helpers import (
     events,
     history_rows,
     invoke,
+    least_privilege_grants,
     put_history,
     run_cli,
     seed_due_and_live,
@@ -201,8 +202,8 @@ def test_history_needs_no_database_create_privilege_when_its_schema_exists(postg
         conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
         conn.exec_driver_sql(f'REVOKE CREATE ON DATABASE "{postgres.database}" FROM PUBLIC')
     try:
-        postgres.execute(f'GRANT SELECT, DELETE ON "IdempotencyKey", "RefreshToken", "MagicLink" TO "{role}"')
-        postgres.execute(f'CREATE SCHEMA skybot_cleanup AUTHORIZATION "{role}"')
+        for statement in least_privilege_grants(role):
+            postgres.execute(statement)
         url = sa.make_url(postgres.url).set(username=role).render_as_string(hide_password=False)
         check = invoke("check", "--json", env={"DATABASE_URL": url})
         findings = [json.loads(line) for line in check.stdout.splitlines()]

@@ -11,9 +11,8 @@ import os
 from datetime import timedelta
 
 import pytest
-import sqlalchemy as sa
 from components import IS_ROOT, Cluster, start_cluster
-from helpers import HOUR, check_findings, events, run_cli, unavailable, wait_until
+from helpers import HOUR, check_findings, events, least_privilege_grants, run_cli, unavailable, wait_until
 
 from skybot_cleanup.app_schema import app_metadata
 from skybot_cleanup.clock import utc_now
@@ -33,14 +32,11 @@ def pair():
         unavailable("the clusters are started as the postgres user: run the tests as root")
     generator = start_cluster(ROLE, PASSWORD)
     primary, standby = next(generator)
-    engine = sa.create_engine(
-        f"postgresql+psycopg://postgres@/postgres?host={primary.socket_dir}&port={primary.port}",
-        poolclass=sa.pool.NullPool,
-    )
+    engine = primary.superuser_engine()
     app_metadata().create_all(engine)
     with engine.begin() as conn:
-        conn.exec_driver_sql(f'GRANT SELECT, DELETE ON "IdempotencyKey", "RefreshToken", "MagicLink" TO {ROLE}')
-        conn.exec_driver_sql(f"CREATE SCHEMA skybot_cleanup AUTHORIZATION {ROLE}")
+        for statement in least_privilege_grants(ROLE):
+            conn.exec_driver_sql(statement)
     engine.dispose()
     yield primary, standby
     with contextlib.suppress(StopIteration):
@@ -48,10 +44,7 @@ def pair():
 
 
 def seed(primary: Cluster, count: int = DUE) -> None:
-    engine = sa.create_engine(
-        f"postgresql+psycopg://postgres@/postgres?host={primary.socket_dir}&port={primary.port}",
-        poolclass=sa.pool.NullPool,
-    )
+    engine = primary.superuser_engine()
     metadata = app_metadata()
     now = utc_now()
     with engine.begin() as conn:

@@ -9,7 +9,7 @@ import json
 import uuid
 
 import pytest
-from helpers import as_role, check_findings, events, history_rows, run_cli, seed_tokens
+from helpers import as_role, check_findings, events, history_rows, least_privilege_grants, run_cli, seed_tokens
 
 
 @pytest.fixture
@@ -22,8 +22,8 @@ def cleanup_role(postgres, pg_admin):
         conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
         conn.exec_driver_sql(f'CREATE ROLE "{app}"')
     seed_tokens(postgres)
-    postgres.execute(f'GRANT SELECT, DELETE ON "IdempotencyKey", "RefreshToken", "MagicLink" TO "{role}"')
-    postgres.execute(f'CREATE SCHEMA skybot_cleanup AUTHORIZATION "{role}"')
+    for statement in least_privilege_grants(role):
+        postgres.execute(statement)
     postgres.execute('ALTER TABLE "RefreshToken" ENABLE ROW LEVEL SECURITY')
     postgres.execute(f'CREATE POLICY app_only ON "RefreshToken" TO "{app}" USING (true)')
     yield role, as_role(postgres.url, role)

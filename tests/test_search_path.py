@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 import sqlalchemy as sa
-from helpers import HOUR, as_role, database_url, env_for, history_rows, run_cli, seed_tokens
+from helpers import HOUR, as_role, database_url, env_for, history_rows, least_privilege_grants, run_cli, seed_tokens
 
 from skybot_cleanup.clock import utc_now
 from skybot_cleanup.demo import idempotency_key_row, magic_link_row
@@ -89,8 +89,8 @@ def hostile(request, postgres, pg_admin):
     role = f"skybot_lp_{uuid.uuid4().hex[:8]}"
     with pg_admin.connect() as conn:
         conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
-    postgres.execute(f'GRANT SELECT, DELETE ON "IdempotencyKey", "RefreshToken", "MagicLink" TO "{role}"')
-    postgres.execute(f'CREATE SCHEMA skybot_cleanup AUTHORIZATION "{role}"')
+    for statement in least_privilege_grants(role):
+        postgres.execute(statement)
     plant(postgres, [role])
     yield as_role(postgres.url, role)
     postgres.engine.dispose()

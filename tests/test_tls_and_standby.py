@@ -8,9 +8,8 @@ import os
 from urllib.parse import quote
 
 import pytest
-import sqlalchemy as sa
 from components import IS_ROOT, Cluster, start_cluster
-from helpers import HOUR, events, run_cli, unavailable
+from helpers import HOUR, events, least_privilege_grants, run_cli, unavailable
 
 from skybot_cleanup.app_schema import app_metadata
 from skybot_cleanup.clock import utc_now
@@ -32,17 +31,14 @@ def clusters() -> tuple[Cluster, Cluster]:
         unavailable("the TLS cluster is started as the postgres user: run the tests as root")
     generator = start_cluster(ROLE, TLS_PASSWORD)
     primary, standby = next(generator)
-    engine = sa.create_engine(
-        f"postgresql+psycopg://postgres@/postgres?host={primary.socket_dir}&port={primary.port}",
-        poolclass=sa.pool.NullPool,
-    )
+    engine = primary.superuser_engine()
     metadata = app_metadata()
     metadata.create_all(engine)
     now = utc_now()
     with engine.begin() as conn:
         insert_rows(conn, metadata, {"RefreshToken": [refresh_token_row(f"due_{i}", now - HOUR) for i in range(5)]})
-        conn.exec_driver_sql(f'GRANT SELECT, DELETE ON "IdempotencyKey", "RefreshToken", "MagicLink" TO {ROLE}')
-        conn.exec_driver_sql(f"CREATE SCHEMA skybot_cleanup AUTHORIZATION {ROLE}")
+        for statement in least_privilege_grants(ROLE):
+            conn.exec_driver_sql(statement)
     engine.dispose()
     primary.psql("SELECT pg_switch_wal()")
     yield primary, standby

@@ -11,7 +11,7 @@ import json
 import uuid
 
 import pytest
-from helpers import as_role, check_findings, events, run_cli, scalar, seed_due_and_live
+from helpers import as_role, check_findings, events, least_privilege_grants, run_cli, scalar, seed_due_and_live
 
 ESCALATE = """
 CREATE FUNCTION public.escalate() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -140,8 +140,8 @@ def test_a_least_privilege_role_is_refused_code_that_would_forge_its_history(pos
     with pg_admin.connect() as conn:
         conn.exec_driver_sql(f'CREATE ROLE "{cleanup}" LOGIN')
     try:
-        postgres.execute(f'GRANT SELECT, DELETE ON "IdempotencyKey", "RefreshToken", "MagicLink" TO "{cleanup}"')
-        postgres.execute(f'CREATE SCHEMA skybot_cleanup AUTHORIZATION "{cleanup}"')
+        for statement in least_privilege_grants(cleanup):
+            postgres.execute(statement)
         url = as_role(postgres.url, cleanup)
         clean = run_cli("idempotency-keys", "--json", env={"DATABASE_URL": url})  # makes its history
         assert clean.returncode == 0, clean.stderr
