@@ -23,6 +23,7 @@ import sqlalchemy as sa
 
 from skybot_cleanup import db
 from skybot_cleanup.errors import RowsTakenMidStatement, SqlState, sqlstate_of
+from skybot_cleanup.logs import get_logger
 
 # A batch that meets rows taken by the app after its snapshot is tried again without them
 # this many times, then it is left for the next run: held rows never stall a run.
@@ -102,8 +103,6 @@ def note_race(run: db.RunConnection, exc: sa.exc.OperationalError, excluded: set
         raise exc
     run.undo_work()
     excluded.add(held)
-    from skybot_cleanup.logs import get_logger
-
     get_logger().info("batch_met_held_row", ctid=held)
 
 
